@@ -1,0 +1,119 @@
+"""``fastvision train`` / ``fastvision evaluate`` sub-commands (wired in by ``fastvision.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from fastvision.train.config import AMP_MODES, OPTIMIZERS, SCHEDULERS
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``train`` and ``evaluate`` to an argparse ``add_subparsers()`` object."""
+    train = subparsers.add_parser(
+        "train",
+        help="train a registered model",
+        description="Train MODEL. Config precedence: model defaults < --config FILE < command-line flags.",
+    )
+    train.add_argument("model", metavar="MODEL", help="registered model name")
+    train.add_argument("--config", metavar="FILE", help="YAML training config (flat or under 'training:')")
+    _add_data_device(train)
+    train.add_argument("--run-dir", metavar="DIR", help="output folder (default: runs/MODEL)")
+    train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt if it exists")
+    train.add_argument("--overwrite", action="store_true", help="start over in a run dir that holds a run")
+    train.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    overrides = train.add_argument_group("config overrides")
+    overrides.add_argument("--epochs", type=int)
+    overrides.add_argument("--batch-size", type=int)
+    overrides.add_argument("--grad-accum-steps", type=int)
+    overrides.add_argument("--lr", type=float)
+    overrides.add_argument("--weight-decay", type=float)
+    overrides.add_argument("--optimizer", choices=OPTIMIZERS)
+    overrides.add_argument("--scheduler", choices=SCHEDULERS)
+    overrides.add_argument("--warmup-epochs", type=float)
+    overrides.add_argument("--ema-decay", type=float, help="0 disables EMA")
+    overrides.add_argument("--amp", choices=AMP_MODES)
+    overrides.add_argument("--grad-clip", type=float, help="max gradient norm; 0 disables")
+    overrides.add_argument("--seed", type=int)
+    overrides.add_argument("--num-workers", type=int)
+    overrides.add_argument("--train-samples", type=int, help="cap the training samples (quick runs)")
+    overrides.add_argument("--val-samples", type=int, help="cap the validation samples")
+    overrides.add_argument("--test-samples", type=int, help="cap the test samples")
+    overrides.add_argument("--noise-sigma", type=float, help="denoise task noise level")
+    train.set_defaults(handler=run_train)
+
+    evaluate = subparsers.add_parser("evaluate", help="test-split metrics of a checkpoint")
+    evaluate.add_argument("model", metavar="MODEL")
+    evaluate.add_argument("--checkpoint", required=True, metavar="PATH", help="best.pt or last.pt of a run")
+    _add_data_device(evaluate)
+    evaluate.add_argument("--batch-size", type=int)
+    evaluate.add_argument("--test-samples", type=int)
+    evaluate.add_argument("--no-ema", action="store_true", help="use the live weights, not the EMA copy")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(handler=run_evaluate)
+
+
+def _add_data_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="dataset root (default: $FASTVISION_DATA, else embedded stand-in data)",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+CONFIG_FLAGS = (
+    "epochs",
+    "batch_size",
+    "grad_accum_steps",
+    "lr",
+    "weight_decay",
+    "optimizer",
+    "scheduler",
+    "warmup_epochs",
+    "ema_decay",
+    "amp",
+    "grad_clip",
+    "seed",
+    "num_workers",
+    "train_samples",
+    "val_samples",
+    "test_samples",
+    "noise_sigma",
+)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from fastvision.train.trainer import resolve_config, train
+
+    cfg = resolve_config(args.model, args.config, **{name: getattr(args, name) for name in CONFIG_FLAGS})
+    summary = train(
+        args.model,
+        cfg,
+        data_dir=args.data_dir,
+        device=args.device,
+        run_dir=args.run_dir,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    shown = ("model", "dataset", "test_metrics", "wall_time_s", "run_dir")
+    print(json.dumps({key: summary[key] for key in shown}, indent=2))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from fastvision.train.trainer import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.model,
+        args.checkpoint,
+        data_dir=args.data_dir,
+        device=args.device,
+        use_ema=not args.no_ema,
+        batch_size=args.batch_size,
+        test_samples=args.test_samples,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,150 @@
+"""Tasks: how a batch becomes a loss and metrics, keyed by ``ModelSpec.task``.
+
+* ``classification``: ``model(images)`` returns class scores ``[B, K]``, either logits (the ViT)
+  or log-probabilities (the sparse U-Net's ``log_softmax``). Both go through ``cross_entropy``
+  unchanged: log_softmax is idempotent, so CE(log_softmax(z)) == CE(z) and no flag is needed.
+* ``digit_sequence``: ``model(images, targets)`` (teacher forcing) returns logits ``[B, 4, 10]``;
+  validation also greedy-decodes with ``model.generate(images) -> [B, 4]``.
+* ``denoise``: the model maps ``clamp(x + sigma * noise, 0, 1)`` back to ``x``; an optional tensor
+  attribute ``model.aux_loss`` (set during forward, e.g. MoE load balancing) is added with
+  ``aux_loss_weight``. Metrics include the noisy input's PSNR/SSIM as the do-nothing baseline.
+
+Metrics are returned as per-batch *sums* (see ``MetricTracker``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastvision.train.config import TrainConfig
+from fastvision.train.metrics import psnr, ssim
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying module of a DistributedDataParallel / compiled wrapper."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # scalar to back-propagate (train) or report (eval)
+    sums: dict[str, torch.Tensor]  # detached metric sums over the batch
+    count: int  # samples in the batch
+    outputs: Any = None  # model outputs, handed to the on_validation hook
+
+
+class Task:
+    name = ""
+    monitor = "loss"  # validation metric that selects the best checkpoint
+    monitor_mode = "min"
+
+    def train_step(self, model: nn.Module, batch, cfg: TrainConfig) -> StepResult:
+        raise NotImplementedError
+
+    def eval_step(self, model: nn.Module, batch, cfg: TrainConfig, generator: torch.Generator) -> StepResult:
+        raise NotImplementedError
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    monitor, monitor_mode = "accuracy", "max"
+
+    def _step(self, model: nn.Module, batch) -> StepResult:
+        images, labels = batch
+        scores = model(images)
+        loss = F.cross_entropy(scores.float(), labels)
+        correct = (scores.argmax(dim=1) == labels).sum()
+        n = labels.shape[0]
+        return StepResult(loss, {"loss": loss.detach() * n, "accuracy": correct}, n, scores)
+
+    def train_step(self, model, batch, cfg):
+        return self._step(model, batch)
+
+    def eval_step(self, model, batch, cfg, generator):
+        return self._step(model, batch)
+
+
+class DigitSequenceTask(Task):
+    name = "digit_sequence"
+    monitor, monitor_mode = "grid_accuracy", "max"
+
+    def _teacher_forced(self, model: nn.Module, batch):
+        images, targets = batch
+        logits = model(images, targets)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return logits, loss
+
+    def train_step(self, model, batch, cfg):
+        targets = batch[1]
+        logits, loss = self._teacher_forced(model, batch)
+        n = targets.shape[0]
+        correct = (logits.argmax(-1) == targets).float().mean(1).sum()
+        return StepResult(loss, {"loss": loss.detach() * n, "digit_accuracy": correct}, n, logits)
+
+    def eval_step(self, model, batch, cfg, generator):
+        images, targets = batch
+        logits, loss = self._teacher_forced(model, batch)
+        predicted = unwrap(model).generate(images)  # greedy decoding: what inference actually does
+        hits = predicted == targets
+        n = targets.shape[0]
+        sums = {
+            "loss": loss.detach() * n,
+            "teacher_forced_digit_accuracy": (logits.argmax(-1) == targets).float().mean(1).sum(),
+            "digit_accuracy": hits.float().mean(1).sum(),
+            "grid_accuracy": hits.all(1).sum(),
+        }
+        return StepResult(loss, sums, n, {"logits": logits, "predicted": predicted})
+
+
+class DenoiseTask(Task):
+    name = "denoise"
+    monitor, monitor_mode = "psnr", "max"
+
+    @staticmethod
+    def _loss(model: nn.Module, clean: torch.Tensor, noisy: torch.Tensor, cfg: TrainConfig):
+        denoised = model(noisy)
+        mse = F.mse_loss(denoised.float(), clean.float())
+        aux = getattr(unwrap(model), "aux_loss", None)
+        loss = mse + cfg.aux_loss_weight * aux.float() if isinstance(aux, torch.Tensor) else mse
+        return denoised, mse, loss
+
+    def train_step(self, model, batch, cfg):
+        clean = batch[0]
+        noisy = (clean + cfg.noise_sigma * torch.randn_like(clean)).clamp_(0.0, 1.0)
+        _, mse, loss = self._loss(model, clean, noisy, cfg)
+        n = clean.shape[0]
+        return StepResult(loss, {"loss": loss.detach() * n, "mse": mse.detach() * n}, n)
+
+    def eval_step(self, model, batch, cfg, generator):
+        clean = batch[0]
+        # Validation noise comes from a fixed-seed generator so every epoch scores the same inputs.
+        noise = torch.randn(clean.shape, generator=generator).to(clean.device, clean.dtype)
+        noisy = (clean + cfg.noise_sigma * noise).clamp_(0.0, 1.0)
+        denoised, mse, loss = self._loss(model, clean, noisy, cfg)
+        output = denoised.float().clamp(0.0, 1.0)
+        n = clean.shape[0]
+        sums = {
+            "loss": loss.detach() * n,
+            "mse": mse.detach() * n,
+            "psnr": psnr(output, clean).sum(),
+            "ssim": ssim(output, clean).sum(),
+            "noisy_psnr": psnr(noisy, clean).sum(),
+            "noisy_ssim": ssim(noisy, clean).sum(),
+        }
+        return StepResult(loss, sums, n, {"noisy": noisy, "denoised": output})
+
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (ClassificationTask, DigitSequenceTask, DenoiseTask)}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]()
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}") from None

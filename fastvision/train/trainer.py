@@ -1,0 +1,508 @@
+"""The training loop: ``train(model_name, cfg, ...)`` and ``evaluate_checkpoint(...)``.
+
+A run directory holds ``metrics.jsonl`` (one line per epoch), ``last.pt`` / ``best.pt``
+(written atomically every epoch) and ``summary.json`` (final test metrics). Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler, Subset
+from tqdm.auto import tqdm
+
+from fastvision.models import create_model, get_model_spec
+from fastvision.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from fastvision.train.config import TrainConfig
+from fastvision.train.distributed import DistContext, resolve_device, setup_distributed
+from fastvision.train.ema import ModelEMA
+from fastvision.train.metrics import MetricTracker
+from fastvision.train.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler, is_schedule_free
+from fastvision.train.tasks import Task, get_task
+
+ValidationHook = Callable[[nn.Module, Any, Any, int], None]
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def describe(dataset: Dataset) -> str:
+    """The ``describe`` string of a dataset, looking through ``Subset`` wrappers."""
+    while isinstance(dataset, Subset) and not hasattr(dataset, "describe"):
+        dataset = dataset.dataset
+    return getattr(dataset, "describe", type(dataset).__name__)
+
+
+def resolve_config(model_name: str, config_file: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults ← the model's ``train_defaults`` ← YAML file ← explicit overrides (None = not given)."""
+    cfg = TrainConfig.from_dict(get_model_spec(model_name).train_defaults)
+    if config_file is not None:
+        cfg = TrainConfig.from_yaml(config_file, base=cfg)
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return cfg.replace(**given) if given else cfg
+
+
+def split_train_val(
+    train_set: Dataset, test_set: Dataset, cfg: TrainConfig
+) -> tuple[Dataset, Dataset, Dataset]:
+    """Hold out ``val_fraction`` of the train split (fixed by ``seed``) and apply the sample caps.
+
+    With ``val_fraction == 0`` the test split doubles as validation set.
+    """
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_val = int(round(len(order) * cfg.val_fraction))
+    train_idx, val_idx = order[n_val:], order[:n_val]
+    if cfg.train_samples is not None:
+        train_idx = train_idx[: cfg.train_samples]
+    train = Subset(train_set, train_idx)
+    val: Dataset = Subset(train_set, val_idx) if n_val else test_set
+    if cfg.val_samples is not None and len(val) > cfg.val_samples:
+        val = Subset(val, range(cfg.val_samples))
+    test = test_set
+    if cfg.test_samples is not None and len(test) > cfg.test_samples:
+        test = Subset(test, range(cfg.test_samples))
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"empty split: {len(train)} train / {len(val)} validation samples")
+    return train, val, test
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(item, device) for item in batch)
+    return batch
+
+
+def _loader(
+    dataset: Dataset, cfg: TrainConfig, ctx: DistContext, device: torch.device, train: bool
+) -> DataLoader:
+    if train or ctx.enabled:
+        # DistributedSampler also serves the single-process case: its order depends only on
+        # (seed, epoch), which is what makes a resumed run reshuffle exactly like an uninterrupted one.
+        # (For evaluation across ranks it pads with a few repeated samples; a negligible bias.)
+        sampler = DistributedSampler(
+            dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=train, seed=cfg.seed, drop_last=False
+        )
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+    )
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def run_evaluation(
+    model: nn.Module,
+    loader: DataLoader,
+    task: Task,
+    cfg: TrainConfig,
+    device: torch.device,
+    ctx: DistContext | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> tuple[dict[str, float], Any, Any]:
+    """Mean metrics over ``loader`` (all ranks combined), plus the first batch and its outputs."""
+    ctx = ctx or DistContext()
+    model.eval()
+    tracker = MetricTracker()
+    # Same generator seed on every call: the denoise task scores identical noisy inputs each epoch.
+    generator = torch.Generator().manual_seed(cfg.seed + 1_000_003 * (ctx.rank + 1))
+    first_batch = first_outputs = None
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not (progress and ctx.is_main)):
+        batch = _to_device(batch, device)
+        with _autocast(cfg, device):
+            result = task.eval_step(model, batch, cfg, generator)
+        tracker.update(result.sums, result.count)
+        if first_batch is None:
+            first_batch, first_outputs = batch, result.outputs
+    tracker.all_reduce()
+    return tracker.compute(), first_batch, first_outputs
+
+
+class Trainer:
+    """One training run of a registered model. ``fit()`` trains, tests and returns the summary."""
+
+    def __init__(
+        self,
+        model_name: str,
+        cfg: TrainConfig,
+        *,
+        data_dir: str | Path | None = None,
+        device: str = "auto",
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        on_validation: ValidationHook | None = None,
+        datasets: tuple[Dataset, Dataset] | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] | None = print,
+    ):
+        self.model_name = model_name
+        self.spec = get_model_spec(model_name)
+        self.task = get_task(self.spec.task)
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / model_name
+        self.resume = resume
+        self.on_validation = on_validation
+        self.progress = progress
+        self.ctx, self.device = setup_distributed(device)
+        self._log = log if self.ctx.is_main else None
+
+        if not resume and not overwrite and (self.run_dir / LAST_CHECKPOINT).exists():
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run; pass resume=True (--resume) to continue it, "
+                "overwrite=True (--overwrite) to start over, or choose another run dir"
+            )
+
+        if datasets is None:
+            from fastvision.data import build_dataset
+
+            datasets = (
+                build_dataset(self.spec.dataset, "train", data_dir, seed=cfg.seed),
+                build_dataset(self.spec.dataset, "test", data_dir, seed=cfg.seed),
+            )
+        self.train_set, self.val_set, self.test_set = split_train_val(*datasets, cfg)
+        self.dataset_description = {"train": describe(datasets[0]), "test": describe(datasets[1])}
+
+        # Same seed on every rank for identical initial weights; then per-rank streams for noise/dropout.
+        torch.manual_seed(cfg.seed)
+        self.model = create_model(model_name).to(self.device)
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        torch.manual_seed(cfg.seed + self.ctx.rank)
+
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.schedule_free = is_schedule_free(self.optimizer)
+        use_ema = cfg.ema_decay > 0 and not self.schedule_free
+        self.ema = ModelEMA(self.model, cfg.ema_decay) if use_ema else None
+        if cfg.ema_decay > 0 and self.schedule_free:
+            self.log("note: EMA disabled with schedulefree (it already evaluates an averaged iterate)")
+        self.train_loader = _loader(self.train_set, cfg, self.ctx, self.device, train=True)
+        self.val_loader = _loader(self.val_set, cfg, self.ctx, self.device, train=False)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.ddp_model: nn.Module = (
+            DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            if self.ctx.enabled
+            else self.model
+        )
+
+        self.start_epoch = 0
+        self.global_step = 0
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.elapsed_before = 0.0  # wall time of earlier (interrupted) sessions of this run
+
+    # ----------------------------------------------------------------------------------------- utils
+    def log(self, message: str) -> None:
+        if self._log is not None:
+            self._log(message)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validation uses: the EMA copy when enabled, else the live model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _is_better(self, score: float) -> bool:
+        if self.best_score is None or math.isnan(self.best_score):
+            return not math.isnan(score)
+        return score > self.best_score if self.task.monitor_mode == "max" else score < self.best_score
+
+    def _current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def _state(self, epoch: int, elapsed: float) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "task": self.spec.task,
+            "epoch": epoch,  # number of completed epochs
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "rng": capture_rng_state(),
+            "config": self.cfg.to_dict(),
+            "dataset": self.dataset_description,
+            "wall_time_s": elapsed,
+        }
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        if state["model_name"] != self.model_name:
+            raise ValueError(f"{path} is a checkpoint of {state['model_name']!r}, not {self.model_name!r}")
+        changed = {k for k, v in state["config"].items() if getattr(self.cfg, k, None) != v}
+        if changed:
+            self.log(f"note: resuming with changed config keys: {', '.join(sorted(changed))}")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.elapsed_before = float(state["wall_time_s"])
+        restore_rng_state(state["rng"])
+        if self.ctx.rank > 0:  # rank 0's streams were saved; keep the other ranks' noise distinct
+            torch.manual_seed(self.cfg.seed + self.ctx.rank + 7919 * self.start_epoch)
+        self._truncate_metrics(self.start_epoch)
+        self.log(f"resumed {path} after epoch {self.start_epoch}")
+
+    def _truncate_metrics(self, completed_epochs: int) -> None:
+        """Drop metric lines of epochs the checkpoint does not include (they will be re-run)."""
+        path = self.run_dir / METRICS_FILE
+        if not self.ctx.is_main or not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line and json.loads(line)["epoch"] <= completed_epochs]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------------------------------- training
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, model = self.cfg, self.ddp_model
+        model.train()
+        if self.schedule_free:
+            self.optimizer.train()
+        self.train_loader.sampler.set_epoch(epoch)
+        tracker = MetricTracker()
+        accum, n_batches = cfg.grad_accum_steps, len(self.train_loader)
+        self.optimizer.zero_grad(set_to_none=True)
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=not (self.progress and self.ctx.is_main),
+        )
+        for i, batch in enumerate(bar):
+            # Batches form groups of `accum`; the epoch's last group may be shorter ("leftover").
+            # Dividing by the group's real size makes every step use the mean gradient of its batches.
+            group_start = i - i % accum
+            group_size = min(accum, n_batches - group_start)
+            is_step = i - group_start == group_size - 1
+            batch = _to_device(batch, self.device)
+            # Skip DDP's gradient all-reduce on all but the last batch of a group.
+            sync = contextlib.nullcontext() if is_step or not self.ctx.enabled else model.no_sync()
+            with sync:
+                with _autocast(cfg, self.device):
+                    result = self.task.train_step(model, batch, cfg)
+                self.scaler.scale(result.loss / group_size).backward()
+            tracker.update(result.sums, result.count)
+            if is_step:
+                self._optimizer_step()
+            if i % 20 == 0 and bar.disable is False:
+                bar.set_postfix(loss=f"{result.loss.item():.4f}", lr=f"{self._current_lr():.2e}")
+        tracker.all_reduce()
+        return tracker.compute()
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if self.scheduler is not None and self.cfg.scheduler in PER_STEP_SCHEDULERS:
+            self.scheduler.step()
+        self.global_step += 1
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        if self.schedule_free:
+            self.optimizer.eval()  # swap in the averaged weights schedule-free evaluates
+        metrics, batch, outputs = run_evaluation(
+            self.eval_model,
+            self.val_loader,
+            self.task,
+            self.cfg,
+            self.device,
+            self.ctx,
+            self.progress,
+            "validate",
+        )
+        if self.on_validation is not None and self.ctx.is_main and batch is not None:
+            self.on_validation(self.eval_model, batch, outputs, epoch)
+        return metrics
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume and (self.run_dir / LAST_CHECKPOINT).exists():
+            self._restore(self.run_dir / LAST_CHECKPOINT)
+        elif self.ctx.is_main:
+            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+        ranks = f" x{self.ctx.world_size}" if self.ctx.enabled else ""
+        self.log(
+            f"{self.model_name} ({self.num_parameters:,} params, task {self.spec.task}) "
+            f"on {self.device}{ranks}; data: {self.dataset_description['train']}"
+        )
+        session_start = time.perf_counter()
+        for epoch in range(self.start_epoch, cfg.epochs):
+            epoch_start = time.perf_counter()
+            train_metrics = self.train_one_epoch(epoch)
+            val_metrics = self.validate(epoch)
+            if self.scheduler is not None and cfg.scheduler == "plateau":
+                self.scheduler.step(val_metrics["loss"])
+            score = val_metrics[self.task.monitor]
+            improved = self._is_better(score)
+            if improved:
+                self.best_score, self.best_epoch = score, epoch + 1
+            record = {
+                "epoch": epoch + 1,
+                "step": self.global_step,
+                "lr": self._current_lr(),
+                **{f"train_{k}": v for k, v in train_metrics.items()},
+                **{f"val_{k}": v for k, v in val_metrics.items()},
+                "epoch_time_s": time.perf_counter() - epoch_start,
+            }
+            if self.ctx.is_main:
+                # Metrics before the checkpoint: a crash in between only leaves a line that resume drops.
+                with (self.run_dir / METRICS_FILE).open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                state = self._state(epoch + 1, self.elapsed_before + time.perf_counter() - session_start)
+                save_checkpoint(state, self.run_dir / LAST_CHECKPOINT)
+                if improved:
+                    save_checkpoint(state, self.run_dir / BEST_CHECKPOINT)
+            self.log(
+                f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_metrics['loss']:.4f}  "
+                + "  ".join(f"val {k} {v:.4f}" for k, v in val_metrics.items())
+                + ("  *" if improved else "")
+            )
+        self.ctx.barrier()
+        wall_time = self.elapsed_before + time.perf_counter() - session_start
+        summary = self.test(wall_time)
+        self.ctx.close()
+        return summary
+
+    # ---------------------------------------------------------------------------------------- test
+    def test(self, wall_time: float) -> dict[str, Any]:
+        """Evaluate the best checkpoint's weights (EMA when enabled) on the test split; write summary.json."""
+        best_path = self.run_dir / BEST_CHECKPOINT
+        model = self.eval_model
+        if best_path.exists():
+            state = load_checkpoint(best_path, map_location=self.device)
+            model.load_state_dict(state["ema"]["module"] if state["ema"] is not None else state["model"])
+        elif self.schedule_free:
+            self.optimizer.eval()
+        test_loader = _loader(self.test_set, self.cfg, self.ctx, self.device, train=False)
+        test_metrics, _, _ = run_evaluation(
+            model, test_loader, self.task, self.cfg, self.device, self.ctx, self.progress, "test"
+        )
+        summary = {
+            "model": self.model_name,
+            "task": self.spec.task,
+            "dataset": self.dataset_description,
+            "samples": {"train": len(self.train_set), "val": len(self.val_set), "test": len(self.test_set)},
+            "epochs": self.cfg.epochs,
+            "best_epoch": self.best_epoch,
+            f"best_val_{self.task.monitor}": self.best_score,
+            "test_metrics": test_metrics,
+            "device": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else str(self.device),
+            "world_size": self.ctx.world_size,
+            "num_parameters": self.num_parameters,
+            "wall_time_s": round(wall_time, 2),
+            "torch_version": torch.__version__,
+            "command_line": shlex.join(sys.argv),
+            "config": self.cfg.to_dict(),
+            "run_dir": str(self.run_dir),
+        }
+        if self.ctx.is_main:
+            path = self.run_dir / SUMMARY_FILE
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            tmp.replace(path)
+            self.log("test: " + "  ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+        return summary
+
+
+def train(model_name: str, cfg: TrainConfig | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Train ``model_name`` with ``cfg`` (default: the model's defaults); returns the run summary.
+
+    ``kwargs`` go to ``Trainer``: data_dir, device, run_dir, resume, overwrite, on_validation,
+    datasets, progress, log.
+    """
+    return Trainer(model_name, cfg or resolve_config(model_name), **kwargs).fit()
+
+
+def evaluate_checkpoint(
+    model_name: str,
+    checkpoint: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    use_ema: bool = True,
+    batch_size: int | None = None,
+    test_samples: int | None = None,
+    dataset: Dataset | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Test-split metrics of a checkpoint written by ``train`` (EMA weights unless ``use_ema=False``)."""
+    spec = get_model_spec(model_name)
+    task = get_task(spec.task)
+    resolved = resolve_device(device)
+    state = load_checkpoint(checkpoint, map_location=resolved)
+    if state["model_name"] != model_name:
+        raise ValueError(f"{checkpoint} is a checkpoint of {state['model_name']!r}, not {model_name!r}")
+    cfg = TrainConfig.from_dict(state["config"])
+    overrides = {"batch_size": batch_size, "test_samples": test_samples}
+    cfg = cfg.replace(**{key: value for key, value in overrides.items() if value is not None})
+    model = create_model(model_name).to(resolved)
+    weights = state["ema"]["module"] if use_ema and state["ema"] is not None else state["model"]
+    model.load_state_dict(weights)
+    if dataset is None:
+        from fastvision.data import build_dataset
+
+        dataset = build_dataset(spec.dataset, "test", data_dir, seed=cfg.seed)
+    data_description = describe(dataset)
+    if cfg.test_samples is not None and len(dataset) > cfg.test_samples:
+        dataset = Subset(dataset, range(cfg.test_samples))
+    loader = _loader(dataset, cfg, DistContext(), resolved, train=False)
+    metrics, _, _ = run_evaluation(model, loader, task, cfg, resolved, progress=progress, desc="test")
+    return {
+        "model": model_name,
+        "checkpoint": str(checkpoint),
+        "epoch": state["epoch"],
+        "weights": "ema" if weights is not state["model"] else "model",
+        "dataset": data_description,
+        "samples": len(dataset),
+        "device": str(resolved),
+        "test_metrics": metrics,
+    }

@@ -1,0 +1,67 @@
+"""Builds ``fastvision._C`` from csrc/: the C++ sources always, the CUDA sources too when torch is a
+CUDA build and nvcc is found. The architecture list defaults to the visible GPUs, or to 9.0 (H100/H200)
+when none is visible; ``TORCH_CUDA_ARCH_LIST`` overrides it."""
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+PACKAGES = find_packages(include=["fastvision", "fastvision.*"]) + ["fastvision.triton_kernels"]
+PACKAGE_DIR = {"fastvision.triton_kernels": "triton_kernels"}
+
+
+def _find_nvcc() -> str | None:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [os.path.join(cuda_home, "bin", "nvcc")] if cuda_home else []
+    candidates.append("/usr/local/cuda/bin/nvcc")
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    return shutil.which("nvcc")
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    cpp_sources = sorted(
+        glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+    )
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    nvcc = _find_nvcc()
+    build_cuda = (
+        os.environ.get("FASTVISION_SKIP_CUDA", "0") != "1"
+        and torch.version.cuda is not None
+        and nvcc is not None
+        and bool(cuda_sources)
+    )
+    cxx_flags = ["-O3"]  # torch adds the C++ standard it was built with
+    include_dirs = [os.path.join(here, "csrc")]
+    if build_cuda:
+        # torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper script; pin the real one.
+        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        ext = CUDAExtension(
+            "fastvision._C",
+            cpp_sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=[("FASTVISION_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        )
+    else:
+        ext = CppExtension(
+            "fastvision._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+if os.environ.get("FASTVISION_NO_EXTENSION", "0") == "1":
+    setup(packages=PACKAGES, package_dir=PACKAGE_DIR)
+else:
+    ext_modules, cmdclass = _extensions()
+    setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,202 @@
+"""Tests for fastvision.data: IDX reading, dataset discovery, embedded stand-ins, stacked digits."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from fastvision.data import (
+    DATA_ENV_VAR,
+    GRID_POSITIONS,
+    ImageTensorDataset,
+    StackedDigits,
+    build_dataset,
+    load_embedded_digits,
+    load_photo_crops,
+    read_idx,
+)
+
+
+def write_idx(path, array: np.ndarray, type_code: int) -> None:
+    """Write ``array`` in IDX format by hand (independent of the reader under test)."""
+    header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    big_endian = array.astype(array.dtype.newbyteorder(">"))
+    payload = header + big_endian.tobytes()
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def write_mnist_files(directory, n_train=12, n_test=6, gz=True, train_value=None):
+    """Tiny MNIST-format files: image i of a split is filled with a split-specific constant."""
+    directory.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    rng = np.random.default_rng(0)
+    for prefix, n, offset in (("train", n_train, 0), ("t10k", n_test, 100)):
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        images[:] = (np.arange(n, dtype=np.uint8) + offset)[:, None, None]
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        write_idx(directory / f"{prefix}-images-idx3-ubyte{suffix}", images, 0x08)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte{suffix}", labels, 0x08)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_round_trip(tmp_path, gz):
+    images = np.random.default_rng(1).integers(0, 256, (3, 4, 5)).astype(np.uint8)
+    floats = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
+    suffix = ".gz" if gz else ""
+    write_idx(tmp_path / f"images{suffix}", images, 0x08)
+    write_idx(tmp_path / f"floats{suffix}", floats, 0x0D)
+    assert np.array_equal(read_idx(tmp_path / f"images{suffix}"), images)
+    loaded = read_idx(tmp_path / f"floats{suffix}")
+    assert loaded.dtype == np.float32 and np.array_equal(loaded, floats)
+
+
+def test_idx_rejects_truncated_file(tmp_path):
+    path = tmp_path / "bad"
+    path.write_bytes(bytes([0, 0, 0x08, 1]) + struct.pack(">I", 10) + b"\x00" * 3)
+    with pytest.raises(ValueError, match="header says"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_from_idx_files(tmp_path, gz):
+    write_mnist_files(tmp_path / "mnist", gz=gz)
+    train = build_dataset("mnist", "train", data_dir=tmp_path)
+    test = build_dataset("mnist", "test", data_dir=tmp_path)
+    assert (len(train), len(test)) == (12, 6)
+    image, label = train[3]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert torch.allclose(image, torch.full_like(image, 3 / 255))
+    assert label.dtype == torch.int64
+    assert train.describe.startswith("MNIST train") and str(tmp_path / "mnist") in train.describe
+
+
+def test_data_root_from_environment(tmp_path, monkeypatch):
+    write_mnist_files(tmp_path / "fashion-mnist")
+    monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path))
+    dataset = build_dataset("fashion_mnist", "test")
+    assert len(dataset) == 6 and dataset.describe.startswith("Fashion-MNIST test")
+    assert dataset.classes[0] == "T-shirt/top"
+
+
+def test_missing_files_error_names_directory_and_files(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        build_dataset("mnist", "test", data_dir=tmp_path)
+    message = str(error.value)
+    assert str(tmp_path) in message
+    assert "t10k-images-idx3-ubyte" in message and "t10k-labels-idx1-ubyte" in message
+
+
+def test_embedded_digits_are_deterministic_and_labelled_honestly():
+    train, test = load_embedded_digits("train"), load_embedded_digits("test")
+    assert len(train) + len(test) == 1797
+    assert train.describe.startswith("sklearn 8x8 digits upscaled")
+    assert "not MNIST" in train.describe
+    image, _ = train[0]
+    assert image.shape == (1, 28, 28) and image.min() >= 0.0 and image.max() <= 1.0
+    again = load_embedded_digits("train")
+    assert torch.equal(train.images, again.images) and torch.equal(train.targets, again.targets)
+    # Train and test are disjoint: no test image appears among the train images.
+    train_rows = {bytes(row) for row in train.images.flatten(1).numpy()}
+    assert sum(bytes(row) in train_rows for row in test.images.flatten(1).numpy()) < 5  # sklearn has dupes
+
+
+def test_build_dataset_uses_embedded_digits_without_data_dir(monkeypatch):
+    monkeypatch.delenv(DATA_ENV_VAR, raising=False)
+    dataset = build_dataset("mnist", "test")
+    assert dataset.describe.startswith("sklearn 8x8 digits upscaled")
+
+
+def constant_digits(values: list[int]) -> ImageTensorDataset:
+    """Digits whose 28x28 image is filled with 10 * label, so each grid quadrant is identifiable."""
+    labels = torch.tensor(values)
+    images = (labels * 10).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 28, 28).contiguous()
+    return ImageTensorDataset(images, labels, describe="constant digits")
+
+
+def test_stacked_digits_layout():
+    stacked = StackedDigits(constant_digits(list(range(10))), num_samples=20, seed=3)
+    assert GRID_POSITIONS == ("top_left", "top_right", "bottom_left", "bottom_right")
+    for i in range(len(stacked)):
+        image, labels = stacked[i]
+        assert image.shape == (1, 56, 56) and labels.shape == (4,)
+        quadrants = [image[0, :28, :28], image[0, :28, 28:], image[0, 28:, :28], image[0, 28:, 28:]]
+        for quadrant, label in zip(quadrants, labels, strict=True):
+            assert torch.allclose(quadrant, torch.full_like(quadrant, float(label) * 10 / 255))
+
+
+def test_stacked_digits_determinism():
+    digits = constant_digits(list(range(10)) * 3)
+    a, b = StackedDigits(digits, 50, seed=7), StackedDigits(digits, 50, seed=7)
+    c = StackedDigits(digits, 50, seed=8)
+    assert torch.equal(a.indices, b.indices)
+    assert all(torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1]) for i in range(50))
+    assert not torch.equal(a.indices, c.indices)
+
+
+def test_stacked_mnist_grids_use_digits_of_their_split(tmp_path):
+    write_mnist_files(tmp_path, n_train=12, n_test=6)
+    train = build_dataset("stacked_mnist", "train", data_dir=tmp_path, num_samples=30)
+    test = build_dataset("stacked_mnist", "test", data_dir=tmp_path, num_samples=10)
+    assert len(train) == 30 and len(test) == 10
+    # Train digit images hold values 0..11, test digit images 100..105 (see write_mnist_files).
+    assert all(train[i][0].max() * 255 < 50 for i in range(len(train)))
+    assert all(test[i][0].min() * 255 > 99 for i in range(len(test)))
+    assert "2x2 grids" in train.describe and "MNIST train" in train.describe
+
+
+def write_cifar_batches(directory, per_batch=4):
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072)).astype(np.uint8),
+            b"labels": rng.integers(0, 10, per_batch).tolist(),
+        }
+        with open(directory / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_cifar10_from_local_batches(tmp_path):
+    write_cifar_batches(tmp_path / "cifar-10-batches-py")
+    train = build_dataset("cifar10", "train", data_dir=tmp_path)
+    test = build_dataset("cifar10", "test", data_dir=tmp_path)
+    assert (len(train), len(test)) == (20, 4)
+    image, label = train[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert image.min() >= 0.0 and image.max() <= 1.0 and 0 <= int(label) < 10
+    assert train.describe.startswith("CIFAR-10 train")
+
+
+def test_cifar10_missing_batches(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_batch_1"):
+        build_dataset("cifar10", "train", data_dir=tmp_path)
+
+
+def test_photo_crops_fallback():
+    a = load_photo_crops("train", num_samples=16, seed=0)
+    b = load_photo_crops("train", num_samples=16, seed=0)
+    test = load_photo_crops("test", num_samples=8, seed=0)
+    assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    image, label = a[0]
+    assert image.shape == (3, 32, 32) and image.min() >= 0.0 and image.max() <= 1.0
+    assert 0 <= int(label) < a.num_classes
+    assert a.describe.startswith("scikit-image sample photographs") and "not CIFAR-10" in a.describe
+    assert len(test) == 8
+
+
+def test_build_dataset_argument_errors():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        build_dataset("imagenet", "train")
+    with pytest.raises(ValueError, match="split"):
+        build_dataset("mnist", "validation")
+    with pytest.raises(TypeError, match="unexpected options"):
+        build_dataset("mnist", "train", colour=True)

@@ -1,0 +1,235 @@
+"""geglu: every backend against the float64 reference, forward and backward; registration; errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, assert_close, backend_params
+
+import fastvision
+from fastvision.nn import GEGLU, FeedForward
+from fastvision.ops.geglu import IMPLEMENTED_BACKENDS, geglu, geglu_backward_reference, geglu_reference
+
+BACKENDS = backend_params(IMPLEMENTED_BACKENDS)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [
+    (7, 2),  # H = 1
+    (5, 3, 26),  # H = 13, three dims
+    (1, 254),  # H = 127
+    (33, 130),  # H = 65, more rows than one tile
+    (4, 2 * 1000 + 2),  # H = 1001, several column tiles
+]
+
+
+def _random(shape, dtype, seed, device=DEVICE):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return (torch.randn(shape, generator=generator) * 2).to(device=device, dtype=dtype)
+
+
+def _check_forward_backward(x: torch.Tensor, backend: str, approximate: str, seed: int = 0) -> None:
+    x_before = x.clone()
+    grad_out = _random((*x.shape[:-1], x.shape[-1] // 2), x.dtype, seed + 1, x.device)
+    x_ref = x.detach().double().requires_grad_(True)
+    expected = geglu_reference(x_ref, approximate)
+    (expected_grad,) = torch.autograd.grad(expected, x_ref, grad_out.double())
+
+    x = x.detach().requires_grad_(True)
+    with fastvision.use_backend(backend):
+        out = geglu(x, approximate)
+        (grad,) = torch.autograd.grad(out, x, grad_out)
+    assert out.dtype == x.dtype and out.shape == expected.shape
+    assert grad.dtype == x.dtype and grad.shape == x.shape
+    assert_close(out, expected, x.dtype)
+    # The gate gradient multiplies value by gelu'(gate): allow twice the rounding.
+    assert_close(grad, expected_grad, x.dtype, scale=2.0)
+    torch.testing.assert_close(x.detach(), x_before, atol=0, rtol=0)  # input untouched
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_matches_reference(backend, dtype, shape, approximate):
+    _check_forward_backward(
+        _random(shape, dtype, seed=hash((shape, str(dtype))) % 2**31), backend, approximate
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_hidden(backend):
+    _check_forward_backward(_random((3, 2 * 65536), torch.float32, seed=5), backend, "none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda t: t[:, :, :20], id="row-strided"),  # unit last stride, rows of 64
+        pytest.param(lambda t: t[:, :, ::2], id="last-dim-strided"),
+        pytest.param(lambda t: t.transpose(0, 1), id="transposed"),
+        pytest.param(lambda t: t[1:, :, 4:24], id="offset-view"),
+    ],
+)
+def test_non_contiguous(backend, make):
+    base = _random((6, 5, 64), torch.float32, seed=11)
+    x = make(base)
+    assert not x.is_contiguous()
+    _check_forward_backward(x, backend, "none")
+    _check_forward_backward(x, backend, "tanh")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 8), (3, 0, 4), (2, 0)], ids=str)
+def test_empty(backend, shape):
+    x = torch.randn(shape, device=DEVICE, requires_grad=True)
+    with fastvision.use_backend(backend):
+        out = geglu(x)
+        out.sum().backward()
+    assert out.shape == (*shape[:-1], shape[-1] // 2)
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_closed_form_backward_matches_autograd(approximate):
+    x = _random((9, 30), torch.float64, seed=3)
+    grad_out = _random((9, 15), torch.float64, seed=4)
+    x.requires_grad_(True)
+    (expected,) = torch.autograd.grad(geglu_reference(x, approximate), x, grad_out)
+    torch.testing.assert_close(geglu_backward_reference(grad_out, x.detach(), approximate), expected)
+
+
+def test_erf_and_tanh_differ():
+    x = torch.linspace(-3, 3, 64, dtype=torch.float64).repeat(2).view(1, 128)
+    assert (geglu_reference(x, "none") - geglu_reference(x, "tanh")).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id == "triton"])
+def test_triton_poisoned_output_is_overwritten(backend):
+    """The kernels must write every output element: start from NaN-filled buffers."""
+    from fastvision.triton_kernels.geglu import geglu_backward, geglu_forward
+
+    x = _random((37, 2 * 129), torch.float32, seed=8)
+    out = torch.full((37, 129), float("nan"), device=DEVICE)
+    geglu_forward(x, "none", out=out)
+    assert_close(out, geglu_reference(x.double()), torch.float32)
+    dx = torch.full_like(x, float("nan"))
+    grad_out = _random((37, 129), torch.float32, seed=9)
+    geglu_backward(grad_out, x, "none", out=dx)
+    assert_close(dx, geglu_backward_reference(grad_out.double(), x.double()), torch.float32, scale=2.0)
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def test_rejects_odd_last_dimension():
+    with pytest.raises(ValueError, match="x must have an even last dimension"):
+        geglu(torch.randn(4, 7))
+
+
+def test_rejects_integer_dtype():
+    with pytest.raises(TypeError, match="x must have dtype"):
+        geglu(torch.ones(4, 8, dtype=torch.int32))
+
+
+def test_rejects_unknown_approximation():
+    with pytest.raises(ValueError, match="approximate must be one of"):
+        geglu(torch.randn(4, 8), approximate="sigmoid")
+
+
+def test_rejects_non_tensor():
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        geglu([1.0, 2.0])
+
+
+def test_rejects_scalar():
+    with pytest.raises(ValueError, match="even last dimension"):
+        geglu(torch.tensor(1.0))
+
+
+def test_forced_backend_that_cannot_run_raises():
+    x = torch.randn(4, 8)  # a CPU tensor: the cuda backend can never take it
+    with fastvision.use_backend("cuda"), pytest.raises(fastvision.BackendUnavailableError, match="cuda"):
+        geglu(x)
+
+
+def test_use_backend_validates_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastvision.use_backend("opencl")
+
+
+def test_use_backend_restores_previous_choice():
+    before = fastvision.forced_backend()
+    with fastvision.use_backend("reference"):
+        assert fastvision.forced_backend() == "reference"
+    assert fastvision.forced_backend() == before
+
+
+# --- registration: opcheck, compile, export --------------------------------------------------------
+
+
+def _registered_ops(device: torch.device):
+    ops = []
+    from fastvision.ops.geglu import CPP_OPS_BUILT
+
+    if CPP_OPS_BUILT:
+        ops.append(pytest.param(torch.ops.fastvision.geglu_forward.default, id="cpp"))
+    from fastvision._backend import why_unusable
+
+    if why_unusable("triton", device) is None:
+        ops.append(pytest.param(torch.ops.fastvision.geglu_triton_forward.default, id="triton"))
+    return ops
+
+
+@pytest.mark.parametrize("op", _registered_ops(DEVICE))
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_opcheck(op, approximate):
+    x = _random((3, 5, 18), torch.float32, seed=21).requires_grad_(True)
+    torch.library.opcheck(op, (x, approximate))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
+    torch.manual_seed(0)
+    module = FeedForward(16, mult=2).to(DEVICE)
+    x = _random((2, 5, 16), torch.float32, seed=13).requires_grad_(True)
+    with fastvision.use_backend(backend):
+        expected = module(x)
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+        out = compiled(x)
+        out.sum().backward()
+    torch.testing.assert_close(out, expected)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export(backend):
+    torch.manual_seed(0)
+    module = FeedForward(16, mult=2).eval().to(DEVICE)
+    x = _random((2, 5, 16), torch.float32, seed=14)
+    with fastvision.use_backend(backend):
+        exported = torch.export.export(module, (x,))
+        expected = module(x)
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    if backend != "reference":
+        assert any("fastvision" in t and "geglu" in t for t in targets), targets
+    torch.testing.assert_close(exported.module()(x), expected)
+
+
+def test_feedforward_state_dict_is_backend_independent():
+    torch.manual_seed(0)
+    module = FeedForward(12, mult=3)
+    names = set(module.state_dict())
+    assert names == {"proj_in.weight", "proj_in.bias", "proj_out.weight", "proj_out.bias"}
+    assert module.proj_in.out_features == 2 * 36
+    for activation in ("gelu", "relu"):
+        assert set(FeedForward(12, mult=3, activation=activation).state_dict()) == names
+
+
+def test_geglu_module_matches_reference():
+    x = _random((4, 10), torch.float32, seed=2)
+    torch.testing.assert_close(GEGLU("tanh")(x), geglu_reference(x, "tanh"), atol=1e-5, rtol=1e-5)
+
+
+def test_feedforward_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        FeedForward(8, activation="swish")
