@@ -4,6 +4,7 @@ when none is visible; ``TORCH_CUDA_ARCH_LIST`` overrides it."""
 
 import glob
 import os
+import platform
 import shutil
 
 from setuptools import find_packages, setup
@@ -39,6 +40,10 @@ def _extensions():
         and bool(cuda_sources)
     )
     cxx_flags = ["-O3"]  # torch adds the C++ standard it was built with
+    if platform.machine() in ("x86_64", "AMD64") and os.environ.get("FASTVISION_CPU_BASELINE", "avx2") == "avx2":
+        # The CPU kernels use ATen's 8-wide float vectors; AVX2+FMA is the x86-64 baseline assumed here
+        # (FASTVISION_CPU_BASELINE=generic builds portable scalar code instead).
+        cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     include_dirs = [os.path.join(here, "csrc")]
     if build_cuda:
         # torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper script; pin the real one.

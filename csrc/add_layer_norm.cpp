@@ -1,0 +1,14 @@
+// add_layer_norm: LayerNorm(x + residual) over the last dimension, with optional [D] weight and bias.
+// The forward returns (out, mean, rstd), the statistics float32 with x's leading shape; the backward
+// recomputes x + residual and returns (d/dx == d/dresidual, d/dweight, d/dbias), an absent parameter
+// getting an empty [0] gradient.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(fastvision, m) {
+  m.def(
+      "add_layer_norm_forward(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "add_layer_norm_backward(Tensor grad_out, Tensor x, Tensor residual, Tensor? weight, Tensor? bias, "
+      "Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
+}

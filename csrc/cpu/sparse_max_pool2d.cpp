@@ -1,0 +1,296 @@
+// Sparse max pooling on the CPU.
+//
+// No key sort: the inputs are in canonical order (sorted by (b, y, x), unique), so the inputs of one
+// output row (b, oy) are a contiguous run of at most kh input rows, and merging those rows by x makes
+// the inputs of each window a contiguous run of the merged order. Steps (csrc/cuda/sparse_max_pool2d.cu
+// runs the same per-element bodies, one thread each, with device scans between them):
+//   1. input rows: start of each run of equal (b, y), validating canonical order on the way;
+//   2. output rows: each input row creates the window rows oy that it is the first to reach;
+//   3. merge: the inputs of each output row ordered by (x, row), each placed by binary searches;
+//   4. windows: each merged position creates the window columns ox it is the first to reach; a scan
+//      numbers them, which is the canonical output order;
+//   5. channel max over each window's run, argmax = lowest input index among equal maxima.
+// Backward gathers (no atomics, deterministic): each input sums, over the windows holding it
+// (window_map), the gradients of the channels whose argmax it is.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace fastvision {
+namespace {
+
+struct Geometry {
+  int64_t kh, kw, sh, sw, limit_h, limit_w;
+  int64_t py() const { return (kh + sh - 1) / sh; }  // most windows holding one input, along y
+  int64_t px() const { return (kw + sw - 1) / sw; }
+};
+
+Geometry make_geometry(at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef window_limit) {
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && window_limit.size() == 2,
+              "sparse_max_pool2d: kernel_size, stride and window_limit must have two entries");
+  TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0 && stride[0] > 0 && stride[1] > 0,
+              "sparse_max_pool2d: kernel_size and stride must be positive, got ", kernel_size, " and ", stride);
+  const auto limit = [](int64_t l) { return l < 0 ? std::numeric_limits<int64_t>::max() : l; };
+  return {kernel_size[0], kernel_size[1], stride[0], stride[1], limit(window_limit[0]), limit(window_limit[1])};
+}
+
+// First and last window along one axis whose span [o*s, o*s + k) holds the coordinate v >= 0.
+inline int64_t first_window(int64_t v, int64_t k, int64_t s) { return v < k ? 0 : (v - k) / s + 1; }
+inline int64_t last_window(int64_t v, int64_t s, int64_t limit) { return std::min(v / s, limit - 1); }
+
+template <typename index_t>
+struct CoordView {
+  const index_t* data;
+  int64_t b(int64_t i) const { return data[3 * i]; }
+  int64_t y(int64_t i) const { return data[3 * i + 1]; }
+  int64_t x(int64_t i) const { return data[3 * i + 2]; }
+  // Number of inputs in [lo, hi) (one input row, sorted by x) with x < v, or x <= v if inclusive.
+  int64_t count_before(int64_t lo, int64_t hi, int64_t v, bool inclusive) const {
+    const int64_t begin = lo;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      const int64_t xm = x(mid);
+      if (xm < v || (inclusive && xm == v)) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    return lo - begin;
+  }
+};
+
+void check_inputs(const at::Tensor& coords, const at::Tensor& feats) {
+  TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 3, "sparse_max_pool2d: coords must be [N, 3], got ",
+              coords.sizes());
+  TORCH_CHECK(coords.scalar_type() == at::kInt || coords.scalar_type() == at::kLong,
+              "sparse_max_pool2d: coords must be int32 or int64, got ", coords.scalar_type());
+  TORCH_CHECK(feats.dim() == 2 && feats.size(0) == coords.size(0), "sparse_max_pool2d: feats must be [N, C] with N = ",
+              coords.size(0), ", got ", feats.sizes());
+  TORCH_CHECK(coords.size(0) < std::numeric_limits<int32_t>::max(),
+              "sparse_max_pool2d: more than 2^31 - 1 inputs do not fit the int32 argmax");
+}
+
+template <typename index_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& coords_in,
+                                                                         const at::Tensor& feats_in,
+                                                                         const Geometry& g) {
+  const at::Tensor coords = coords_in.contiguous();
+  const at::Tensor feats = feats_in.contiguous();
+  const int64_t n = coords.size(0), channels = feats.size(1);
+  const int64_t px = g.px(), slots = g.py() * px;
+  const CoordView<index_t> in{coords.data_ptr<index_t>()};
+
+  // 1. Input rows; validation is one comparison per site, so the kernel always does it.
+  std::vector<int64_t> row_start;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t b = in.b(i), y = in.y(i), x = in.x(i);
+    TORCH_CHECK(b >= 0 && y >= 0 && x >= 0, "sparse_max_pool2d: coords must be non-negative, row ", i, " is (", b,
+                ", ", y, ", ", x, ")");
+    if (i > 0) {
+      const int64_t pb = in.b(i - 1), py = in.y(i - 1), pxv = in.x(i - 1);
+      TORCH_CHECK(pb < b || (pb == b && (py < y || (py == y && pxv < x))),
+                  "sparse_max_pool2d: coords must be sorted by (batch, y, x) without duplicates; row ", i - 1,
+                  " is (", pb, ", ", py, ", ", pxv, ") and row ", i, " is (", b, ", ", y, ", ", x, ")");
+    }
+    if (i == 0 || b != in.b(i - 1) || y != in.y(i - 1)) row_start.push_back(i);
+  }
+  const int64_t rows = static_cast<int64_t>(row_start.size());
+  row_start.push_back(n);
+
+  // 2. Output rows: row r creates the window rows oy that no earlier input row of its batch reaches.
+  std::vector<int64_t> orow_b, orow_y, orow_r0, orow_r1, orow_off{0};
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = in.b(row_start[r]), y = in.y(row_start[r]);
+    const int64_t first = first_window(y, g.kh, g.sh), last = last_window(y, g.sh, g.limit_h);
+    const bool same_batch = r > 0 && in.b(row_start[r - 1]) == b;
+    const int64_t prev_last = same_batch ? last_window(in.y(row_start[r - 1]), g.sh, g.limit_h) : -1;
+    for (int64_t oy = std::max(first, prev_last + 1); oy <= last; ++oy) {
+      int64_t r1 = r + 1;  // rows with y < oy*sh + kh: at most kh of them, all after r
+      while (r1 < std::min(rows, r + g.kh) && in.b(row_start[r1]) == b && in.y(row_start[r1]) < oy * g.sh + g.kh) ++r1;
+      orow_b.push_back(b);
+      orow_y.push_back(oy);
+      orow_r0.push_back(r);
+      orow_r1.push_back(r1);
+      orow_off.push_back(orow_off.back() + row_start[r1] - row_start[r]);
+    }
+  }
+  const int64_t out_rows = static_cast<int64_t>(orow_b.size());
+  const int64_t pairs = orow_off.back();
+
+  // 3. Merge the input rows of each output row by (x, row): position = rank in own row + ranks in the others.
+  std::vector<int64_t> merged(pairs);
+  const int64_t row_grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, pairs / std::max<int64_t>(1, out_rows)));
+  at::parallel_for(0, out_rows, row_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      for (int64_t r = orow_r0[o]; r < orow_r1[o]; ++r) {
+        for (int64_t i = row_start[r]; i < row_start[r + 1]; ++i) {
+          const int64_t x = in.x(i);
+          int64_t pos = i - row_start[r];
+          for (int64_t other = orow_r0[o]; other < orow_r1[o]; ++other) {
+            if (other != r) pos += in.count_before(row_start[other], row_start[other + 1], x, other < r);
+          }
+          merged[orow_off[o] + pos] = i;
+        }
+      }
+    }
+  });
+
+  // 4. Windows: merged position p creates the columns ox in [first, last] beyond its predecessor's last.
+  const auto new_windows = [&](int64_t o, int64_t p, int64_t& first, int64_t& start, int64_t& last) {
+    const int64_t x = in.x(merged[p]);
+    first = first_window(x, g.kw, g.sw);
+    last = last_window(x, g.sw, g.limit_w);
+    const int64_t prev_last = p > orow_off[o] ? last_window(in.x(merged[p - 1]), g.sw, g.limit_w) : -1;
+    start = std::max(first, prev_last + 1);
+  };
+  std::vector<int64_t> win_end(pairs);  // inclusive scan of the windows created per merged position
+  at::parallel_for(0, out_rows, row_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      for (int64_t p = orow_off[o]; p < orow_off[o + 1]; ++p) {
+        int64_t first, start, last;
+        new_windows(o, p, first, start, last);
+        win_end[p] = std::max<int64_t>(0, last - start + 1);
+      }
+    }
+  });
+  for (int64_t p = 1; p < pairs; ++p) win_end[p] += win_end[p - 1];
+  const int64_t m = pairs > 0 ? win_end[pairs - 1] : 0;
+
+  at::Tensor out_coords = at::empty({m, 3}, coords.options());
+  at::Tensor out_feats = at::empty({m, channels}, feats.options());
+  at::Tensor argmax = at::empty({m, channels}, feats.options().dtype(at::kInt));
+  at::Tensor window_map = at::full({n, slots}, -1, feats.options().dtype(at::kInt));
+  std::vector<int64_t> win_first(m), win_seg_end(m);
+  index_t* oc = out_coords.data_ptr<index_t>();
+  int32_t* map = window_map.data_ptr<int32_t>();
+  at::parallel_for(0, out_rows, row_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      for (int64_t p = orow_off[o]; p < orow_off[o + 1]; ++p) {
+        int64_t first, start, last;
+        new_windows(o, p, first, start, last);
+        for (int64_t ox = start; ox <= last; ++ox) {
+          const int64_t w = win_end[p] - 1 - (last - ox);
+          oc[3 * w] = static_cast<index_t>(orow_b[o]);
+          oc[3 * w + 1] = static_cast<index_t>(orow_y[o]);
+          oc[3 * w + 2] = static_cast<index_t>(ox);
+          win_first[w] = p;
+          win_seg_end[w] = orow_off[o + 1];
+        }
+        // The windows [first, last] of this input all exist and are numbered consecutively.
+        const int64_t i = merged[p];
+        const int64_t dy = orow_y[o] - first_window(in.y(i), g.kh, g.sh);
+        for (int64_t ox = first; ox <= last; ++ox) {
+          map[i * slots + dy * px + (ox - first)] = static_cast<int32_t>(win_end[p] - 1 - (last - ox));
+        }
+      }
+    }
+  });
+
+  // 5. Channel max per window, visiting its inputs in index order so that strict '>' keeps the lowest.
+  if (m > 0 && channels > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "sparse_max_pool2d_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* f = feats.data_ptr<scalar_t>();
+      scalar_t* out = out_feats.data_ptr<scalar_t>();
+      int32_t* arg = argmax.data_ptr<int32_t>();
+      const int64_t grain = std::max<int64_t>(1, 16384 / channels);
+      at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+        std::vector<int64_t> inputs;
+        std::vector<acc_t> best(channels);
+        std::vector<int32_t> best_index(channels);
+        for (int64_t w = begin; w < end; ++w) {
+          const int64_t x_end = static_cast<int64_t>(oc[3 * w + 2]) * g.sw + g.kw;
+          inputs.clear();
+          for (int64_t p = win_first[w]; p < win_seg_end[w] && in.x(merged[p]) < x_end; ++p) inputs.push_back(merged[p]);
+          std::sort(inputs.begin(), inputs.end());
+          const scalar_t* row = f + inputs[0] * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            best[c] = static_cast<acc_t>(row[c]);
+            best_index[c] = static_cast<int32_t>(inputs[0]);
+          }
+          for (size_t k = 1; k < inputs.size(); ++k) {
+            row = f + inputs[k] * channels;
+            const int32_t index = static_cast<int32_t>(inputs[k]);
+            for (int64_t c = 0; c < channels; ++c) {
+              const acc_t v = static_cast<acc_t>(row[c]);
+              // NaN wins over numbers (like torch.max); the first NaN stays.
+              const bool take = v > best[c] || (v != v && best[c] == best[c]);
+              best[c] = take ? v : best[c];
+              best_index[c] = take ? index : best_index[c];
+            }
+          }
+          for (int64_t c = 0; c < channels; ++c) {
+            out[w * channels + c] = static_cast<scalar_t>(best[c]);
+            arg[w * channels + c] = best_index[c];
+          }
+        }
+      });
+    });
+  }
+  return {out_coords, out_feats, argmax, window_map};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_max_pool2d_forward_cpu(
+    const at::Tensor& coords, const at::Tensor& feats, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef window_limit) {
+  check_inputs(coords, feats);
+  const Geometry g = make_geometry(kernel_size, stride, window_limit);
+  if (coords.scalar_type() == at::kInt) return forward_impl<int32_t>(coords, feats, g);
+  return forward_impl<int64_t>(coords, feats, g);
+}
+
+at::Tensor sparse_max_pool2d_backward_cpu(const at::Tensor& grad_out_feats, const at::Tensor& argmax_in,
+                                          const at::Tensor& window_map_in) {
+  TORCH_CHECK(argmax_in.dim() == 2 && argmax_in.scalar_type() == at::kInt,
+              "sparse_max_pool2d_backward: argmax must be a 2-D int32 tensor");
+  TORCH_CHECK(window_map_in.dim() == 2 && window_map_in.scalar_type() == at::kInt,
+              "sparse_max_pool2d_backward: window_map must be a 2-D int32 tensor");
+  TORCH_CHECK(grad_out_feats.sizes() == argmax_in.sizes(), "sparse_max_pool2d_backward: grad_out_feats has shape ",
+              grad_out_feats.sizes(), ", expected argmax's shape ", argmax_in.sizes());
+  const at::Tensor grad = grad_out_feats.contiguous();
+  const at::Tensor argmax = argmax_in.contiguous();
+  const at::Tensor window_map = window_map_in.contiguous();
+  const int64_t n = window_map.size(0), slots = window_map.size(1);
+  const int64_t m = grad.size(0), channels = grad.size(1);
+  at::Tensor grad_feats = at::empty({n, channels}, grad.options());
+  if (grad_feats.numel() == 0) return grad_feats;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "sparse_max_pool2d_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dy = grad.data_ptr<scalar_t>();
+    const int32_t* arg = argmax.data_ptr<int32_t>();
+    const int32_t* map = window_map.data_ptr<int32_t>();
+    scalar_t* dx = grad_feats.data_ptr<scalar_t>();
+    at::parallel_for(0, n, std::max<int64_t>(1, 16384 / channels), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(channels);
+      for (int64_t i = begin; i < end; ++i) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t s = 0; s < slots; ++s) {
+          const int64_t w = map[i * slots + s];
+          if (w < 0 || w >= m) continue;
+          for (int64_t c = 0; c < channels; ++c) {
+            acc[c] += arg[w * channels + c] == i ? static_cast<acc_t>(dy[w * channels + c]) : acc_t(0);
+          }
+        }
+        for (int64_t c = 0; c < channels; ++c) dx[i * channels + c] = static_cast<scalar_t>(acc[c]);
+      }
+    });
+  });
+  return grad_feats;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastvision, CPU, m) {
+  m.impl("sparse_max_pool2d_forward", &sparse_max_pool2d_forward_cpu);
+  m.impl("sparse_max_pool2d_backward", &sparse_max_pool2d_backward_cpu);
+}
+
+}  // namespace fastvision

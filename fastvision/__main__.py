@@ -1,0 +1,5 @@
+import sys
+
+from fastvision.cli import main
+
+sys.exit(main())

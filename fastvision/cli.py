@@ -1,0 +1,127 @@
+"""The ``fastvision`` command: ``bench`` (the main job), ``info``, ``train``, ``evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+OPTIONAL_EXTRAS = {
+    "triton": "triton",
+    "liger-kernel": "liger_kernel",
+    "nvtx": "nvtx",
+    "warpconvnet": "warpconvnet",
+    "mamba-ssm": "mamba_ssm",
+    "causal-conv1d": "causal_conv1d",
+    "torch-tensorrt": "torch_tensorrt",
+    "onnx": "onnx",
+    "onnxruntime": "onnxruntime",
+    "schedulefree": "schedulefree",
+}
+
+
+def _version(module_name: str) -> str | None:
+    if importlib.util.find_spec(module_name) is None:
+        return None
+    try:
+        return getattr(importlib.import_module(module_name), "__version__", "present")
+    except Exception as exc:  # noqa: BLE001  (a broken optional install is reported, not fatal)
+        return f"present but fails to import ({type(exc).__name__})"
+
+
+def info() -> dict:
+    import fastvision
+    from fastvision._backend import cuda_kernels_built, triton_interpreting
+    from fastvision._extension import EXTENSION_ERROR, extension_loaded
+    from fastvision.models import list_models
+    from fastvision.profiling import NVTX_BACKEND
+
+    return {
+        "fastvision": fastvision.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})",
+        "extension": "built" if extension_loaded() else f"not built ({EXTENSION_ERROR})",
+        "cuda_kernels_built": cuda_kernels_built(),
+        "triton_interpreter": triton_interpreting(),
+        "backends_available": fastvision.available_backends(),
+        "forced_backend": fastvision.forced_backend(),
+        "nvtx": NVTX_BACKEND,
+        "optional": {name: _version(module) for name, module in OPTIONAL_EXTRAS.items()},
+        "models": list_models(),
+    }
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    data = info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for key, value in data.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {'missing' if v is None else v}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fastvision.benchmark import runner
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("fastvision bench: --device cuda asked for, but no CUDA device is visible", file=sys.stderr)
+        return 2
+    ops = runner.op_names() if not args.op else args.op
+    env, rows = runner.run(ops, device, quick=args.quick)
+    print(runner.format_table(env, rows))
+    if args.json:
+        runner.write_results(Path(args.json), env, rows)
+        print(f"wrote {args.json} and {Path(args.json).with_suffix('.csv')}")
+    failed = [r for r in rows if not r.ok]
+    for row in failed:
+        print(f"FAILED {row.op} {row.case} {row.impl}: {row.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastvision.benchmark.runner import op_names
+
+    parser = argparse.ArgumentParser(prog="fastvision", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="check every backend against the reference, then time it")
+    bench.add_argument("--op", action="append", choices=op_names(), help="op to run (repeatable; default all)")
+    bench.add_argument("--quick", action="store_true", help="small sizes, short timing budget")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when visible, else cpu")
+    bench.add_argument("--json", metavar="PATH", help="also write results as JSON (and CSV beside it)")
+    bench.set_defaults(handler=_cmd_bench)
+
+    info_parser = sub.add_parser("info", help="versions, device, backends built, optional extras")
+    info_parser.add_argument("--json", action="store_true")
+    info_parser.set_defaults(handler=_cmd_info)
+
+    from fastvision.train.cli import add_subcommands
+
+    add_subcommands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import fastvision.models  # noqa: F401  (registers the architectures)
+
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Submanifold sparse 2-D convolution: outputs at the active input sites only.
+
+``out[o] = bias + sum over kernel offsets k, over pairs (i, o) of k:  feats[i] @ weight[k]``, with the
+pairs from a :class:`~fastvision.sparse.KernelMap` (``SparseTensor.kernel_map(K)``).
+
+Definition (``sparse_conv2d_reference``): densify, ``F.conv2d`` with ``padding = K // 2``, read the
+result at the active sites. The dense convolution sees zeros at the inactive sites, which is the
+same as skipping them, so the two agree exactly up to rounding.
+
+Backends: only ``reference``, which here is the gather -> GEMM -> scatter-add formulation in plain
+torch ops (``index_select``, ``mm``, ``index_add_``), one GEMM per kernel offset; it runs on any
+device and never densifies. It is wrapped as the custom op ``fastvision::sparse_conv2d_gather_gemm``
+with an explicit backward (``fastvision::sparse_conv2d_gather_gemm_backward``), so autograd saves
+only the features and weight (not the gathered rows) and torch.compile / torch.export see one op.
+There is no fused gather-GEMM-scatter kernel (Triton/CUDA) yet.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastvision._backend import select_backend
+from fastvision.ops._checks import FLOAT_DTYPES, check_dtype, check_tensor
+from fastvision.sparse.kernel_map import KernelMap
+from fastvision.sparse.tensor import SparseTensor
+
+IMPLEMENTED_BACKENDS = ("reference",)
+GPU_ORDER: tuple[str, ...] = ()
+# float64 too: the torch-ops path supports it, and gradcheck needs it.
+SUPPORTED_DTYPES = (*FLOAT_DTYPES, torch.float64)
+
+
+def dense_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[K*K, Cin, Cout]`` sparse layout -> ``[Cout, Cin, K, K]`` (``nn.Conv2d`` layout)."""
+    kernel_size = round(weight.shape[0] ** 0.5)
+    return weight.reshape(kernel_size, kernel_size, weight.shape[1], weight.shape[2]).permute(3, 2, 0, 1)
+
+
+def sparse_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[Cout, Cin, K, K]`` (``nn.Conv2d`` layout) -> ``[K*K, Cin, Cout]`` sparse layout."""
+    cout, cin, kh, kw = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(kh * kw, cin, cout)
+
+
+def sparse_conv2d_reference(
+    x: SparseTensor, weight: torch.Tensor, bias: torch.Tensor | None = None, dilation: int = 1
+) -> torch.Tensor:
+    """The definition: dense ``F.conv2d`` of ``x.to_dense()`` read at ``x``'s active sites -> ``[N, Cout]``."""
+    kernel_size = round(weight.shape[0] ** 0.5)
+    dense = F.conv2d(
+        x.to_dense(), dense_weight(weight), bias, padding=(kernel_size // 2) * dilation, dilation=dilation
+    )
+    coords = x.coords
+    return dense.permute(0, 2, 3, 1)[coords[:, 0], coords[:, 1], coords[:, 2]]
+
+
+# --- gather -> GEMM -> scatter-add, as custom ops ----------------------------------------------------
+
+
+def _accumulator(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    # Half-precision products are summed over the offsets in float32 and rounded once at the end.
+    return like.new_zeros((rows, cols), dtype=torch.promote_types(like.dtype, torch.float32))
+
+
+def _offset_ranges(offset_starts: torch.Tensor, num_sites: int) -> list[tuple[int, int, int, bool]]:
+    """``(offset, start, end, identity)`` per offset with pairs. The centre offset of a submanifold
+    map pairs every site with itself, in order (build_kernel_map): no gather or scatter needed."""
+    starts = offset_starts.tolist()
+    center = (len(starts) - 1) // 2
+    return [
+        (k, starts[k], starts[k + 1], k == center and starts[k + 1] - starts[k] == num_sites)
+        for k in range(len(starts) - 1)
+        if starts[k + 1] > starts[k]
+    ]
+
+
+@torch.library.custom_op("fastvision::sparse_conv2d_gather_gemm", mutates_args=())
+def sparse_conv2d_gather_gemm(
+    feats: torch.Tensor,
+    in_indices: torch.Tensor,
+    out_indices: torch.Tensor,
+    offset_starts: torch.Tensor,
+    weight: torch.Tensor,
+) -> torch.Tensor:
+    out = _accumulator(feats.shape[0], weight.shape[2], feats)
+    for k, start, end, identity in _offset_ranges(offset_starts, feats.shape[0]):
+        if identity:
+            out += torch.mm(feats, weight[k])
+            continue
+        rows = feats.index_select(0, in_indices[start:end])
+        out.index_add_(0, out_indices[start:end], torch.mm(rows, weight[k]).to(out.dtype))
+    return out.to(feats.dtype)
+
+
+@torch.library.custom_op("fastvision::sparse_conv2d_gather_gemm_backward", mutates_args=())
+def sparse_conv2d_gather_gemm_backward(
+    grad_out: torch.Tensor,
+    feats: torch.Tensor,
+    in_indices: torch.Tensor,
+    out_indices: torch.Tensor,
+    offset_starts: torch.Tensor,
+    weight: torch.Tensor,
+    need_feats_grad: bool,
+    need_weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_out = grad_out.contiguous()
+    grad_feats = _accumulator(feats.shape[0], feats.shape[1], feats) if need_feats_grad else None
+    grad_weight = _accumulator(weight.shape[0], weight.shape[1] * weight.shape[2], weight)
+    grad_weight = grad_weight.view(weight.shape) if need_weight_grad else None
+    for k, start, end, identity in _offset_ranges(offset_starts, feats.shape[0]):
+        if identity:
+            if grad_feats is not None:
+                grad_feats += torch.mm(grad_out, weight[k].t())
+            if grad_weight is not None:
+                grad_weight[k] += torch.mm(feats.t(), grad_out)
+            continue
+        src, dst = in_indices[start:end], out_indices[start:end]
+        grad_rows = grad_out.index_select(0, dst)
+        if grad_feats is not None:
+            # d feats[i] += grad_out[o] @ weight[k]^T : the same pairs, scattered the other way.
+            grad_feats.index_add_(0, src, torch.mm(grad_rows, weight[k].t()).to(grad_feats.dtype))
+        if grad_weight is not None:
+            grad_weight[k] += torch.mm(feats.index_select(0, src).t(), grad_rows).to(grad_weight.dtype)
+    return (
+        grad_feats.to(feats.dtype) if grad_feats is not None else feats.new_empty(0),
+        grad_weight.to(weight.dtype) if grad_weight is not None else weight.new_empty(0),
+    )
+
+
+@sparse_conv2d_gather_gemm.register_fake
+def _(feats, in_indices, out_indices, offset_starts, weight):
+    return feats.new_empty((feats.shape[0], weight.shape[2]))
+
+
+@sparse_conv2d_gather_gemm_backward.register_fake
+def _(grad_out, feats, in_indices, out_indices, offset_starts, weight, need_feats_grad, need_weight_grad):
+    return (
+        feats.new_empty(feats.shape if need_feats_grad else (0,)),
+        weight.new_empty(weight.shape if need_weight_grad else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    feats, in_indices, out_indices, offset_starts, weight = inputs
+    ctx.save_for_backward(feats, in_indices, out_indices, offset_starts, weight)
+
+
+def _backward(ctx, grad_out):
+    feats, in_indices, out_indices, offset_starts, weight = ctx.saved_tensors
+    need_feats, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+    grad_feats, grad_weight = torch.ops.fastvision.sparse_conv2d_gather_gemm_backward(
+        grad_out, feats, in_indices, out_indices, offset_starts, weight, need_feats, need_weight
+    )
+    return (
+        grad_feats if need_feats else None,
+        None,
+        None,
+        None,
+        grad_weight if need_weight else None,
+    )
+
+
+sparse_conv2d_gather_gemm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sparse_conv2d(
+    feats: torch.Tensor,
+    kernel_map: KernelMap,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Submanifold sparse convolution of the features of one :class:`~fastvision.sparse.SparseTensor`.
+
+    Args:
+        feats: ``[N, Cin]`` float32/float16/bfloat16/float64 features at the active sites (canonical order).
+        kernel_map: ``x.kernel_map(K, dilation)`` of the tensor the features belong to.
+        weight: ``[K*K, Cin, Cout]`` of ``feats``' dtype; offset ``k = (dy + K//2) * K + (dx + K//2)``
+            (``sparse_weight`` converts an ``nn.Conv2d`` weight).
+        bias: optional ``[Cout]``.
+
+    Returns:
+        ``[N, Cout]`` output features at the same sites, ``feats``' dtype.
+    """
+    check_tensor("feats", feats)
+    check_tensor("weight", weight)
+    if not isinstance(kernel_map, KernelMap):
+        raise TypeError(f"kernel_map must be a KernelMap (SparseTensor.kernel_map(...)), got {type(kernel_map).__name__}")
+    check_dtype("feats", feats, SUPPORTED_DTYPES)
+    if weight.dtype != feats.dtype:
+        raise TypeError(f"weight must have feats' dtype {feats.dtype}, got {weight.dtype}")
+    if feats.dim() != 2:
+        raise ValueError(f"feats must have shape [N, Cin], got {tuple(feats.shape)}")
+    if feats.shape[0] != kernel_map.num_sites:
+        raise ValueError(
+            f"feats has {feats.shape[0]} rows but kernel_map was built for {kernel_map.num_sites} active sites"
+        )
+    if weight.dim() != 3 or weight.shape[0] != kernel_map.num_offsets or weight.shape[1] != feats.shape[1]:
+        raise ValueError(
+            f"weight must have shape [K*K, Cin, Cout] = [{kernel_map.num_offsets}, {feats.shape[1]}, Cout] "
+            f"for kernel_size {kernel_map.kernel_size} and {feats.shape[1]} input channels, got {tuple(weight.shape)}"
+        )
+    if feats.device != weight.device or feats.device != kernel_map.in_indices.device:
+        raise ValueError(
+            f"feats, weight and kernel_map must be on one device, got {feats.device}, {weight.device} "
+            f"and {kernel_map.in_indices.device}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias)
+        if bias.shape != (weight.shape[2],) or bias.dtype != feats.dtype or bias.device != feats.device:
+            raise ValueError(
+                f"bias must be a [{weight.shape[2]}] tensor of dtype {feats.dtype} on {feats.device}, "
+                f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}"
+            )
+    select_backend("sparse_conv2d", feats.device, IMPLEMENTED_BACKENDS, GPU_ORDER)
+    out = torch.ops.fastvision.sparse_conv2d_gather_gemm(
+        feats, kernel_map.in_indices, kernel_map.out_indices, kernel_map.offset_starts, weight
+    )
+    return out if bias is None else out + bias

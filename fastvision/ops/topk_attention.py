@@ -1,0 +1,180 @@
+"""Top-k sparse attention: each query attends only to the ``topk`` keys with the highest scores.
+
+``out[b, h, i] = sum_{j in S_i} softmax_j(s_ij) v[b, h, j]`` with ``s_ij = scale * q_i . k_j`` and
+``S_i`` the ``topk`` keys of largest score for query ``i``. ``topk >= Nk`` is dense attention.
+
+Ties: keys are ordered by ``(score, -index)``, so among equal scores the lower key index is taken
+first. The reference and the Triton kernels both follow this rule, which makes the selection (and
+so the output) deterministic. Inputs holding NaN give unspecified results.
+
+Backends: ``reference`` (below: dense scores, a mask, a softmax; O(Nq * Nk) memory) and ``triton``
+(triton_kernels/topk_attention.py: selection, forward and backward fused without an Nq x Nk score
+matrix; memory O(B * H * N * (D + topk)); see that module for the design and its costs). The
+Triton launches are wrapped here as ``fastvision::topk_attention_triton_forward`` / ``_backward``
+with fake kernels and autograd, so torch.compile and torch.export see one opaque op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastvision._backend import select_backend
+from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
+
+IMPLEMENTED_BACKENDS = ("reference", "triton")
+GPU_ORDER = ("triton",)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _selection_mask(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Boolean mask of the ``topk`` largest scores per row, ties going to the lower key index."""
+    num_keys = scores.shape[-1]
+    if topk >= num_keys:
+        return torch.ones_like(scores, dtype=torch.bool)
+    # The k-th largest score is the threshold; keys above it are in, keys equal to it are taken in
+    # index order until the row holds exactly topk keys.
+    threshold = scores.topk(topk, dim=-1).values[..., -1:]
+    above = scores > threshold
+    at = scores == threshold
+    room = topk - above.sum(dim=-1, keepdim=True)
+    return above | (at & (at.cumsum(dim=-1) <= room))
+
+
+def topk_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale: float | None = None
+) -> torch.Tensor:
+    """The definition, in plain PyTorch (differentiable; memory O(Nq * Nk) per head)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-2, -1)) * scale
+    selected = _selection_mask(scores.detach(), topk)
+    weights = torch.softmax(scores.masked_fill(~selected, float("-inf")), dim=-1)
+    return weights @ v
+
+
+# --- Triton backend, wrapped as custom ops ------------------------------------------------------
+
+
+@torch.library.custom_op("fastvision::topk_attention_triton_forward", mutates_args=())
+def topk_attention_triton_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(out, lse, indices)``: the log-sum-exp per query and the selected key indices
+    (``[B, H, Nq, topk]`` int32; ``[B, H, Nq, 0]`` when ``topk >= Nk``, which needs none)."""
+    from fastvision.triton_kernels.topk_attention import topk_attention_forward
+
+    return topk_attention_forward(q, k, v, topk, scale)
+
+
+@torch.library.custom_op("fastvision::topk_attention_triton_backward", mutates_args=())
+def topk_attention_triton_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastvision.triton_kernels.topk_attention import topk_attention_backward
+
+    return topk_attention_backward(grad_out, q, k, v, out, lse, indices, scale)
+
+
+@torch.library.register_fake("fastvision::topk_attention_triton_forward")
+def _forward_fake(q, k, v, topk, scale):
+    batch, heads, num_queries, _ = q.shape
+    num_selected = topk if topk < k.shape[2] else 0
+    return (
+        q.new_empty(q.shape),
+        q.new_empty((batch, heads, num_queries), dtype=torch.float32),
+        q.new_empty((batch, heads, num_queries, num_selected), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("fastvision::topk_attention_triton_backward")
+def _backward_fake(grad_out, q, k, v, out, lse, indices, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, _topk, scale = inputs
+    out, lse, indices = output
+    ctx.save_for_backward(q, k, v, out, lse, indices)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse, indices)
+
+
+def _backward(ctx, grad_out, _grad_lse, _grad_indices):
+    q, k, v, out, lse, indices = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastvision.topk_attention_triton_backward(
+        grad_out, q, k, v, out, lse, indices, ctx.scale
+    )
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd(
+    "fastvision::topk_attention_triton_forward", _backward, setup_context=_setup_context
+)
+
+
+# --- public op ------------------------------------------------------------------------------------
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale) -> None:
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, tensor)
+        check_dtype(name, tensor)
+        if tensor.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(tensor.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    check_same_device(q=q, k=k, v=v)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, H, Nk, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q [B, H, Nq, D] and k [B, H, Nk, D] must agree in B, H and D, "
+            f"got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim D (last dim of q, k, v) must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[3]}")
+    if k.shape[2] == 0:
+        raise ValueError("k and v must hold at least one key (Nk >= 1): a softmax over no keys is undefined")
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise TypeError(f"topk must be an int, got {type(topk).__name__}")
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+
+
+def topk_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale: float | None = None
+) -> torch.Tensor:
+    """Attention in which each query sees only its ``topk`` highest-scoring keys.
+
+    Args:
+        q: ``[B, H, Nq, D]`` queries; float32, float16 or bfloat16, any strides. ``D`` in
+            (16, 32, 64, 128).
+        k: ``[B, H, Nk, D]`` keys, same dtype and device as ``q``; ``Nk >= 1``.
+        v: ``[B, H, Nk, D]`` values.
+        topk: keys per query, ``>= 1``; ``topk >= Nk`` gives dense attention.
+        scale: score scale, default ``D ** -0.5``.
+
+    Returns:
+        ``[B, H, Nq, D]`` tensor of ``q``'s dtype. Among equal scores the lower key index is
+        selected first. Math in float32.
+    """
+    _check_inputs(q, k, v, topk, scale)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    backend = select_backend("topk_attention", q.device, IMPLEMENTED_BACKENDS, GPU_ORDER)
+    if backend == "reference":
+        return topk_attention_reference(q, k, v, topk, scale)
+    out, _lse, _indices = torch.ops.fastvision.topk_attention_triton_forward(q, k, v, topk, scale)
+    return out

@@ -1,0 +1,421 @@
+"""SparseTensor, kernel maps, submanifold sparse conv (vs the dense definition), modules, sparse U-Net."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, assert_close, backend_params
+
+import fastvision
+from fastvision._backend import BackendUnavailableError
+from fastvision.ops.sparse_conv2d import (
+    IMPLEMENTED_BACKENDS,
+    dense_weight,
+    sparse_conv2d,
+    sparse_conv2d_reference,
+    sparse_weight,
+)
+from fastvision.sparse import KernelMap, SparseTensor, build_kernel_map, coords_to_keys
+from fastvision.sparse.kernel_map import brute_force_kernel_map
+
+BACKENDS = backend_params(IMPLEMENTED_BACKENDS)
+HAS_MAX_POOL = importlib.util.find_spec("fastvision.ops.sparse_max_pool2d") is not None
+needs_max_pool = pytest.mark.skipif(not HAS_MAX_POOL, reason="fastvision.ops.sparse_max_pool2d is not present")
+
+
+def _random_sparse_dense(shape, density, seed, dtype=torch.float32, device=DEVICE):
+    """``[B, C, H, W]`` random values at a random ``density`` of sites, exact zeros elsewhere."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, channels, height, width = shape
+    values = torch.randn(shape, generator=generator)
+    values = torch.where(values == 0, torch.ones_like(values), values)  # no accidental inactive site
+    active = torch.rand((batch, 1, height, width), generator=generator) < density
+    return (values * active).to(device=device, dtype=dtype)
+
+
+def _random(shape, seed, dtype=torch.float32, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator) * scale).to(device=DEVICE, dtype=dtype)
+
+
+# --- SparseTensor -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5, 7), (3, 2, 9, 4), (2, 5, 1, 13)], ids=str)
+def test_from_dense_round_trip_and_canonical_order(shape):
+    dense = _random_sparse_dense(shape, 0.4, seed=sum(shape))
+    x = SparseTensor.from_dense(dense)
+    assert x.coords.dtype == torch.int64 and x.coords.shape == (x.num_sites, 3)
+    assert x.feats.shape == (x.num_sites, shape[1]) and x.feats.dtype == dense.dtype
+    assert x.spatial_shape == shape[2:] and x.batch_size == shape[0]
+    keys = coords_to_keys(x.coords, x.spatial_shape)
+    assert bool((keys[1:] > keys[:-1]).all()), "coords must be sorted and unique"
+    assert x.num_sites == int((dense != 0).any(1).sum())
+    torch.testing.assert_close(x.to_dense(), dense, atol=0, rtol=0)
+    SparseTensor(x.coords, x.feats, x.spatial_shape, x.batch_size)  # passes its own validation
+
+
+def test_from_dense_keeps_sites_with_any_nonzero_channel():
+    dense = torch.zeros(2, 3, 4, 4, device=DEVICE)
+    dense[0, 2, 1, 3] = -1.5  # only the last channel nonzero
+    dense[1, 0, 0, 0] = 2.0
+    x = SparseTensor.from_dense(dense)
+    assert x.coords.tolist() == [[0, 1, 3], [1, 0, 0]]
+    assert x.feats.tolist() == [[0.0, 0.0, -1.5], [2.0, 0.0, 0.0]]
+
+
+def test_empty_and_partly_empty_batches():
+    empty = SparseTensor.from_dense(torch.zeros(3, 2, 6, 5, device=DEVICE))
+    assert empty.num_sites == 0 and empty.feats.shape == (0, 2) and empty.batch_size == 3
+    assert torch.equal(empty.to_dense(), torch.zeros(3, 2, 6, 5, device=DEVICE))
+    km = empty.kernel_map(3)
+    assert km.in_indices.numel() == 0 and km.offset_starts.tolist() == [0] * 10
+
+    dense = _random_sparse_dense((3, 2, 6, 5), 0.5, seed=3)
+    dense[1] = 0  # middle item has no active site
+    x = SparseTensor.from_dense(dense)
+    assert 1 not in x.coords[:, 0].tolist()
+    torch.testing.assert_close(x.to_dense(), dense, atol=0, rtol=0)
+
+
+def test_from_coords_sorts_and_merges_duplicates():
+    coords = torch.tensor([[1, 2, 0], [0, 3, 1], [1, 2, 0], [0, 0, 2]], device=DEVICE)
+    feats = _random((4, 2), seed=4)
+    x = SparseTensor.from_coords(coords, feats, (4, 3), 2)
+    assert x.coords.tolist() == [[0, 0, 2], [0, 3, 1], [1, 2, 0]]
+    torch.testing.assert_close(x.feats, torch.stack([feats[3], feats[1], feats[0] + feats[2]]))
+
+
+def test_to_dense_is_differentiable():
+    x = SparseTensor.from_dense(_random_sparse_dense((2, 3, 5, 5), 0.5, seed=5))
+    feats = x.feats.clone().requires_grad_(True)
+    grad = _random((2, 3, 5, 5), seed=6)
+    (x.replace_feats(feats).to_dense() * grad).sum().backward()
+    expected = grad.permute(0, 2, 3, 1)[x.coords[:, 0], x.coords[:, 1], x.coords[:, 2]]
+    torch.testing.assert_close(feats.grad, expected)
+
+
+def test_replace_feats_shares_kernel_map_cache():
+    x = SparseTensor.from_dense(_random_sparse_dense((2, 1, 8, 8), 0.5, seed=7))
+    y = x.replace_feats(_random((x.num_sites, 4), seed=8))
+    assert y.num_channels == 4 and y.coords is x.coords
+    assert y.kernel_map(3) is x.kernel_map(3)
+    assert x.kernel_map(3) is not x.kernel_map(5)
+    assert x.kernel_map(3, dilation=2) is not x.kernel_map(3)
+    other = SparseTensor.from_dense(x.to_dense())  # same sites, fresh tensor: its own cache
+    assert other.kernel_map(3) is not x.kernel_map(3)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda c, f: SparseTensor(c.float(), f, (4, 4), 2), TypeError, "coords must have dtype"),
+        (lambda c, f: SparseTensor(c[:, :2], f, (4, 4), 2), ValueError, r"coords must have shape \[N, 3\]"),
+        (lambda c, f: SparseTensor(c, f[:-1], (4, 4), 2), ValueError, "feats must have shape"),
+        (lambda c, f: SparseTensor(c, f.long(), (4, 4), 2), TypeError, "floating-point"),
+        (lambda c, f: SparseTensor(c.flip(0), f, (4, 4), 2), ValueError, "sorted by"),
+        (lambda c, f: SparseTensor(torch.cat([c, c[-1:]]), torch.cat([f, f[-1:]]), (4, 4), 2), ValueError,
+         "unique"),
+        (lambda c, f: SparseTensor(c, f, (4, 3), 2), ValueError, r"x indices must lie in \[0, 3\)"),
+        (lambda c, f: SparseTensor(c, f, (4, 4), 1), ValueError, r"batch indices must lie in \[0, 1\)"),
+        (lambda c, f: SparseTensor(c, f, (4, 0), 2), ValueError, "spatial_shape"),
+        (lambda c, f: SparseTensor(c, f, (4, 4), -1), ValueError, "batch_size"),
+        (lambda c, f: SparseTensor(c, f, (4, 4), 2).replace_feats(f[:1]), ValueError, "active sites"),
+        (lambda c, f: SparseTensor(c, f, (4, 4), 2).kernel_map(2), ValueError, "odd"),
+        (lambda c, f: SparseTensor.from_dense(f), ValueError, r"\[B, C, H, W\]"),
+    ],
+)
+def test_sparse_tensor_errors(make, error, match):
+    coords = torch.tensor([[0, 0, 1], [0, 2, 3], [1, 3, 3]], device=DEVICE)
+    feats = _random((3, 2), seed=9)
+    with pytest.raises(error, match=match):
+        make(coords, feats)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("warpconvnet") is not None, reason="warpconvnet is installed")
+def test_warpconvnet_conversion_without_warpconvnet_says_what_is_missing():
+    x = SparseTensor.from_dense(_random_sparse_dense((1, 1, 4, 4), 0.5, seed=10))
+    with pytest.raises(ImportError, match="warpconvnet"):
+        x.to_warpconvnet()
+
+
+# --- kernel maps --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, density, kernel_size, dilation",
+    [
+        ((1, 1, 1, 1), 1.0, 3, 1),  # one site, all neighbours out of bounds
+        ((2, 1, 6, 7), 0.5, 3, 1),
+        ((3, 1, 5, 9), 0.3, 5, 1),
+        ((2, 1, 8, 5), 0.6, 3, 2),
+        ((1, 1, 4, 4), 1.0, 1, 1),
+        ((2, 1, 3, 11), 0.9, 3, 1),  # neighbours across a row end must not wrap to the next row
+    ],
+    ids=str,
+)
+def test_kernel_map_matches_brute_force(shape, density, kernel_size, dilation):
+    x = SparseTensor.from_dense(_random_sparse_dense(shape, density, seed=sum(shape) + kernel_size))
+    km = build_kernel_map(x.coords, x.spatial_shape, kernel_size, dilation)
+    assert km.in_indices.dtype == km.out_indices.dtype == torch.int64
+    assert km.num_offsets == kernel_size**2 and km.num_sites == x.num_sites
+    expected = brute_force_kernel_map(x.coords.cpu(), x.spatial_shape, kernel_size, dilation)
+    for offset in range(km.num_offsets):
+        ins, outs = km.pairs(offset)
+        pairs = list(zip(ins.tolist(), outs.tolist()))
+        assert len(pairs) == len(set(pairs))
+        assert set(pairs) == expected[offset], f"offset {offset}"
+    center_in, center_out = km.pairs(km.center)
+    assert torch.equal(center_in, torch.arange(x.num_sites, device=DEVICE))
+    assert torch.equal(center_out, center_in)
+
+
+# --- sparse_conv2d against the dense definition ---------------------------------------------------
+
+# (batch, Cin, Cout, H, W, kernel_size, density, dilation)
+CONV_CASES = [
+    (1, 1, 1, 5, 7, 3, 0.5, 1),  # C = 1
+    (3, 4, 6, 9, 11, 3, 0.3, 1),  # batch > 1, odd sizes
+    (2, 3, 5, 13, 6, 5, 0.2, 1),  # K = 5
+    (2, 2, 3, 8, 8, 3, 0.4, 2),  # dilation 2
+    (1, 3, 7, 6, 5, 1, 0.5, 1),  # 1x1
+    (2, 16, 8, 10, 10, 3, 0.9, 1),  # nearly dense
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _conv_inputs(case, dtype, seed):
+    batch, cin, cout, height, width, kernel_size, density, dilation = case
+    x = SparseTensor.from_dense(_random_sparse_dense((batch, cin, height, width), density, seed, dtype))
+    scale = (cin * kernel_size * kernel_size) ** -0.5
+    weight = _random((kernel_size * kernel_size, cin, cout), seed + 1, dtype, scale)
+    bias = _random((cout,), seed + 2, dtype)
+    return x, weight, bias, kernel_size, dilation
+
+
+def _check_against_dense(x, weight, bias, kernel_size, dilation, backend, scale=1.0):
+    dtype = x.dtype
+    grad_out = _random((x.num_sites, weight.shape[2]), seed=99, dtype=dtype)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (x.feats, weight, bias)]
+    expected = sparse_conv2d_reference(x.replace_feats(leaves64[0]), leaves64[1], leaves64[2], dilation)
+    expected_grads = torch.autograd.grad(expected, leaves64, grad_out.double())
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x.feats, weight, bias)]
+    with fastvision.use_backend(backend):
+        out = sparse_conv2d(leaves[0], x.kernel_map(kernel_size, dilation), leaves[1], leaves[2])
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert_close(out, expected, dtype if dtype != torch.float64 else torch.float32, scale)
+    for grad, expected_grad, leaf in zip(grads, expected_grads, leaves):
+        assert grad.dtype == dtype and grad.shape == leaf.shape
+        # Weight gradients sum over all sites: allow for the longer reduction.
+        assert_close(grad, expected_grad, dtype if dtype != torch.float64 else torch.float32, scale * 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_sparse_conv2d_matches_dense_reference(backend, dtype, case):
+    x, weight, bias, kernel_size, dilation = _conv_inputs(case, dtype, seed=sum(case[:5]))
+    # Half precision rounds each offset's GEMM output once before the float32 sum over offsets.
+    scale = 1.0 if dtype in (torch.float32, torch.float64) else 2.0 * kernel_size
+    _check_against_dense(x, weight, bias, kernel_size, dilation, backend, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_conv2d_empty(backend):
+    x = SparseTensor.from_dense(torch.zeros(2, 3, 5, 5, device=DEVICE))
+    weight = _random((9, 3, 4), seed=12).requires_grad_(True)
+    feats = x.feats.requires_grad_(True)
+    with fastvision.use_backend(backend):
+        out = sparse_conv2d(feats, x.kernel_map(3), weight)
+        out.sum().backward()
+    assert out.shape == (0, 4)
+    assert feats.grad.shape == (0, 3)
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_conv2d_non_contiguous_feats(backend):
+    x, weight, bias, kernel_size, dilation = _conv_inputs((2, 6, 5, 7, 9, 3, 0.4, 1), torch.float32, seed=13)
+    wide = _random((x.num_sites, 12), seed=14)
+    x = x.replace_feats(wide[:, ::2])
+    assert not x.feats.is_contiguous()
+    _check_against_dense(x, weight, bias, kernel_size, dilation, backend)
+
+
+def test_sparse_conv2d_gradcheck():
+    x, weight, bias, _, _ = _conv_inputs((2, 2, 3, 5, 4, 3, 0.5, 1), torch.float64, seed=15)
+    km = x.kernel_map(3)
+    inputs = (x.feats.clone().requires_grad_(True), weight.requires_grad_(True), bias.requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda f, w, b: sparse_conv2d(f, km, w, b), inputs)
+
+
+def test_weight_layout_round_trip():
+    weight = _random((5, 3, 3, 3), seed=16)
+    assert sparse_weight(weight).shape == (9, 3, 5)
+    assert torch.equal(dense_weight(sparse_weight(weight)), weight)
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        (lambda f, km, w: (f, km, w[:, :2]), ValueError, r"weight must have shape \[K\*K, Cin, Cout\]"),
+        (lambda f, km, w: (f, km, w[:4]), ValueError, "weight must have shape"),
+        (lambda f, km, w: (f[:-1], km, w), ValueError, "active sites"),
+        (lambda f, km, w: (f.half(), km, w), TypeError, "weight must have feats' dtype"),
+        (lambda f, km, w: (f.long(), km, w.long()), TypeError, "feats must have dtype"),
+        (lambda f, km, w: (f, "map", w), TypeError, "kernel_map must be a KernelMap"),
+        (lambda f, km, w: (f[None], km, w), ValueError, r"feats must have shape \[N, Cin\]"),
+        (lambda f, km, w: (f, km, w, torch.zeros(3, device=DEVICE)), ValueError, "bias must be"),
+    ],
+)
+def test_sparse_conv2d_errors(args, error, match):
+    x, weight, _, _, _ = _conv_inputs((1, 3, 4, 6, 6, 3, 0.5, 1), torch.float32, seed=17)
+    with pytest.raises(error, match=match):
+        sparse_conv2d(*args(x.feats, x.kernel_map(3), weight))
+
+
+def test_sparse_conv2d_forced_missing_backend_raises():
+    x, weight, _, _, _ = _conv_inputs((1, 2, 2, 4, 4, 3, 0.5, 1), torch.float32, seed=18)
+    with fastvision.use_backend("triton"), pytest.raises(BackendUnavailableError, match="sparse_conv2d"):
+        sparse_conv2d(x.feats, x.kernel_map(3), weight)
+
+
+def test_opcheck_and_compile():
+    x, weight, bias, _, _ = _conv_inputs((2, 3, 4, 7, 6, 3, 0.4, 1), torch.float32, seed=19)
+    km = x.kernel_map(3)
+    feats = x.feats.clone().requires_grad_(True)
+    weight.requires_grad_(True)
+    args = (feats, km.in_indices, km.out_indices, km.offset_starts, weight)
+    torch.library.opcheck(torch.ops.fastvision.sparse_conv2d_gather_gemm.default, args)
+
+    def conv(f, w, b):
+        return sparse_conv2d(f, km, w, b)
+
+    compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(feats, weight, bias), conv(feats, weight, bias))
+
+
+def test_export():
+    x, weight, bias, _, _ = _conv_inputs((2, 3, 4, 7, 6, 3, 0.4, 1), torch.float32, seed=20)
+    km = x.kernel_map(3)
+
+    class Conv(torch.nn.Module):
+        def forward(self, feats, in_indices, out_indices, offset_starts):
+            kernel_map = KernelMap(in_indices, out_indices, offset_starts, 3, 1, feats.shape[0])
+            return sparse_conv2d(feats, kernel_map, weight, bias)
+
+    args = (x.feats, km.in_indices, km.out_indices, km.offset_starts)
+    exported = torch.export.export(Conv(), args)
+    torch.testing.assert_close(exported.module()(*args), Conv()(*args))
+
+
+# --- modules ------------------------------------------------------------------------------------------
+
+
+def _masked_dense_conv(conv, dense, mask):
+    """The dense equivalent of a submanifold conv: nn.Conv2d, then zero the inactive sites."""
+    weight = dense_weight(conv.weight)
+    pad = (conv.kernel_size // 2) * conv.dilation
+    return F.conv2d(dense, weight, conv.bias, padding=pad, dilation=conv.dilation) * mask
+
+
+def test_sparse_conv2d_module_matches_masked_dense_conv():
+    from fastvision.nn.sparse import SparseConv2d
+
+    torch.manual_seed(0)
+    conv = SparseConv2d(3, 5, kernel_size=3).to(DEVICE)
+    bound = (3 * 9) ** -0.5
+    assert conv.weight.shape == (9, 3, 5) and conv.weight.abs().max() <= bound
+    assert conv.bias.abs().max() <= bound and conv.weight.std() > bound / 4
+    dense = _random_sparse_dense((2, 3, 9, 10), 0.3, seed=21)
+    mask = (dense != 0).any(1, keepdim=True)
+    out = conv(SparseTensor.from_dense(dense))
+    assert isinstance(out, SparseTensor) and out.num_channels == 5
+    torch.testing.assert_close(out.to_dense(), _masked_dense_conv(conv, dense, mask), atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="SparseTensor"):
+        conv(dense)
+
+
+def test_residual_sparse_block_matches_masked_dense():
+    from fastvision.nn.sparse import ResidualSparseBlock
+
+    torch.manual_seed(1)
+    dense = _random_sparse_dense((2, 3, 8, 9), 0.35, seed=22)
+    mask = (dense != 0).any(1, keepdim=True)
+    for block in (ResidualSparseBlock(3, 6), ResidualSparseBlock(3, 3)):
+        block = block.to(DEVICE)
+        out = block(SparseTensor.from_dense(dense))
+        hidden = F.relu(_masked_dense_conv(block.conv1, dense, mask))
+        hidden = _masked_dense_conv(block.conv2, hidden, mask)
+        residual = dense if block.shortcut is None else _masked_dense_conv(block.shortcut, dense, mask)
+        torch.testing.assert_close(out.to_dense(), F.relu(hidden + residual), atol=1e-5, rtol=1e-5)
+        assert torch.equal(out.coords, SparseTensor.from_dense(dense).coords)
+
+
+@needs_max_pool
+def test_sparse_max_pool_module_matches_dense_pool():
+    from fastvision.nn.sparse import SparseMaxPool2d
+
+    dense = _random_sparse_dense((3, 4, 28, 28), 0.1, seed=23).abs()  # non-negative, as after a ReLU
+    out = SparseMaxPool2d(2)(SparseTensor.from_dense(dense))
+    assert out.spatial_shape == (14, 14) and out.batch_size == 3
+    active = F.max_pool2d((dense != 0).any(1, keepdim=True).float(), 2)[:, 0].nonzero()
+    assert torch.equal(out.coords, active)
+    torch.testing.assert_close(out.to_dense(), F.max_pool2d(dense, 2))
+
+
+# --- the sparse U-Net ---------------------------------------------------------------------------------
+
+
+def _digit_batch(count):
+    from fastvision.data import load_embedded_digits
+
+    dataset = load_embedded_digits("train")
+    images, labels = zip(*(dataset[i] for i in range(count)))
+    return torch.stack(images).to(DEVICE), torch.stack(labels).to(DEVICE)
+
+
+@needs_max_pool
+def test_sparse_unet_forward_backward_and_registry():
+    from fastvision.models.registry import create_model, get_model_spec
+    from fastvision.models.sparse_unet_mnist import sparse_unet_mnist  # noqa: F401 (registers)
+
+    spec = get_model_spec("sparse_unet_mnist")
+    assert spec.task == "classification" and spec.dataset == "mnist"
+    torch.manual_seed(2)
+    model = create_model("sparse_unet_mnist").to(DEVICE)
+    images, _ = _digit_batch(4)
+    assert (images == 0).float().mean() > 0.3, "expects an exactly-zero background"
+    images[3] = 0  # an image with no active pixel at all
+    log_probs = model(images)
+    assert log_probs.shape == (4, 10)
+    torch.testing.assert_close(log_probs.exp().sum(1), torch.ones(4, device=DEVICE))
+    log_probs.mean().backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    assert model.enc1.conv1.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"\[B, 1, 28, 28\]"):
+        model(images[:, :, :27])
+
+
+@needs_max_pool
+def test_sparse_unet_training_steps_lower_the_loss():
+    from fastvision.models.sparse_unet_mnist import SparseUNetMNIST
+
+    torch.manual_seed(3)
+    model = SparseUNetMNIST().to(DEVICE)
+    images, labels = _digit_batch(16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(8):
+        loss = F.nll_loss(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses

@@ -1,0 +1,369 @@
+"""Top-k sparse attention in Triton: selection, forward and backward without an Nq x Nk matrix.
+
+Three kernels, each with a grid of (query blocks, B * H):
+
+1. ``_select_topk_kernel`` finds the ``topk`` keys of each query. It streams key blocks of
+   ``BLOCK_N`` keys, computes the score tile ``scale * Q K^T`` with ``tl.dot`` and keeps, per query,
+   a sorted buffer of the ``BLOCK_N >= topk`` best keys seen so far. Each score is packed with its
+   key index into one int64 (order-preserving float bits in the high word, ``2**32 - 1 - index`` in
+   the low word), so one integer sort orders by score and breaks ties towards the lower key index,
+   and the index travels with its score. Merging a block: sort the block ascending, take the
+   elementwise max with the buffer (sorted descending), which by the bitonic-merge property holds
+   exactly the ``BLOCK_N`` best of the union, and sort that descending. A block none of whose
+   scores beats the buffer's worst entry for any query of the tile is skipped, so once the buffer
+   fills, most blocks cost only the matmul. The first ``topk`` indices are stored as int32.
+   Above ``TRITON_MAX_TOPK`` the register buffer would be too large; the selection then runs in
+   torch over query chunks (temporary memory bounded by ``_CHUNK_ELEMENTS`` scores) with the same
+   packed keys, so the tie rule is the same.
+2. ``_sparse_forward_kernel`` gathers the selected K and V rows of each query and runs an online
+   (flash-style) softmax over them on CUDA cores (each query has its own keys, so there is no
+   shared matmul), writing the output and the log-sum-exp.
+3. ``_sparse_backward_kernel`` gathers the same rows again, recomputes the probabilities from the
+   saved log-sum-exp, accumulates dq in registers and adds dk, dv into float32 buffers with
+   atomics (a key receives gradient from any query that selected it; a deterministic key-major
+   pass would need the transposed selection, a sort of all B*H*Nq*topk indices). So dk and dv
+   may differ between runs in the last float32 bits; dq and the forward are deterministic.
+
+Why saved indices instead of recomputing the selection in backward: membership is decided at the
+k-th score exactly, and a score recomputed by a differently shaped kernel may round differently
+and flip a key in or out. Saving the indices (4 bytes per query per selected key) makes the
+backward use exactly the forward's keys.
+
+``topk >= Nk`` is dense attention: no selection, no indices; kernels 2 and 3 walk all keys.
+
+Costs per (batch, head), element size ``e``, ``Nq`` queries, ``Nk`` keys, ``k = topk``:
+
+- selection: ``2 Nq Nk D`` FLOPs of ``tl.dot``, reads Q once and K ``ceil(Nq / BLOCK_M)`` times
+  (from L2 mostly), writes ``4 Nq k`` bytes of indices; sorting ``O(BLOCK_N log^2 BLOCK_N)`` per
+  query for each key block that is merged.
+- forward: ``4 Nq k D`` FLOPs (the attention proper), gathers ``2 Nq k D e`` bytes of K/V rows
+  (from L2 where neighbouring queries share keys), writes ``Nq D e + 4 Nq`` bytes.
+- backward: ``8 Nq k D`` FLOPs, gathers ``2 Nq k D e`` bytes, reads Q, O, dO, writes dq, and
+  issues ``2 Nq k D`` float32 atomic adds into ``8 Nk D`` bytes of dk/dv scratch.
+- memory kept for backward: indices ``4 Nq k`` and lse ``4 Nq`` bytes, so O(N (D + k)) in all.
+
+Math in float32 throughout; scores for the selection use ``tl.dot`` with float32 accumulation
+(IEEE float32 products for float32 inputs, not TF32, so selection matches float32 math).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastvision._backend import triton_interpreting
+
+# Largest topk selected by the Triton kernel (the buffer is BLOCK_N = next_pow2(topk) int64 per query).
+TRITON_MAX_TOPK = 256
+# Scores materialized at once by the torch selection used above TRITON_MAX_TOPK.
+_CHUNK_ELEMENTS = 1 << 24
+_LOW_WORD = 4294967295  # 2**32 - 1: the key-index word of a packed key
+
+
+@triton.jit
+def _pack_keys(scores, key_index):
+    """int64 keys ordered as (score, -key_index): ``scores`` [M, N] float32, ``key_index`` [N]."""
+    scores = tl.where(scores == 0.0, 0.0, scores)  # -0.0 and +0.0 are one score
+    bits = scores.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
+    low_word = 4294967295 - key_index.to(tl.int64)  # 2**32 - 1 - index
+    return (ordered.to(tl.int64) << 32) + low_word[None, :]
+
+
+@triton.jit
+def _select_topk_kernel(
+    q_ptr, k_ptr, idx_ptr,
+    num_queries, num_keys, topk, heads, scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // heads).to(tl.int64)
+    head = (pid_bh % heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < num_queries
+
+    q_base = q_ptr + batch * stride_qb + head * stride_qh
+    k_base = k_ptr + batch * stride_kb + head * stride_kh
+    q = tl.load(q_base + rows.to(tl.int64)[:, None] * stride_qn + dims[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)  # fmt: skip
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    best = tl.full([BLOCK_M, BLOCK_N], -9223372036854775807, tl.int64)  # sorted descending
+    for start in range(0, num_keys, BLOCK_N):
+        keys = start + cols
+        key_ok = keys < num_keys
+        k_tile = tl.load(k_base + keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd,
+                         mask=key_ok[None, :], other=0.0)  # fmt: skip
+        if UPCAST:
+            k_tile = k_tile.to(tl.float32)
+        if IEEE_FP32:
+            scores = tl.dot(q, k_tile, input_precision="ieee")
+        else:
+            scores = tl.dot(q, k_tile)
+        scores = tl.where(key_ok[None, :], scores * scale, float("-inf"))
+        packed = _pack_keys(scores, keys)
+        improves = tl.max(packed, axis=1) > tl.min(best, axis=1)
+        if tl.max(improves.to(tl.int32), axis=0) > 0:
+            merged = tl.maximum(best, tl.sort(packed, dim=1))
+            best = tl.sort(merged, dim=1, descending=True)
+
+    selected = (4294967295 - (best & 4294967295)).to(tl.int32)
+    idx_base = idx_ptr + pid_bh.to(tl.int64) * num_queries * topk
+    tl.store(idx_base + rows.to(tl.int64)[:, None] * topk + cols[None, :], selected,
+             mask=row_ok[:, None] & (cols < topk)[None, :])  # fmt: skip
+
+
+@triton.jit
+def _gather_rows(base, stride_n, stride_d, key, dims, valid):
+    """``[M, K, D]`` float32 rows ``base[key[m, j], :]`` (zeros where not ``valid``)."""
+    offsets = key.to(tl.int64)[:, :, None] * stride_n + dims[None, None, :] * stride_d
+    return tl.load(base + offsets, mask=valid[:, :, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _selected_keys(idx_base, rows, row_ok, slots, num_selected, DENSE: tl.constexpr):
+    """Key index ``[M, K]`` of selection slots ``slots`` and which of them exist."""
+    valid = row_ok[:, None] & (slots < num_selected)[None, :]
+    if DENSE:
+        key = slots[None, :] + tl.zeros_like(rows)[:, None]
+    else:
+        key = tl.load(idx_base + rows.to(tl.int64)[:, None] * num_selected + slots[None, :], mask=valid, other=0)
+    return key, valid
+
+
+@triton.jit
+def _sparse_forward_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
+    num_queries, num_selected, heads, scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // heads).to(tl.int64)
+    head = (pid_bh % heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < num_queries
+
+    q_base = q_ptr + batch * stride_qb + head * stride_qh
+    k_base = k_ptr + batch * stride_kb + head * stride_kh
+    v_base = v_ptr + batch * stride_vb + head * stride_vh
+    idx_base = idx_ptr + pid_bh.to(tl.int64) * num_queries * num_selected
+    q = tl.load(q_base + rows.to(tl.int64)[:, None] * stride_qn + dims[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start in range(0, num_selected, BLOCK_K):
+        slots = start + tl.arange(0, BLOCK_K)
+        key, valid = _selected_keys(idx_base, rows, row_ok, slots, num_selected, DENSE)
+        k_rows = _gather_rows(k_base, stride_kn, stride_kd, key, dims, valid)
+        scores = tl.sum(q[:, None, :] * k_rows, axis=2) * scale
+        scores = tl.where(valid, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows past the end see no key
+        rescale = tl.exp(row_max - shift)
+        probs = tl.exp(scores - shift[:, None])
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        v_rows = _gather_rows(v_base, stride_vn, stride_vd, key, dims, valid)
+        acc = acc * rescale[:, None] + tl.sum(probs[:, :, None] * v_rows, axis=1)
+        row_max = new_max
+
+    row_sum = tl.where(row_ok, row_sum, 1.0)
+    out = acc / row_sum[:, None]
+    lse = row_max + tl.log(row_sum)
+    out_offsets = pid_bh.to(tl.int64) * num_queries * HEAD_DIM + rows.to(tl.int64)[:, None] * HEAD_DIM
+    tl.store(out_ptr + out_offsets + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * num_queries + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _sparse_backward_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, grad_out_ptr, lse_ptr, idx_ptr,
+    dq_ptr, dk_ptr, dv_ptr,
+    num_queries, num_keys, num_selected, heads, scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // heads).to(tl.int64)
+    head = (pid_bh % heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < num_queries
+    rows64 = rows.to(tl.int64)
+
+    q_base = q_ptr + batch * stride_qb + head * stride_qh
+    k_base = k_ptr + batch * stride_kb + head * stride_kh
+    v_base = v_ptr + batch * stride_vb + head * stride_vh
+    g_base = grad_out_ptr + batch * stride_gb + head * stride_gh
+    idx_base = idx_ptr + pid_bh.to(tl.int64) * num_queries * num_selected
+    # out, dq (contiguous) and dk, dv (float32 scratch, contiguous)
+    row_offsets = pid_bh.to(tl.int64) * num_queries * HEAD_DIM + rows64[:, None] * HEAD_DIM + dims[None, :]
+    kv_base = pid_bh.to(tl.int64) * num_keys * HEAD_DIM
+
+    q = tl.load(q_base + rows64[:, None] * stride_qn + dims[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
+    grad_out = tl.load(g_base + rows64[:, None] * stride_gn + dims[None, :] * stride_gd,
+                       mask=row_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
+    out = tl.load(out_ptr + row_offsets, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * num_queries + rows, mask=row_ok, other=0.0)
+    delta = tl.sum(grad_out * out, axis=1)  # sum_j p_j dp_j
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start in range(0, num_selected, BLOCK_K):
+        slots = start + tl.arange(0, BLOCK_K)
+        key, valid = _selected_keys(idx_base, rows, row_ok, slots, num_selected, DENSE)
+        k_rows = _gather_rows(k_base, stride_kn, stride_kd, key, dims, valid)
+        v_rows = _gather_rows(v_base, stride_vn, stride_vd, key, dims, valid)
+        scores = tl.sum(q[:, None, :] * k_rows, axis=2) * scale
+        probs = tl.where(valid, tl.exp(scores - lse[:, None]), 0.0)
+        grad_probs = tl.sum(grad_out[:, None, :] * v_rows, axis=2)
+        grad_scores = probs * (grad_probs - delta[:, None])
+        dq += tl.sum(grad_scores[:, :, None] * k_rows, axis=1)
+        scatter = kv_base + key.to(tl.int64)[:, :, None] * HEAD_DIM + dims[None, None, :]
+        valid3 = valid[:, :, None]
+        tl.atomic_add(dk_ptr + scatter, (grad_scores * scale)[:, :, None] * q[:, None, :], mask=valid3)
+        tl.atomic_add(dv_ptr + scatter, probs[:, :, None] * grad_out[:, None, :], mask=valid3)
+
+    tl.store(dq_ptr + row_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+# --- launchers --------------------------------------------------------------------------------------
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride())  # type: ignore[return-value]
+
+
+def _selection_tile(topk: int, interpreting: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the selection kernel; BLOCK_N is also the buffer width."""
+    block_n = max(32, triton.next_power_of_2(topk))
+    if interpreting:
+        return 64, block_n, 4
+    block_m = 64 if block_n <= 64 else 32 if block_n <= 128 else 16
+    return block_m, block_n, 4
+
+
+def _sparse_tile(head_dim: int, interpreting: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) of the gather kernels: about ``budget`` values per [M, K, D] tile."""
+    block_k = 16
+    budget = 65536 if interpreting else 8192  # the interpreter amortizes its per-program cost on big tiles
+    block_m = max(1, min(64, budget // (block_k * head_dim)))
+    return block_m, block_k, 4
+
+
+def _pack_keys_torch(scores: torch.Tensor) -> torch.Tensor:
+    """Same packing as ``_pack_keys`` on a ``[..., Nk]`` float32 score tensor."""
+    scores = torch.where(scores == 0, torch.zeros_like(scores), scores)
+    bits = scores.view(torch.int32).to(torch.int64)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    index = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.int64)
+    return (ordered << 32) + (_LOW_WORD - index)
+
+
+def _select_topk_torch(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float) -> torch.Tensor:
+    """The selection for topk > TRITON_MAX_TOPK: torch over query chunks, bounded temporary memory."""
+    batch, heads, num_queries, _ = q.shape
+    num_keys = k.shape[2]
+    indices = torch.empty((batch, heads, num_queries, topk), dtype=torch.int32, device=q.device)
+    keys_t = k.float().transpose(-2, -1)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * num_keys))
+    for start in range(0, num_queries, chunk):
+        scores = (q[:, :, start : start + chunk].float() @ keys_t) * scale
+        best = _pack_keys_torch(scores).topk(topk, dim=-1).values
+        indices[:, :, start : start + chunk] = (_LOW_WORD - (best & _LOW_WORD)).to(torch.int32)
+    return indices
+
+
+def select_topk(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float) -> torch.Tensor:
+    """``[B, H, Nq, topk]`` int32 indices of each query's best keys, best first (needs topk < Nk)."""
+    batch, heads, num_queries, head_dim = q.shape
+    num_keys = k.shape[2]
+    if topk > TRITON_MAX_TOPK:
+        return _select_topk_torch(q, k, topk, scale)
+    indices = torch.empty((batch, heads, num_queries, topk), dtype=torch.int32, device=q.device)
+    if indices.numel() == 0:
+        return indices
+    interpreting = triton_interpreting()
+    block_m, block_n, num_warps = _selection_tile(topk, interpreting)
+    grid = (triton.cdiv(num_queries, block_m), batch * heads)
+    _select_topk_kernel[grid](
+        q, k, indices, num_queries, num_keys, topk, heads, scale, *_strides(q), *_strides(k),
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        UPCAST=interpreting, IEEE_FP32=q.dtype == torch.float32,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return indices
+
+
+def topk_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, lse, indices)``; ``indices`` is ``[B, H, Nq, 0]`` when ``topk >= Nk`` (dense)."""
+    batch, heads, num_queries, head_dim = q.shape
+    num_keys = k.shape[2]
+    dense = topk >= num_keys
+    out = torch.empty((batch, heads, num_queries, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, num_queries), dtype=torch.float32, device=q.device)
+    if dense:
+        indices = torch.empty((batch, heads, num_queries, 0), dtype=torch.int32, device=q.device)
+    else:
+        indices = select_topk(q, k, topk, scale)
+    if out.numel() == 0:
+        return out, lse, indices
+    block_m, block_k, num_warps = _sparse_tile(head_dim, triton_interpreting())
+    grid = (triton.cdiv(num_queries, block_m), batch * heads)
+    _sparse_forward_kernel[grid](
+        q, k, v, indices, out, lse, num_queries, num_keys if dense else topk, heads, scale,
+        *_strides(q), *_strides(k), *_strides(v),
+        DENSE=dense, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
+    )  # fmt: skip
+    return out, lse, indices
+
+
+def topk_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, heads, num_queries, head_dim = q.shape
+    num_keys = k.shape[2]
+    dense = indices.shape[-1] == 0
+    num_selected = num_keys if dense else indices.shape[-1]
+    dq = torch.empty((batch, heads, num_queries, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.zeros((batch, heads, num_keys, head_dim), dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    if dq.numel() > 0:
+        out = out.contiguous()
+        indices = indices.contiguous()
+        block_m, block_k, num_warps = _sparse_tile(head_dim, triton_interpreting())
+        grid = (triton.cdiv(num_queries, block_m), batch * heads)
+        _sparse_backward_kernel[grid](
+            q, k, v, out, grad_out, lse.contiguous(), indices, dq, dk, dv,
+            num_queries, num_keys, num_selected, heads, scale,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
+            DENSE=dense, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
+        )  # fmt: skip
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
