@@ -47,7 +47,9 @@ def info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})",
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({platform.machine()})",
         "extension": "built" if extension_loaded() else f"not built ({EXTENSION_ERROR})",
         "cuda_kernels_built": cuda_kernels_built(),
         "triton_interpreter": triton_interpreting(),
@@ -100,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="check every backend against the reference, then time it")
-    bench.add_argument("--op", action="append", choices=op_names(), help="op to run (repeatable; default all)")
+    bench.add_argument(
+        "--op", action="append", choices=op_names(), help="op to run (repeatable; default all)"
+    )
     bench.add_argument("--quick", action="store_true", help="small sizes, short timing budget")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when visible, else cpu")
     bench.add_argument("--json", metavar="PATH", help="also write results as JSON (and CSV beside it)")

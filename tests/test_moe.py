@@ -292,7 +292,8 @@ def test_denoiser_registration_and_single_aux_weighting():
 def test_denoiser_optimization_lowers_the_loss(routing):
     from fastvision.data import load_photo_crops
 
-    clean = torch.stack([load_photo_crops("train", num_samples=16, seed=0)[i][0] for i in range(16)])
+    crops = load_photo_crops("train", num_samples=16, seed=0)
+    clean = torch.stack([crops[i][0] for i in range(16)])
     noisy = (clean + 0.2 * torch.randn(clean.shape, generator=_seeded())).clamp(0, 1)
     torch.manual_seed(0)
     model = SparseMoEDenoiser(routing=routing)

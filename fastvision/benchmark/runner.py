@@ -138,7 +138,9 @@ def environment(device: torch.device, copy_gbps: float) -> dict[str, Any]:
     import fastvision
 
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "device_type": device.type,
         "copy_bandwidth_gbps": round(copy_gbps, 1),
         "fastvision": fastvision.__version__,

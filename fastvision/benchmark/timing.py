@@ -19,7 +19,12 @@ def _synchronize(device: torch.device) -> None:
 
 
 def median_time_ms(
-    fn: Callable[[], Any], device: torch.device, *, budget_s: float = 1.0, min_reps: int = 5, max_reps: int = 200
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    budget_s: float = 1.0,
+    min_reps: int = 5,
+    max_reps: int = 200,
 ) -> float:
     """Median time of one call of ``fn`` in milliseconds, after warm-up, within about ``budget_s``."""
     fn()  # compile / autotune / load outside the measurement
