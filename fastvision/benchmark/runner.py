@@ -51,7 +51,7 @@ def check_output(actual: Any, expected: Any, tolerance: tuple[float, float]) -> 
     actual, expected = _flatten(actual), _flatten(expected)
     if len(actual) != len(expected):
         return f"{len(actual)} outputs, expected {len(expected)}"
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         if a.shape != e.shape:
             return f"shape {tuple(a.shape)}, expected {tuple(e.shape)}"
         if a.is_floating_point():
@@ -170,17 +170,20 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_table(env: dict[str, Any], rows: list[BenchRow]) -> str:
     header = ["op", "case", "impl", "check", "median ms", "GB/s", "% copy", "TFLOP/s", "x ref", "x compile"]
-    lines = [[
-        r.op, r.case, r.impl, "ok" if r.ok else f"FAIL {r.error}", _fmt(r.median_ms, ".4f"), _fmt(r.gbps, ".1f"),
-        _fmt(r.pct_copy_bw, ".0f"), _fmt(r.tflops, ".2f"), _fmt(r.vs_reference, ".2f"), _fmt(r.vs_compile, ".2f"),
-    ] for r in rows]  # fmt: skip
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    lines = [
+        [r.op, r.case, r.impl, "ok" if r.ok else f"FAIL {r.error}"]
+        + [_fmt(r.median_ms, ".4f"), _fmt(r.gbps, ".1f"), _fmt(r.pct_copy_bw, ".0f"), _fmt(r.tflops, ".2f")]
+        + [_fmt(r.vs_reference, ".2f"), _fmt(r.vs_compile, ".2f")]
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
     out = [
         f"device: {env['device']} ({env['device_type']}), copy bandwidth {env['copy_bandwidth_gbps']} GB/s, "
-        f"torch {env['torch']}, triton {env['triton']}, fastvision {env['fastvision']} @ {env['git_revision']}",
-        "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+        f"torch {env['torch']}, triton {env['triton']}, "
+        f"fastvision {env['fastvision']} @ {env['git_revision']}",
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
     ]
-    out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in lines]
+    out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)) for line in lines]
     notes = {(r.impl, r.note) for r in rows if r.note}
     out += [f"note: {impl}: {note}" for impl, note in sorted(notes)]
     return "\n".join(out)

@@ -38,13 +38,13 @@ def median_time_ms(
         flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for begin, end in zip(starts, ends):
+        for begin, end in zip(starts, ends, strict=True):
             flush.zero_()
             begin.record()
             fn()
             end.record()
         torch.cuda.synchronize(device)
-        return statistics.median(b.elapsed_time(e) for b, e in zip(starts, ends))
+        return statistics.median(b.elapsed_time(e) for b, e in zip(starts, ends, strict=True))
     times = []
     for _ in range(reps):
         begin = time.perf_counter()
