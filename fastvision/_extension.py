@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-try:
-    from fastvision import _C  # noqa: F401  (importing registers the C++/CUDA ops)
-
-    EXTENSION_ERROR: str | None = None
-except ImportError as exc:  # built without the extension, or a mismatched torch
+if os.environ.get("FASTVISION_DISABLE_EXTENSION", "0") == "1":  # run as if it were not built
     _C = None
-    EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+    EXTENSION_ERROR: str | None = "disabled by FASTVISION_DISABLE_EXTENSION=1"
+else:
+    try:
+        from fastvision import _C  # noqa: F401  (importing registers the C++/CUDA ops)
+
+        EXTENSION_ERROR = None
+    except ImportError as exc:  # built without the extension, or a mismatched torch
+        _C = None
+        EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
 
 
 def extension_loaded() -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import DEVICE, assert_close, backend_params
@@ -80,13 +82,21 @@ def _check_forward_backward(x, residual, weight, bias, backend, eps=1e-5, seed=0
         out = add_layer_norm(x_, residual_, weight_, bias_, eps)
         grads = torch.autograd.grad(out, inputs, grad_out)
 
-    conditioning = _conditioning(x, residual, eps) if backend == "reference" else 1.0
     assert out.dtype == x.dtype and out.shape == x.shape and out.is_contiguous()
+    if backend == "reference":
+        # Eager PyTorch in the storage dtype rounds x + residual before normalizing and sums the
+        # parameter grads over rows at x's precision: looser bounds for it, not for the kernels.
+        conditioning = _conditioning(x, residual, eps)
+        param_dtype, param_scale = x.dtype, conditioning * math.sqrt(max(1, x.numel() // x.shape[-1]))
+    else:
+        conditioning, param_dtype, param_scale = 1.0, None, 1.0
     assert_close(out, expected, x.dtype, scale=FORWARD_SCALE * conditioning)
-    for tensor, grad, expected_grad in zip(inputs, grads, expected_grads):
+    for i, (tensor, grad, expected_grad) in enumerate(zip(inputs, grads, expected_grads)):
         assert grad.dtype == tensor.dtype and grad.shape == tensor.shape
-        # The grad of a float32 parameter is float32 (and held to float32 tolerance) even when x is not.
-        assert_close(grad, expected_grad, tensor.dtype, scale=BACKWARD_SCALE * conditioning)
+        if i < 2:  # x and residual
+            assert_close(grad, expected_grad, x.dtype, scale=BACKWARD_SCALE * conditioning)
+        else:  # a float32 parameter's grad is held to float32 tolerance even when x is half
+            assert_close(grad, expected_grad, param_dtype or tensor.dtype, scale=BACKWARD_SCALE * param_scale)
     after = [t for t in (x, residual, weight, bias) if t is not None]
     for old, new in zip(before, after):
         torch.testing.assert_close(new.detach(), old, atol=0, rtol=0)  # inputs untouched
@@ -225,7 +235,8 @@ def test_triton_poisoned_outputs_are_overwritten():
     out = torch.full_like(x, float("nan"))
     _, mean, rstd = add_layer_norm_forward(x, residual, weight, bias, 1e-5, out=out)
     summed = (x + residual).double()
-    assert_close(out, add_layer_norm_reference(x.double(), residual.double(), weight, bias), torch.float32)
+    expected = add_layer_norm_reference(x.double(), residual.double(), weight.double(), bias.double())
+    assert_close(out, expected, torch.float32)
     assert_close(mean, summed.mean(-1), torch.float32)
     assert_close(rstd, torch.rsqrt(summed.var(-1, unbiased=False) + 1e-5), torch.float32)
 

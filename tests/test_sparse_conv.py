@@ -23,7 +23,9 @@ from fastvision.sparse.kernel_map import brute_force_kernel_map
 
 BACKENDS = backend_params(IMPLEMENTED_BACKENDS)
 HAS_MAX_POOL = importlib.util.find_spec("fastvision.ops.sparse_max_pool2d") is not None
-needs_max_pool = pytest.mark.skipif(not HAS_MAX_POOL, reason="fastvision.ops.sparse_max_pool2d is not present")
+needs_max_pool = pytest.mark.skipif(
+    not HAS_MAX_POOL, reason="fastvision.ops.sparse_max_pool2d is not present"
+)
 
 
 def _random_sparse_dense(shape, density, seed, dtype=torch.float32, device=DEVICE):
@@ -117,8 +119,11 @@ def test_replace_feats_shares_kernel_map_cache():
         (lambda c, f: SparseTensor(c, f[:-1], (4, 4), 2), ValueError, "feats must have shape"),
         (lambda c, f: SparseTensor(c, f.long(), (4, 4), 2), TypeError, "floating-point"),
         (lambda c, f: SparseTensor(c.flip(0), f, (4, 4), 2), ValueError, "sorted by"),
-        (lambda c, f: SparseTensor(torch.cat([c, c[-1:]]), torch.cat([f, f[-1:]]), (4, 4), 2), ValueError,
-         "unique"),
+        (
+            lambda c, f: SparseTensor(torch.cat([c, c[-1:]]), torch.cat([f, f[-1:]]), (4, 4), 2),
+            ValueError,
+            "unique",
+        ),
         (lambda c, f: SparseTensor(c, f, (4, 3), 2), ValueError, r"x indices must lie in \[0, 3\)"),
         (lambda c, f: SparseTensor(c, f, (4, 4), 1), ValueError, r"batch indices must lie in \[0, 1\)"),
         (lambda c, f: SparseTensor(c, f, (4, 0), 2), ValueError, "spatial_shape"),
@@ -165,7 +170,7 @@ def test_kernel_map_matches_brute_force(shape, density, kernel_size, dilation):
     expected = brute_force_kernel_map(x.coords.cpu(), x.spatial_shape, kernel_size, dilation)
     for offset in range(km.num_offsets):
         ins, outs = km.pairs(offset)
-        pairs = list(zip(ins.tolist(), outs.tolist()))
+        pairs = list(zip(ins.tolist(), outs.tolist(), strict=True))
         assert len(pairs) == len(set(pairs))
         assert set(pairs) == expected[offset], f"offset {offset}"
     center_in, center_out = km.pairs(km.center)
@@ -209,7 +214,7 @@ def _check_against_dense(x, weight, bias, kernel_size, dilation, backend, scale=
         grads = torch.autograd.grad(out, leaves, grad_out)
     assert out.dtype == dtype and out.shape == expected.shape
     assert_close(out, expected, dtype if dtype != torch.float64 else torch.float32, scale)
-    for grad, expected_grad, leaf in zip(grads, expected_grads, leaves):
+    for grad, expected_grad, leaf in zip(grads, expected_grads, leaves, strict=True):
         assert grad.dtype == dtype and grad.shape == leaf.shape
         # Weight gradients sum over all sites: allow for the longer reduction.
         assert_close(grad, expected_grad, dtype if dtype != torch.float64 else torch.float32, scale * 4)
@@ -376,7 +381,7 @@ def _digit_batch(count):
     from fastvision.data import load_embedded_digits
 
     dataset = load_embedded_digits("train")
-    images, labels = zip(*(dataset[i] for i in range(count)))
+    images, labels = zip(*(dataset[i] for i in range(count)), strict=True)
     return torch.stack(images).to(DEVICE), torch.stack(labels).to(DEVICE)
 
 

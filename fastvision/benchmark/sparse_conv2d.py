@@ -122,7 +122,10 @@ def _encoder_cases(images: torch.Tensor, device: torch.device, with_compile: boo
         return run
 
     tolerance = (1e-4, 1e-4)
-    forward_impls = {"reference": lambda: dense_forward(images), "gather_gemm": lambda: sparse_forward(images)}
+    forward_impls = {
+        "reference": lambda: dense_forward(images),
+        "gather_gemm": lambda: sparse_forward(images),
+    }
     if with_compile:  # tens of seconds to compile on a CPU: not in the quick cases
         forward_impls["compile"] = (lambda f: lambda: f(images))(torch.compile(dense_forward))
     notes = {"gather_gemm": "SparseTensor.from_dense + kernel maps + gather-GEMM-scatter convs + sparse pool"}
@@ -234,11 +237,11 @@ def main() -> None:
     print(f"{'density':>8} | {'fwd dense':>10} {'fwd sparse':>10} {'ratio':>6} | "
           f"{'f+b dense':>10} {'f+b sparse':>10} {'ratio':>6}")  # fmt: skip
     for row in rows:
-        print(
-            f"{row['density']:8.3%} | {row['fwd reference']:8.2f}ms {row['fwd gather_gemm']:8.2f}ms "
-            f"{row['fwd reference'] / row['fwd gather_gemm']:5.2f}x | {row['fwd+bwd reference']:8.2f}ms "
-            f"{row['fwd+bwd gather_gemm']:8.2f}ms {row['fwd+bwd reference'] / row['fwd+bwd gather_gemm']:5.2f}x"
-        )
+        cells = []
+        for label in ("fwd", "fwd+bwd"):
+            dense, sparse = row[f"{label} reference"], row[f"{label} gather_gemm"]
+            cells.append(f"{dense:8.2f}ms {sparse:8.2f}ms {dense / sparse:5.2f}x")
+        print(f"{row['density']:8.3%} | " + " | ".join(cells))
     for label in ("fwd", "fwd+bwd"):
         density = crossover_density(rows, label)
         where = f"at about {density:.1%}" if density is not None else "above the largest density measured"

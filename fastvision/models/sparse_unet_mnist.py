@@ -29,7 +29,7 @@ from fastvision.sparse import SparseTensor
 
 
 class ResidualDenseBlock(nn.Module):
-    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; 1x1 conv + BN shortcut when channels change."""
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; 1x1 conv + BN shortcut if channels change."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -57,7 +57,9 @@ class BottleneckAttention(nn.Module):
     ``num_tokens`` tokens (the convolutions around it give only local position cues).
     """
 
-    def __init__(self, dim: int, num_heads: int = 4, mlp_ratio: int = 2, num_tokens: int = 49, dropout: float = 0.0):
+    def __init__(
+        self, dim: int, num_heads: int = 4, mlp_ratio: int = 2, num_tokens: int = 49, dropout: float = 0.0
+    ):
         super().__init__()
         self.position = nn.Parameter(torch.zeros(1, num_tokens, dim))
         nn.init.trunc_normal_(self.position, std=0.02)
@@ -72,7 +74,8 @@ class BottleneckAttention(nn.Module):
         batch, channels, height, width = x.shape
         if height * width != self.position.shape[1]:
             raise ValueError(
-                f"BottleneckAttention was built for {self.position.shape[1]} tokens, got a {height}x{width} map"
+                f"BottleneckAttention was built for {self.position.shape[1]} tokens, "
+                f"got a {height}x{width} map"
             )
         with nvtx_range("fastvision.BottleneckAttention"):
             tokens = x.flatten(2).transpose(1, 2) + self.position  # [B, H*W, C]

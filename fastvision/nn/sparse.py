@@ -89,7 +89,11 @@ class SparseMaxPool2d(nn.Module):
         with nvtx_range("fastvision.SparseMaxPool2d"):
             out_shape = self.output_shape(x.spatial_shape)
             coords, feats = sparse_max_pool2d(
-                x.coords, x.feats, kernel_size=self.kernel_size, stride=self.stride, spatial_shape=x.spatial_shape
+                x.coords,
+                x.feats,
+                kernel_size=self.kernel_size,
+                stride=self.stride,
+                spatial_shape=x.spatial_shape,
             )
             # The op returns canonical coordinates: no re-check (it would cost a host sync).
             return SparseTensor(coords, feats, out_shape, x.batch_size, check=False)

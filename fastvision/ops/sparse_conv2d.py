@@ -46,7 +46,7 @@ def sparse_weight(weight: torch.Tensor) -> torch.Tensor:
 def sparse_conv2d_reference(
     x: SparseTensor, weight: torch.Tensor, bias: torch.Tensor | None = None, dilation: int = 1
 ) -> torch.Tensor:
-    """The definition: dense ``F.conv2d`` of ``x.to_dense()`` read at ``x``'s active sites -> ``[N, Cout]``."""
+    """The definition: dense ``F.conv2d`` of ``x.to_dense()``, read at the active sites -> ``[N, Cout]``."""
     kernel_size = round(weight.shape[0] ** 0.5)
     dense = F.conv2d(
         x.to_dense(), dense_weight(weight), bias, padding=(kernel_size // 2) * dilation, dilation=dilation
@@ -185,7 +185,9 @@ def sparse_conv2d(
     check_tensor("feats", feats)
     check_tensor("weight", weight)
     if not isinstance(kernel_map, KernelMap):
-        raise TypeError(f"kernel_map must be a KernelMap (SparseTensor.kernel_map(...)), got {type(kernel_map).__name__}")
+        raise TypeError(
+            f"kernel_map must be a KernelMap (SparseTensor.kernel_map(...)), got {type(kernel_map).__name__}"
+        )
     check_dtype("feats", feats, SUPPORTED_DTYPES)
     if weight.dtype != feats.dtype:
         raise TypeError(f"weight must have feats' dtype {feats.dtype}, got {weight.dtype}")
@@ -193,12 +195,14 @@ def sparse_conv2d(
         raise ValueError(f"feats must have shape [N, Cin], got {tuple(feats.shape)}")
     if feats.shape[0] != kernel_map.num_sites:
         raise ValueError(
-            f"feats has {feats.shape[0]} rows but kernel_map was built for {kernel_map.num_sites} active sites"
+            f"feats has {feats.shape[0]} rows but kernel_map was built for "
+            f"{kernel_map.num_sites} active sites"
         )
     if weight.dim() != 3 or weight.shape[0] != kernel_map.num_offsets or weight.shape[1] != feats.shape[1]:
         raise ValueError(
             f"weight must have shape [K*K, Cin, Cout] = [{kernel_map.num_offsets}, {feats.shape[1]}, Cout] "
-            f"for kernel_size {kernel_map.kernel_size} and {feats.shape[1]} input channels, got {tuple(weight.shape)}"
+            f"for kernel_size {kernel_map.kernel_size} and {feats.shape[1]} input channels, "
+            f"got {tuple(weight.shape)}"
         )
     if feats.device != weight.device or feats.device != kernel_map.in_indices.device:
         raise ValueError(

@@ -68,7 +68,9 @@ class SparseTensor:
         if not feats.is_floating_point():
             raise TypeError(f"feats must be a floating-point tensor, got {feats.dtype}")
         if coords.device != feats.device:
-            raise ValueError(f"coords and feats must be on one device, got {coords.device} and {feats.device}")
+            raise ValueError(
+                f"coords and feats must be on one device, got {coords.device} and {feats.device}"
+            )
         coords = coords.long()
         if check:
             self._check_coords(coords, spatial_shape, batch_size)
@@ -94,7 +96,11 @@ class SparseTensor:
             return
         low = coords.min(dim=0).values.tolist()
         high = coords.max(dim=0).values.tolist()
-        for axis, name, size in ((0, "batch", batch_size), (1, "y", spatial_shape[0]), (2, "x", spatial_shape[1])):
+        for axis, name, size in (
+            (0, "batch", batch_size),
+            (1, "y", spatial_shape[0]),
+            (2, "x", spatial_shape[1]),
+        ):
             if low[axis] < 0 or high[axis] >= size:
                 raise ValueError(
                     f"coords {name} indices must lie in [0, {size}), got range [{low[axis]}, {high[axis]}]"
@@ -142,10 +148,16 @@ class SparseTensor:
             raise TypeError(f"feats must be a torch.Tensor, got {type(feats).__name__}")
         if feats.dim() != 2 or feats.shape[0] != self.num_sites:
             raise ValueError(
-                f"feats must have shape [N, C] with N = {self.num_sites} active sites, got {tuple(feats.shape)}"
+                f"feats must have shape [N, C] with N = {self.num_sites} active sites, "
+                f"got {tuple(feats.shape)}"
             )
         return SparseTensor(
-            self.coords, feats, self.spatial_shape, self.batch_size, check=False, kernel_maps=self._kernel_maps
+            self.coords,
+            feats,
+            self.spatial_shape,
+            self.batch_size,
+            check=False,
+            kernel_maps=self._kernel_maps,
         )
 
     # --- views ----------------------------------------------------------------------------------
@@ -184,7 +196,9 @@ class SparseTensor:
         feats = self.feats.to(*args, **kwargs)
         if feats.device == self.coords.device:
             return self.replace_feats(feats)
-        return SparseTensor(self.coords.to(feats.device), feats, self.spatial_shape, self.batch_size, check=False)
+        return SparseTensor(
+            self.coords.to(feats.device), feats, self.spatial_shape, self.batch_size, check=False
+        )
 
     def kernel_map(self, kernel_size: int = 3, dilation: int = 1) -> KernelMap:
         """The submanifold kernel map of these coordinates, built once and cached."""
@@ -225,7 +239,7 @@ class SparseTensor:
 
     @classmethod
     def from_warpconvnet(cls, voxels, spatial_shape: tuple[int, int]) -> SparseTensor:
-        """A WarpConvNet ``Voxels`` with 2-D coordinates in ``[0, H) x [0, W)``, sorted into canonical order."""
+        """A WarpConvNet ``Voxels`` with 2-D coordinates in ``[0, H) x [0, W)``, in canonical order."""
         _import_voxels()
         batch_indexed = voxels.batch_indexed_coordinates  # [N, 3]: (batch, y, x)
         if batch_indexed.shape[1] != 3:

@@ -1,0 +1,103 @@
+"""The package surface: backends, dispatch, degraded installs, NVTX ranges and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastvision
+from fastvision._backend import select_backend
+from fastvision.cli import main
+from fastvision.profiling import nvtx_range
+
+
+def test_available_backends_lists_all_four():
+    backends = fastvision.available_backends()
+    assert set(backends) == {"reference", "cpu", "triton", "cuda"}
+    assert backends["reference"] is True
+    assert all(isinstance(v, bool) for v in backends.values())
+
+
+def test_use_backend_sets_globally_until_reset():
+    fastvision.use_backend("reference")
+    try:
+        assert fastvision.forced_backend() == "reference"
+    finally:
+        fastvision.use_backend(None)
+    assert fastvision.forced_backend() is None
+
+
+def test_automatic_choice_on_cpu_prefers_the_cpp_kernel():
+    chosen = select_backend("geglu", torch.device("cpu"), ("reference", "cpu", "triton"), ("triton",))
+    assert chosen == ("cpu" if fastvision.available_backends()["cpu"] else "reference")
+
+
+def test_op_without_forced_backend_raises():
+    with fastvision.use_backend("cuda"), pytest.raises(fastvision.BackendUnavailableError, match="has no 'cuda'"):
+        select_backend("some_op", torch.device("cpu"), ("reference", "triton"), ("triton",))
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
+
+
+def test_works_without_extension():
+    code = (
+        "import torch, fastvision\n"
+        "assert not fastvision.available_backends()['cpu']\n"
+        "x = torch.randn(3, 8)\n"
+        "torch.testing.assert_close(fastvision.ops.geglu(x), fastvision.ops.geglu_reference(x))\n"
+        "from fastvision.cli import info; print(info()['extension'])\n"
+    )
+    result = _run_python(code, FASTVISION_DISABLE_EXTENSION="1")
+    assert result.returncode == 0, result.stderr
+    assert "not built" in result.stdout
+
+
+def test_works_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fastvision\n"
+        "assert not fastvision.available_backends()['triton']\n"
+        "x = torch.randn(3, 8)\n"
+        "torch.testing.assert_close(fastvision.ops.geglu(x), fastvision.ops.geglu_reference(x))\n"
+        "with fastvision.use_backend('triton'):\n"
+        "    try:\n"
+        "        fastvision.ops.geglu(x)\n"
+        "    except fastvision.BackendUnavailableError as e:\n"
+        "        print('refused:', e)\n"
+    )
+    result = _run_python(code, TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr
+    assert "refused:" in result.stdout and "triton is not installed" in result.stdout
+
+
+def test_nvtx_range_is_transparent():
+    with nvtx_range("fastvision.test"):
+        value = torch.ones(2).sum()
+    assert value.item() == 2
+
+
+def test_cli_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["backends_available"]["reference"] is True
+    assert "torch" in data and "optional" in data
+
+
+def test_cli_bench_quick_geglu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--op", "geglu", "--quick", "--device", "cpu", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "geglu" in table and "reference" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["ok"] for r in rows)
+    assert all(r["median_ms"] > 0 for r in rows)
+    assert out.with_suffix(".csv").exists()
