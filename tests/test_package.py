@@ -38,7 +38,8 @@ def test_automatic_choice_on_cpu_prefers_the_cpp_kernel():
 
 
 def test_op_without_forced_backend_raises():
-    with fastvision.use_backend("cuda"), pytest.raises(fastvision.BackendUnavailableError, match="has no 'cuda'"):
+    error = fastvision.BackendUnavailableError
+    with fastvision.use_backend("cuda"), pytest.raises(error, match="has no 'cuda'"):
         select_backend("some_op", torch.device("cpu"), ("reference", "triton"), ("triton",))
 
 
