@@ -47,7 +47,7 @@ def write_denoising_png(
             (denoised[i], f"denoised {denoised_psnr[i].item():.1f} dB"),
             (clean[i], "clean"),
         )
-        for ax, (image, label) in zip(axes[i], panels):
+        for ax, (image, label) in zip(axes[i], panels, strict=True):
             ax.imshow(_as_image(image), interpolation="nearest", **grey)
             ax.set_title(label, fontsize=8)
             ax.axis("off")
@@ -83,7 +83,9 @@ def save_denoising_figure(
     return write_denoising_png(noisy, denoised, clean, path, title=f"sigma {noise_sigma}")
 
 
-def denoising_figure_hook(folder: str | Path, num_samples: int = 6) -> Callable[[nn.Module, Any, Any, int], None]:
+def denoising_figure_hook(
+    folder: str | Path, num_samples: int = 6
+) -> Callable[[nn.Module, Any, Any, int], None]:
     """An ``on_validation`` hook for ``fastvision.train.train`` on a denoise model: writes
     ``folder/denoise_epoch<N>.png`` from the first validation batch (its noisy inputs and outputs)."""
 

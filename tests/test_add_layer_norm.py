@@ -91,14 +91,14 @@ def _check_forward_backward(x, residual, weight, bias, backend, eps=1e-5, seed=0
     else:
         conditioning, param_dtype, param_scale = 1.0, None, 1.0
     assert_close(out, expected, x.dtype, scale=FORWARD_SCALE * conditioning)
-    for i, (tensor, grad, expected_grad) in enumerate(zip(inputs, grads, expected_grads)):
+    for i, (tensor, grad, expected_grad) in enumerate(zip(inputs, grads, expected_grads, strict=True)):
         assert grad.dtype == tensor.dtype and grad.shape == tensor.shape
         if i < 2:  # x and residual
             assert_close(grad, expected_grad, x.dtype, scale=BACKWARD_SCALE * conditioning)
         else:  # a float32 parameter's grad is held to float32 tolerance even when x is half
             assert_close(grad, expected_grad, param_dtype or tensor.dtype, scale=BACKWARD_SCALE * param_scale)
     after = [t for t in (x, residual, weight, bias) if t is not None]
-    for old, new in zip(before, after):
+    for old, new in zip(before, after, strict=True):
         torch.testing.assert_close(new.detach(), old, atol=0, rtol=0)  # inputs untouched
 
 
@@ -221,7 +221,7 @@ def test_closed_form_backward_matches_autograd():
     bias = torch.zeros(19, dtype=torch.float64, requires_grad=True)
     expected = torch.autograd.grad(add_layer_norm_reference(*inputs, bias), [*inputs, bias], grad_out)
     dx, dweight, dbias = add_layer_norm_backward_reference(grad_out, x, residual, weight)
-    for actual, want in zip((dx, dx, dweight, dbias), expected):
+    for actual, want in zip((dx, dx, dweight, dbias), expected, strict=True):
         torch.testing.assert_close(actual, want)
 
 
@@ -244,7 +244,7 @@ def test_triton_poisoned_outputs_are_overwritten():
     dx = torch.full_like(x, float("nan"))
     _, dweight, dbias = add_layer_norm_backward(grad_out, x, residual, weight, bias, mean, rstd, out=dx)
     expected = add_layer_norm_backward_reference(grad_out.double(), x.double(), residual.double(), weight)
-    for actual, want in zip((dx, dweight, dbias), expected):
+    for actual, want in zip((dx, dweight, dbias), expected, strict=True):
         assert_close(actual, want, torch.float32, scale=BACKWARD_SCALE)
 
 
@@ -256,9 +256,16 @@ def test_rejects_shape_mismatch():
         add_layer_norm(torch.randn(4, 8), torch.randn(4, 1))
 
 
-def test_rejects_dtype_mismatch():
-    with pytest.raises(TypeError, match="residual must have x's dtype"):
-        add_layer_norm(torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float16))
+def test_mixed_dtypes_promote_like_addition():
+    x, residual = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8)
+    out = add_layer_norm(x, residual)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, add_layer_norm_reference(x.float(), residual))
+
+
+def test_rejects_integer_residual():
+    with pytest.raises(TypeError, match="residual must have dtype"):
+        add_layer_norm(torch.randn(4, 8), torch.ones(4, 8, dtype=torch.int64))
 
 
 def test_rejects_integer_dtype():

@@ -53,3 +53,31 @@ def test_tensorrt_missing_gives_clear_error():
     module, x = _module_and_input()
     with pytest.raises(ImportError, match="torch-tensorrt"):
         compile_tensorrt(module, (x,))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed")
+@pytest.mark.parametrize("affine", [True, False])
+def test_onnx_add_layer_norm(tmp_path, affine):
+    import onnxruntime
+
+    from fastvision.nn import AddLayerNorm
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16)
+            self.norm = AddLayerNorm(16)
+            if not affine:
+                self.norm.weight, self.norm.bias = None, None
+
+        def forward(self, x):
+            return self.norm(self.proj(x), x)
+
+    torch.manual_seed(0)
+    module, x = Block().eval(), torch.randn(3, 5, 16)
+    with fastvision.use_backend("cpu"):
+        expected = module(x)
+        path = export_onnx(module, (x,), tmp_path / "norm.onnx")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), expected, atol=1e-5, rtol=1e-5)

@@ -53,7 +53,9 @@ def add_layer_norm_forward_kernel(
     rows = rows.to(tl.int64)  # M * D can pass 2**31
 
     x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
-    residual = tl.load(residual_ptr + rows[:, None] * residual_row_stride + cols[None, :], mask=mask, other=0.0)
+    residual = tl.load(
+        residual_ptr + rows[:, None] * residual_row_stride + cols[None, :], mask=mask, other=0.0
+    )
     summed = x.to(tl.float32) + residual.to(tl.float32)
     mean = tl.sum(summed, axis=1) / dim
     # Two-pass variance on the register-resident row: no cancellation from E[s^2] - E[s]^2.
@@ -166,7 +168,9 @@ def _elements_per_program(device: torch.device) -> int:
 def _tile(n_rows: int, dim: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): whole rows, several of them when ``D`` is small."""
     if dim > MAX_DIM:
-        raise ValueError(f"the triton add_layer_norm kernels take a last dimension up to {MAX_DIM}, got {dim}")
+        raise ValueError(
+            f"the triton add_layer_norm kernels take a last dimension up to {MAX_DIM}, got {dim}"
+        )
     block_n = triton.next_power_of_2(dim)
     block_m = max(1, min(_elements_per_program(device) // block_n, triton.next_power_of_2(n_rows)))
     return block_m, block_n
@@ -246,7 +250,7 @@ def add_layer_norm_backward(
             dweight_partial, dbias_partial, n_rows, dim, rows_per_program, grad_rows.stride(0),
             x_rows.stride(0), residual_rows.stride(0), dx_rows.stride(0),
             HAS_WEIGHT=weight is not None, PARAM_GRADS=param_grads, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=_num_warps(block_m * block_n),
+            num_warps=_num_warps(2 * block_m * block_n),  # about twice the live registers of the forward
         )  # fmt: skip
     dweight = _reduce(dweight_partial, weight, x)
     dbias = _reduce(dbias_partial, bias, x)

@@ -67,8 +67,43 @@ def _pack_keys(scores, key_index):
     scores = tl.where(scores == 0.0, 0.0, scores)  # -0.0 and +0.0 are one score
     bits = scores.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
-    low_word = 4294967295 - key_index.to(tl.int64)  # 2**32 - 1 - index
+    low_word = key_index.to(tl.int64)  # 2**32 - 1 - index
     return (ordered.to(tl.int64) << 32) + low_word[None, :]
+
+
+@triton.jit
+def _compare_swap(x, M: tl.constexpr, N: tl.constexpr, STRIDE: tl.constexpr, RUN: tl.constexpr,
+                  DESCENDING: tl.constexpr):  # fmt: skip
+    """One bitonic step on rows of ``x`` [M, N]: order pairs ``(i, i + STRIDE)``, direction
+    alternating every ``RUN`` elements (``RUN == N``: all ``DESCENDING``)."""
+    pairs = tl.permute(tl.reshape(x, [M, N // (2 * STRIDE), 2, STRIDE]), [0, 1, 3, 2])
+    first, second = tl.split(pairs)
+    group = tl.arange(0, N // (2 * STRIDE))
+    flip = ((group * (2 * STRIDE)) // RUN) % 2 == 1
+    descending = (flip != DESCENDING)[None, :, None]
+    low = tl.minimum(first, second)
+    high = tl.maximum(first, second)
+    pairs = tl.join(tl.where(descending, high, low), tl.where(descending, low, high))
+    return tl.reshape(tl.permute(pairs, [0, 1, 3, 2]), [M, N])
+
+
+@triton.jit
+def _network_sort(x, M: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, DESCENDING: tl.constexpr):
+    """Bitonic sort of each row from elementwise ops, reshapes and joins. tl.sort reduces with a
+    custom combine function, which the interpreter runs element by element in Python (about 100x
+    slower); this network is what runs under TRITON_INTERPRET."""
+    for stage in tl.static_range(1, LOG_N + 1):
+        for step in tl.static_range(stage):
+            x = _compare_swap(x, M, N, 1 << (stage - 1 - step), 1 << stage, DESCENDING)
+    return x
+
+
+@triton.jit
+def _network_merge(x, M: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, DESCENDING: tl.constexpr):
+    """Sort rows that are bitonic (only the last stage of ``_network_sort``)."""
+    for step in tl.static_range(LOG_N):
+        x = _compare_swap(x, M, N, 1 << (LOG_N - 1 - step), N, DESCENDING)
+    return x
 
 
 @triton.jit
@@ -78,7 +113,7 @@ def _select_topk_kernel(
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, NATIVE_SORT: tl.constexpr, LOG_N: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -112,10 +147,15 @@ def _select_topk_kernel(
         packed = _pack_keys(scores, keys)
         improves = tl.max(packed, axis=1) > tl.min(best, axis=1)
         if tl.max(improves.to(tl.int32), axis=0) > 0:
-            merged = tl.maximum(best, tl.sort(packed, dim=1))
-            best = tl.sort(merged, dim=1, descending=True)
+            # best (descending) vs block (ascending): the elementwise max is the BLOCK_N best of both
+            if NATIVE_SORT:
+                merged = tl.maximum(best, tl.sort(packed, dim=1))
+                best = tl.sort(merged, dim=1, descending=True)
+            else:
+                merged = tl.maximum(best, _network_sort(packed, BLOCK_M, BLOCK_N, LOG_N, False))
+                best = _network_merge(merged, BLOCK_M, BLOCK_N, LOG_N, True)
 
-    selected = (4294967295 - (best & 4294967295)).to(tl.int32)
+    selected = (best & 4294967295).to(tl.int32)
     idx_base = idx_ptr + pid_bh.to(tl.int64) * num_queries * topk
     tl.store(idx_base + rows.to(tl.int64)[:, None] * topk + cols[None, :], selected,
              mask=row_ok[:, None] & (cols < topk)[None, :])  # fmt: skip
@@ -255,8 +295,8 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
 def _selection_tile(topk: int, interpreting: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the selection kernel; BLOCK_N is also the buffer width."""
     block_n = max(32, triton.next_power_of_2(topk))
-    if interpreting:
-        return 64, block_n, 4
+    if interpreting:  # the interpreter's cost grows with the tile; 16 is tl.dot's smallest M on GPU
+        return 16, block_n, 4
     block_m = 64 if block_n <= 64 else 32 if block_n <= 128 else 16
     return block_m, block_n, 4
 
@@ -292,8 +332,13 @@ def _select_topk_torch(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float
     return indices
 
 
-def select_topk(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float) -> torch.Tensor:
-    """``[B, H, Nq, topk]`` int32 indices of each query's best keys, best first (needs topk < Nk)."""
+def select_topk(
+    q: torch.Tensor, k: torch.Tensor, topk: int, scale: float, native_sort: bool | None = None
+) -> torch.Tensor:
+    """``[B, H, Nq, topk]`` int32 indices of each query's best keys, best first (needs topk < Nk).
+
+    ``native_sort`` picks tl.sort (default on GPU) or the sorting network (default when interpreting).
+    """
     batch, heads, num_queries, head_dim = q.shape
     num_keys = k.shape[2]
     if topk > TRITON_MAX_TOPK:
@@ -308,7 +353,8 @@ def select_topk(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float) -> to
         q, k, indices, num_queries, num_keys, topk, heads, scale, *_strides(q), *_strides(k),
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         UPCAST=interpreting, IEEE_FP32=q.dtype == torch.float32,
-        num_warps=num_warps,
+        NATIVE_SORT=not interpreting if native_sort is None else native_sort,
+        LOG_N=block_n.bit_length() - 1, num_warps=num_warps,
     )  # fmt: skip
     return indices
 

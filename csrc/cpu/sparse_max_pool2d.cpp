@@ -91,17 +91,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
   const int64_t px = g.px(), slots = g.py() * px;
   const CoordView<index_t> in{coords.data_ptr<index_t>()};
 
-  // 1. Input rows; validation is one comparison per site, so the kernel always does it.
+  // 1. Input rows. Validation costs one comparison per site, so the kernel always does it (ValueError).
   std::vector<int64_t> row_start;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t b = in.b(i), y = in.y(i), x = in.x(i);
-    TORCH_CHECK(b >= 0 && y >= 0 && x >= 0, "sparse_max_pool2d: coords must be non-negative, row ", i, " is (", b,
-                ", ", y, ", ", x, ")");
+    TORCH_CHECK_VALUE(b >= 0 && y >= 0 && x >= 0, "coords must be non-negative, row ", i, " is [", b, ", ", y,
+                      ", ", x, "]");
     if (i > 0) {
       const int64_t pb = in.b(i - 1), py = in.y(i - 1), pxv = in.x(i - 1);
-      TORCH_CHECK(pb < b || (pb == b && (py < y || (py == y && pxv < x))),
-                  "sparse_max_pool2d: coords must be sorted by (batch, y, x) without duplicates; row ", i - 1,
-                  " is (", pb, ", ", py, ", ", pxv, ") and row ", i, " is (", b, ", ", y, ", ", x, ")");
+      TORCH_CHECK_VALUE(pb < b || (pb == b && (py < y || (py == y && pxv < x))),
+                        "coords must be sorted lexicographically by (batch, y, x) without duplicates; row ", i - 1,
+                        " is [", pb, ", ", py, ", ", pxv, "] and row ", i, " is [", b, ", ", y, ", ", x, "]");
     }
     if (i == 0 || b != in.b(i - 1) || y != in.y(i - 1)) row_start.push_back(i);
   }

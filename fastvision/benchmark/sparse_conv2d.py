@@ -230,10 +230,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per implementation")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = crossover_table(device, args.batch, args.size, budget_s=args.budget)
-    print(f"sparse U-Net encoder (1->32->64, two pools), {args.batch}x1x{args.size}x{args.size} on {device}")
+    where = f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    print(f"sparse U-Net encoder (1->32->64, two pools), {args.batch}x1x{args.size}x{args.size} on {where}")
     print(f"{'density':>8} | {'fwd dense':>10} {'fwd sparse':>10} {'ratio':>6} | "
           f"{'f+b dense':>10} {'f+b sparse':>10} {'ratio':>6}")  # fmt: skip
     for row in rows:

@@ -44,11 +44,24 @@ def _onnx_translations() -> dict:
             phi = op.Mul(op.CastLike(0.5, gate), op.Add(op.CastLike(1.0, gate), erf))
         return op.Mul(value, op.Mul(gate, phi))
 
+    def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5):
+        summed = op.Add(x, residual)
+        if weight is None:  # LayerNormalization needs a scale
+            weight = op.Expand(op.CastLike(1.0, summed), op.Shape(summed, start=-1))
+        out, mean, rstd = op.LayerNormalization(summed, weight, bias, axis=-1, epsilon=eps, stash_type=1)
+        return out, op.Squeeze(mean, [-1]), op.Squeeze(rstd, [-1])
+
+    translations = {
+        "geglu_forward": geglu,
+        "geglu_triton_forward": geglu,
+        "add_layer_norm_forward": add_layer_norm,
+        "add_layer_norm_triton_forward": add_layer_norm,
+    }
     table = {}
-    for name in ("geglu_forward", "geglu_triton_forward"):
+    for name, translation in translations.items():
         overload = getattr(getattr(torch.ops.fastvision, name, None), "default", None)
         if overload is not None:
-            table[overload] = geglu
+            table[overload] = translation
     return table
 
 

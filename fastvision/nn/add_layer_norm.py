@@ -31,7 +31,9 @@ class AddLayerNorm(nn.Module):
         """
         shape = tuple(layer_norm.normalized_shape)
         if len(shape) != 1:
-            raise ValueError(f"layer_norm must normalize over one (the last) dimension, got normalized_shape {shape}")
+            raise ValueError(
+                f"layer_norm must normalize over one (the last) dimension, got normalized_shape {shape}"
+            )
         module = cls(shape[0], eps=layer_norm.eps)
         for name in ("weight", "bias"):
             param = getattr(layer_norm, name, None)

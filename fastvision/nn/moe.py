@@ -54,12 +54,13 @@ class TopKSparseAttention(nn.Module):
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [batch, tokens, {self.dim}], got {tuple(x.shape)}")
-        if context is not None:
-            if context.dim() != 3 or context.shape[-1] != self.dim or context.shape[0] != x.shape[0]:
-                raise ValueError(
-                    f"context must have shape [{x.shape[0]}, tokens, {self.dim}] (same batch as x), "
-                    f"got {tuple(context.shape)}"
-                )
+        if context is not None and (
+            context.dim() != 3 or context.shape[-1] != self.dim or context.shape[0] != x.shape[0]
+        ):
+            raise ValueError(
+                f"context must have shape [{x.shape[0]}, tokens, {self.dim}] (same batch as x), "
+                f"got {tuple(context.shape)}"
+            )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         self._check_inputs(x, context)
@@ -123,8 +124,8 @@ class AdaptiveSparseAttentionMoE(nn.Module):
 
     * ``aux_loss``: Switch-Transformer load-balancing loss ``balance_weight * E * sum_e f_e * P_e``
       (``f_e``: fraction of tokens whose most probable expert is ``e``; ``P_e``: mean router
-      probability of ``e``); a float32 scalar tensor with a gradient to the router. Its minimum,
-      ``balance_weight``, is reached by uniform routing.
+      probability of ``e``); a float32 scalar tensor with a gradient to the router (through ``P``;
+      ``f`` is a count). Perfectly balanced routing gives ``balance_weight``.
     * ``expert_utilization``: ``[E]`` detached, summing to one: the fraction of tokens routed to
       each expert (``top1``) or the mean router probability (``soft``).
 
@@ -227,10 +228,8 @@ class AdaptiveSparseAttentionMoE(nn.Module):
             assignment = probs.argmax(dim=-1)
             self._record_balance(probs, assignment)
             if self.routing == "soft":
-                out = self._soft(x, probs)
-            else:
-                out = self._top1_grouped(x, probs, assignment)
-            return self.out_proj(out)
+                return self.out_proj(self._soft(x, probs))
+            return self.out_proj(self._top1_grouped(x, probs, assignment))
 
     def forward_dense_top1(self, x: torch.Tensor) -> torch.Tensor:
         """Top-1 routing computed densely: every expert on every token, then the argmax expert's

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastvision.ops.sparse_conv2d import sparse_conv2d
+from fastvision.ops.sparse_max_pool2d import sparse_max_pool2d, sparse_max_pool2d_output_shape
 from fastvision.profiling import nvtx_range
 from fastvision.sparse import SparseTensor
 from fastvision.sparse.kernel_map import check_kernel_size
@@ -80,22 +81,22 @@ class SparseMaxPool2d(nn.Module):
         height, width = spatial_shape
         if height < self.kernel_size or width < self.kernel_size:
             raise ValueError(f"spatial_shape {spatial_shape} is smaller than kernel_size {self.kernel_size}")
-        return (height - self.kernel_size) // self.stride + 1, (width - self.kernel_size) // self.stride + 1
+        return sparse_max_pool2d_output_shape(spatial_shape, self.kernel_size, self.stride)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        from fastvision.ops.sparse_max_pool2d import sparse_max_pool2d
-
         _check_sparse(x)
         with nvtx_range("fastvision.SparseMaxPool2d"):
             out_shape = self.output_shape(x.spatial_shape)
+            # A SparseTensor's coordinates are canonical by construction: skip the op's check (a sync).
             coords, feats = sparse_max_pool2d(
                 x.coords,
                 x.feats,
                 kernel_size=self.kernel_size,
                 stride=self.stride,
                 spatial_shape=x.spatial_shape,
+                check_coords=False,
             )
-            # The op returns canonical coordinates: no re-check (it would cost a host sync).
+            # The op returns canonical coordinates too: no re-check.
             return SparseTensor(coords, feats, out_shape, x.batch_size, check=False)
 
     def extra_repr(self) -> str:

@@ -54,9 +54,7 @@ def add_layer_norm_backward_reference(
     grad = grad_out.to(compute)
     grad_hat = grad if weight is None else grad * weight.to(compute)
     dx = rstd * (
-        grad_hat
-        - grad_hat.mean(dim=-1, keepdim=True)
-        - x_hat * (grad_hat * x_hat).mean(dim=-1, keepdim=True)
+        grad_hat - grad_hat.mean(dim=-1, keepdim=True) - x_hat * (grad_hat * x_hat).mean(dim=-1, keepdim=True)
     )
     leading = tuple(range(x.dim() - 1))
     dweight = (grad * x_hat).sum(dim=leading)
@@ -173,24 +171,26 @@ def add_layer_norm(
 
     Args:
         x: ``[..., D]`` float32, float16 or bfloat16 tensor, any strides (math in float32).
-        residual: same shape, dtype and device as ``x``.
+        residual: same shape and device as ``x``; a different float dtype promotes both, as ``+`` does.
         weight: ``[D]`` scale, of ``x``'s dtype or float32, or ``None`` for none.
         bias: ``[D]`` shift, of ``x``'s dtype or float32, or ``None`` for none.
         eps: added to the variance before the reciprocal square root; must be positive.
 
     Returns:
-        A new tensor of ``x``'s shape and dtype; the inputs are never written.
+        A new tensor of ``x``'s shape and of the promoted dtype; the inputs are never written.
     """
     check_tensor("x", x)
     check_tensor("residual", residual)
     check_dtype("x", x)
+    check_dtype("residual", residual)
     if residual.dtype != x.dtype:
-        raise TypeError(
-            f"residual must have x's dtype ({str(x.dtype).removeprefix('torch.')}), "
-            f"got {str(residual.dtype).removeprefix('torch.')}"
-        )
+        # As eager `x + residual` would (autocast gives bf16 sublayer outputs beside fp32 streams).
+        common = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(common), residual.to(common)
     if x.dim() == 0:
-        raise ValueError("x must have at least one dimension (the normalized last dimension), got a 0-d tensor")
+        raise ValueError(
+            "x must have at least one dimension (the normalized last dimension), got a 0-d tensor"
+        )
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
     weight = _check_param("weight", weight, x)

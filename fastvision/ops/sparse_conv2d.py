@@ -7,12 +7,18 @@ Definition (``sparse_conv2d_reference``): densify, ``F.conv2d`` with ``padding =
 result at the active sites. The dense convolution sees zeros at the inactive sites, which is the
 same as skipping them, so the two agree exactly up to rounding.
 
-Backends: only ``reference``, which here is the gather -> GEMM -> scatter-add formulation in plain
-torch ops (``index_select``, ``mm``, ``index_add_``), one GEMM per kernel offset; it runs on any
-device and never densifies. It is wrapped as the custom op ``fastvision::sparse_conv2d_gather_gemm``
-with an explicit backward (``fastvision::sparse_conv2d_gather_gemm_backward``), so autograd saves
-only the features and weight (not the gathered rows) and torch.compile / torch.export see one op.
-There is no fused gather-GEMM-scatter kernel (Triton/CUDA) yet.
+Backends:
+
+* ``reference``: here the gather -> GEMM -> scatter-add formulation in plain torch ops
+  (``index_select``, ``mm``, ``index_add_``), one GEMM per kernel offset over the map's pairs; it
+  runs on any device and never densifies (the dense definition above is only for checking). It is
+  the custom op ``fastvision::sparse_conv2d_gather_gemm`` with an explicit backward, so autograd
+  saves only the features and weight (not the gathered rows) and torch.compile / torch.export see
+  one op.
+* ``triton``: triton_kernels/sparse_conv2d.py, a fused output-stationary gather-GEMM over the map's
+  neighbour table (no scatter, no atomics in the forward); float32/float16/bfloat16.
+
+There is no C++ (``cpu``) or CUDA C++ kernel.
 """
 
 from __future__ import annotations
@@ -20,13 +26,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastvision._backend import select_backend
+from fastvision._backend import forced_backend, select_backend
 from fastvision.ops._checks import FLOAT_DTYPES, check_dtype, check_tensor
 from fastvision.sparse.kernel_map import KernelMap
 from fastvision.sparse.tensor import SparseTensor
 
-IMPLEMENTED_BACKENDS = ("reference",)
-GPU_ORDER: tuple[str, ...] = ()
+IMPLEMENTED_BACKENDS = ("reference", "triton")
+# Not yet measured on a GPU: Triton is the only GPU kernel, and it fuses what the reference does
+# in 3 launches per offset.
+GPU_ORDER = ("triton",)
 # float64 too: the torch-ops path supports it, and gradcheck needs it.
 SUPPORTED_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
@@ -164,6 +172,66 @@ def _backward(ctx, grad_out):
 sparse_conv2d_gather_gemm.register_autograd(_backward, setup_context=_setup_context)
 
 
+# --- Triton backend, wrapped as custom ops ----------------------------------------------------------
+
+
+@torch.library.custom_op("fastvision::sparse_conv2d_triton_forward", mutates_args=())
+def sparse_conv2d_triton_forward(
+    feats: torch.Tensor, neighbors: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    from fastvision.triton_kernels.sparse_conv2d import gather_gemm
+
+    return gather_gemm(feats, neighbors, weight)
+
+
+@torch.library.custom_op("fastvision::sparse_conv2d_triton_backward", mutates_args=())
+def sparse_conv2d_triton_backward(
+    grad_out: torch.Tensor,
+    feats: torch.Tensor,
+    neighbors: torch.Tensor,
+    weight: torch.Tensor,
+    need_feats_grad: bool,
+    need_weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastvision.triton_kernels.sparse_conv2d import gather_gemm, mirrored_weight, weight_grad
+
+    grad_feats = gather_gemm(grad_out, neighbors, mirrored_weight(weight)) if need_feats_grad else None
+    grad_weight = weight_grad(feats, neighbors, grad_out, weight.shape[0]) if need_weight_grad else None
+    return (
+        grad_feats if grad_feats is not None else feats.new_empty(0),
+        grad_weight.to(weight.dtype) if grad_weight is not None else weight.new_empty(0),
+    )
+
+
+@sparse_conv2d_triton_forward.register_fake
+def _(feats, neighbors, weight):
+    return feats.new_empty((feats.shape[0], weight.shape[2]))
+
+
+@sparse_conv2d_triton_backward.register_fake
+def _(grad_out, feats, neighbors, weight, need_feats_grad, need_weight_grad):
+    return (
+        feats.new_empty(feats.shape if need_feats_grad else (0,)),
+        weight.new_empty(weight.shape if need_weight_grad else (0,)),
+    )
+
+
+def _triton_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _triton_backward(ctx, grad_out):
+    feats, neighbors, weight = ctx.saved_tensors
+    need_feats, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    grad_feats, grad_weight = torch.ops.fastvision.sparse_conv2d_triton_backward(
+        grad_out, feats, neighbors, weight, need_feats, need_weight
+    )
+    return (grad_feats if need_feats else None, None, grad_weight if need_weight else None)
+
+
+sparse_conv2d_triton_forward.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+
+
 def sparse_conv2d(
     feats: torch.Tensor,
     kernel_map: KernelMap,
@@ -216,8 +284,15 @@ def sparse_conv2d(
                 f"bias must be a [{weight.shape[2]}] tensor of dtype {feats.dtype} on {feats.device}, "
                 f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}"
             )
-    select_backend("sparse_conv2d", feats.device, IMPLEMENTED_BACKENDS, GPU_ORDER)
-    out = torch.ops.fastvision.sparse_conv2d_gather_gemm(
-        feats, kernel_map.in_indices, kernel_map.out_indices, kernel_map.offset_starts, weight
-    )
+    backend = select_backend("sparse_conv2d", feats.device, IMPLEMENTED_BACKENDS, GPU_ORDER)
+    if backend == "triton" and feats.dtype not in FLOAT_DTYPES:
+        if forced_backend() == "triton":
+            raise TypeError(f"the triton backend of sparse_conv2d supports {FLOAT_DTYPES}, got {feats.dtype}")
+        backend = "reference"
+    if backend == "triton":
+        out = torch.ops.fastvision.sparse_conv2d_triton_forward(feats, kernel_map.neighbors, weight)
+    else:
+        out = torch.ops.fastvision.sparse_conv2d_gather_gemm(
+            feats, kernel_map.in_indices, kernel_map.out_indices, kernel_map.offset_starts, weight
+        )
     return out if bias is None else out + bias

@@ -24,13 +24,16 @@ The forward returns, besides the pooled map, the argmax ``[M, C]`` int32 and a `
 int32 (for each input, the output row of each of the ``P = ceil(ky/sy) * ceil(kx/sx)`` windows that can
 hold it, or -1); the backward gathers with them: no atomics, deterministic, no host synchronization.
 
-Host synchronizations: the C++ forward syncs once (the output count, which sizes the outputs);
-``check_coords=True`` adds one on CUDA tensors (the order/sign/range check reads a flag back).
-The C++ kernels validate canonical order and signs themselves at no extra sync (the CPU kernel in its
-first pass, the CUDA kernel reads its flag back with the output count) and raise ``RuntimeError``;
-``check_coords=False`` therefore only drops the up-front ``ValueError`` check (and its sync), and is
-what torch.compile / torch.export need (the check is skipped while tracing). The reference backend does
-not validate: with ``check_coords=False`` it pools whatever it is given.
+Validation (``ValueError``): the C++ kernels always check that coords are non-negative and in canonical
+order, at no extra cost (the CPU kernel in its first pass over the coords; the CUDA kernel raises a flag
+that it reads back with the output count). ``check_coords=True`` adds, in Python, the check that coords
+lie inside ``spatial_shape`` (when given) and, for the reference backend, the sign and order check; on
+CUDA tensors that costs one host synchronization. It is skipped while torch.compile / torch.export
+trace. With ``check_coords=False`` the reference pools whatever it is given, and the kernels ignore sites
+outside ``spatial_shape`` (no window inside the map holds them).
+
+Host synchronizations: the C++ forward syncs once (for the output count, which sizes the outputs); the
+backward never does.
 """
 
 from __future__ import annotations
@@ -123,10 +126,14 @@ def sparse_max_pool2d_reference(
             parts.append((source[keep], b[keep], oy[keep], ox[keep]))
     source, b, oy, ox = (torch.cat(column) for column in zip(*parts, strict=True))
     if source.numel() == 0:
-        return coords.new_empty((0, 3)), feats.new_empty((0, channels))
-    height, width = int(oy.max()) + 1, int(ox.max()) + 1
-    keys, window = torch.unique((b * height + oy) * width + ox, sorted=True, return_inverse=True)
-    out_coords = torch.stack([keys // (height * width), keys // width % height, keys % width], 1)
+        return coords.new_empty((0, 3)), feats[:0]
+    batches, height, width = int(b.max()) + 1, int(oy.max()) + 1, int(ox.max()) + 1
+    if batches * height * width < 2**62:  # one int64 key per window: a 1-D unique is much faster
+        keys, window = torch.unique((b * height + oy) * width + ox, sorted=True, return_inverse=True)
+        out_coords = torch.stack([keys // (height * width), keys // width % height, keys % width], 1)
+    else:
+        out_coords, window = torch.unique(torch.stack([b, oy, ox], 1), dim=0, return_inverse=True)
+    keys = out_coords[:, 0]
     index = window[:, None].expand(-1, channels)
     with torch.no_grad():
         values = feats.detach()[source]
@@ -140,19 +147,23 @@ def sparse_max_pool2d_reference(
     return out_coords.to(coords.dtype), feats.gather(0, argmax)
 
 
-def _check_coords(coords: torch.Tensor, spatial_shape: tuple[int, int] | None) -> None:
-    """Non-negative, inside spatial_shape, sorted and unique: one host sync on the success path."""
+def _check_coords(coords: torch.Tensor, spatial_shape: tuple[int, int] | None, order_and_sign: bool) -> None:
+    """Inside spatial_shape, and (order_and_sign) non-negative, sorted and unique: at most one host sync."""
+    if spatial_shape is None and not order_and_sign:
+        return
     c = coords.long()
-    bad_sign = c < 0
+    bad_sign = (c < 0) if order_and_sign else torch.zeros_like(c, dtype=torch.bool)
     bad_range = torch.zeros_like(bad_sign)
     if spatial_shape is not None:
         bad_range[:, 1] = c[:, 1] >= spatial_shape[0]
         bad_range[:, 2] = c[:, 2] >= spatial_shape[1]
-    prev, cur = c[:-1], c[1:]
-    ordered = (prev[:, 0] < cur[:, 0]) | (
-        (prev[:, 0] == cur[:, 0])
-        & ((prev[:, 1] < cur[:, 1]) | ((prev[:, 1] == cur[:, 1]) & (prev[:, 2] < cur[:, 2])))
-    )
+    ordered = torch.ones(max(0, c.shape[0] - 1), dtype=torch.bool, device=c.device)
+    if order_and_sign:
+        prev, cur = c[:-1], c[1:]
+        ordered = (prev[:, 0] < cur[:, 0]) | (
+            (prev[:, 0] == cur[:, 0])
+            & ((prev[:, 1] < cur[:, 1]) | ((prev[:, 1] == cur[:, 1]) & (prev[:, 2] < cur[:, 2])))
+        )
     if not bool(bad_sign.any() | bad_range.any() | (~ordered).any()):
         return
     if bad_sign.any():
@@ -225,8 +236,9 @@ def sparse_max_pool2d(
         stride: window step, an int or (sy, sx); defaults to ``kernel_size``.
         spatial_shape: (H, W) of the map: floor-mode extent like ``F.max_pool2d``; ``None`` keeps
             every window that holds an active site.
-        check_coords: validate ``coords`` up front with a ``ValueError`` (costs one host sync on CUDA;
-            skipped while torch.compile/export trace; the C++ kernels validate regardless).
+        check_coords: also check in Python that coords lie inside ``spatial_shape`` (and, for the
+            reference backend, their sign and order; the kernels always check those): one host sync on
+            CUDA when there is something to check; skipped while torch.compile/export trace.
 
     Returns:
         ``(out_coords [M, 3], out_feats [M, C])``: ``coords``' and ``feats``' dtypes, canonical order.
@@ -245,9 +257,11 @@ def sparse_max_pool2d(
     kernel, step, limit = _geometry(kernel_size, stride, spatial_shape)
     if coords.shape[0] * _windows_per_input(kernel, step) > _INT32_MAX:
         raise ValueError("N * ceil(ky/sy) * ceil(kx/sx) must fit int32 (the argmax and window map are int32)")
-    if check_coords and not torch.compiler.is_compiling():
-        _check_coords(coords, None if spatial_shape is None else _pair("spatial_shape", spatial_shape))
     backend = select_backend("sparse_max_pool2d", feats.device, IMPLEMENTED_BACKENDS, GPU_ORDER)
+    if check_coords and not torch.compiler.is_compiling():
+        shape = None if spatial_shape is None else _pair("spatial_shape", spatial_shape)
+        # The C++ kernels check sign and order themselves, without a sync of their own.
+        _check_coords(coords, shape, order_and_sign=backend == "reference")
     if backend == "reference":
         return sparse_max_pool2d_reference(coords, feats, kernel, step, spatial_shape)
     out_coords, out_feats, _, _ = torch.ops.fastvision.sparse_max_pool2d_forward(

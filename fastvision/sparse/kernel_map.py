@@ -40,6 +40,8 @@ class KernelMap:
             ``[offset_starts[k], offset_starts[k + 1])``.
         kernel_size, dilation: the kernel the map was built for.
         num_sites: the number of active sites (inputs and outputs alike, submanifold).
+        neighbors: int32 ``[N, K*K]``, the same map per output site: ``neighbors[o, k]`` is the
+            input paired with ``o`` at offset ``k``, or -1 (the layout of the fused Triton kernel).
     """
 
     in_indices: torch.Tensor
@@ -48,6 +50,7 @@ class KernelMap:
     kernel_size: int
     dilation: int
     num_sites: int
+    neighbors: torch.Tensor
 
     @property
     def num_offsets(self) -> int:
@@ -71,6 +74,7 @@ class KernelMap:
             self.kernel_size,
             self.dilation,
             self.num_sites,
+            self.neighbors.to(device),
         )
 
 
@@ -118,7 +122,8 @@ def build_kernel_map(
     in_indices = found[offset_of_pair, out_indices]
     offset_starts = torch.zeros(num_offsets + 1, dtype=torch.int64)
     offset_starts[1:] = torch.bincount(offset_of_pair, minlength=num_offsets).cpu().cumsum(0)
-    return KernelMap(in_indices, out_indices, offset_starts, kernel_size, dilation, num_sites)
+    neighbors = torch.where(match, found, -1).t().to(torch.int32).contiguous()
+    return KernelMap(in_indices, out_indices, offset_starts, kernel_size, dilation, num_sites, neighbors)
 
 
 def brute_force_kernel_map(

@@ -151,6 +151,12 @@ class SparseTensor:
                 f"feats must have shape [N, C] with N = {self.num_sites} active sites, "
                 f"got {tuple(feats.shape)}"
             )
+        if not feats.is_floating_point():
+            raise TypeError(f"feats must be a floating-point tensor, got {feats.dtype}")
+        if feats.device != self.coords.device:
+            raise ValueError(
+                f"feats must be on the coordinates' device {self.coords.device}, got {feats.device}"
+            )
         return SparseTensor(
             self.coords,
             feats,

@@ -1,0 +1,368 @@
+"""sparse_max_pool2d: every backend against a float64 dense max-pool, forward and backward; errors; compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, assert_close, backend_params
+
+import fastvision
+from fastvision.ops.sparse_max_pool2d import (
+    CPP_OPS_BUILT,
+    IMPLEMENTED_BACKENDS,
+    sparse_max_pool2d,
+    sparse_max_pool2d_output_shape,
+    sparse_max_pool2d_reference,
+)
+
+BACKENDS = backend_params(IMPLEMENTED_BACKENDS)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (kernel_size, stride): non-overlapping, overlapping (k > s), gapped (k < s), rectangular.
+GEOMETRIES = [(2, 2), (3, 3), (2, 1), (3, 1), (3, 2), (2, 3), ((2, 3), (1, 2))]
+
+
+def _random_map(batch, height, width, channels, density, seed, dtype=torch.float32, coord_dtype=torch.int64,
+                ties=False):
+    """Canonical coords of a random sparse map and fresh features (small integers when ``ties``)."""
+    generator = torch.Generator().manual_seed(seed)
+    active = torch.rand(batch, height, width, generator=generator) < density
+    coords = active.nonzero().to(coord_dtype)  # nonzero() is row-major: already canonical
+    n = coords.shape[0]
+    if ties:
+        feats = torch.randint(-4, 4, (n, channels), generator=generator).float()
+    else:
+        feats = torch.randn(n, channels, generator=generator) * 3
+    return coords.to(DEVICE), feats.to(device=DEVICE, dtype=dtype)
+
+
+def _dense_pool(coords, feats, kernel, stride, shape):
+    """Float64 dense max-pool with -inf at inactive sites; keeps windows with >= 1 active input.
+
+    Returns (out_coords, out_feats, pooled, active_windows, dense_input) for the backward check.
+    """
+    batch = int(coords[:, 0].max()) + 1 if coords.shape[0] else 1
+    channels = feats.shape[1]
+    b, y, x = coords.long().cpu().unbind(1)
+    dense = torch.full((batch, channels, *shape), float("-inf"), dtype=torch.float64)
+    dense[b, :, y, x] = feats.detach().double().cpu()
+    occupancy = torch.zeros(batch, 1, *shape, dtype=torch.float64)
+    occupancy[b, 0, y, x] = 1
+    dense.requires_grad_(True)
+    pooled = F.max_pool2d(dense, kernel, stride)
+    windows = F.max_pool2d(occupancy, kernel, stride)[:, 0] > 0
+    out_coords = windows.nonzero()
+    ob, oy, ox = out_coords.unbind(1)
+    return out_coords, pooled[ob, :, oy, ox], pooled, windows, dense
+
+
+def _unbounded_shape(coords, kernel, stride):
+    """A dense extent holding every window that touches an active site (the spatial_shape=None extent)."""
+    (ky, kx), (sy, sx) = (
+        (kernel, kernel) if isinstance(kernel, int) else kernel,
+        (stride, stride) if isinstance(stride, int) else stride,
+    )
+    ymax, xmax = (int(coords[:, 1].max()), int(coords[:, 2].max())) if coords.shape[0] else (0, 0)
+    return (ymax // sy) * sy + ky, (xmax // sx) * sx + kx
+
+
+def _check(coords, feats, kernel, stride, backend, spatial_shape=None, seed=0):
+    shape = spatial_shape if spatial_shape is not None else _unbounded_shape(coords, kernel, stride)
+    expected_coords, expected_feats, pooled, windows, dense = _dense_pool(coords, feats, kernel, stride, shape)
+    grad_out = torch.randn(expected_feats.shape, generator=torch.Generator().manual_seed(seed + 1))
+    grad_out = grad_out.to(feats.dtype)
+    full_grad = torch.zeros_like(pooled)
+    ob, oy, ox = expected_coords.unbind(1)
+    full_grad[ob, :, oy, ox] = grad_out.double()
+    (dense_grad,) = torch.autograd.grad(pooled, dense, full_grad)
+    b, y, x = coords.long().cpu().unbind(1)
+    expected_grad = dense_grad[b, :, y, x]
+
+    feats_before = feats.clone()
+    leaf = feats.detach().requires_grad_(True)
+    with fastvision.use_backend(backend):
+        out_coords, out_feats = sparse_max_pool2d(coords, leaf, kernel, stride, spatial_shape)
+        (grad,) = torch.autograd.grad(out_feats, leaf, grad_out.to(DEVICE))
+    assert out_coords.dtype == coords.dtype and out_feats.dtype == feats.dtype and grad.dtype == feats.dtype
+    torch.testing.assert_close(out_coords.long().cpu(), expected_coords, atol=0, rtol=0)
+    # A max is exact: the outputs are input values, bit for bit.
+    torch.testing.assert_close(out_feats.double().cpu(), expected_feats.detach(), atol=0, rtol=0)
+    # Gradients sum over overlapping windows in float32 and round once.
+    assert_close(grad, expected_grad, feats.dtype, scale=2.0)
+    torch.testing.assert_close(feats, feats_before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("bounded", [True, False], ids=["spatial_shape", "unbounded"])
+def test_matches_dense(backend, geometry, bounded):
+    kernel, stride = geometry
+    coords, feats = _random_map(3, 11, 13, 5, 0.35, seed=hash(str(geometry)) % 1000)
+    _check(coords, feats, kernel, stride, backend, (11, 13) if bounded else None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_ties_route_to_lowest_index(backend, geometry):
+    """Small-integer features: many equal maxima per window; the dense op also picks the first."""
+    kernel, stride = geometry
+    coords, feats = _random_map(2, 9, 10, 4, 0.6, seed=7, ties=True)
+    _check(coords, feats, kernel, stride, backend, (9, 10))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("coord_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("channels", [1, 65])
+def test_dtypes_and_channels(backend, dtype, coord_dtype, channels):
+    coords, feats = _random_map(2, 7, 9, channels, 0.4, seed=channels, dtype=dtype, coord_dtype=coord_dtype)
+    _check(coords, feats, 3, 2, backend, (7, 9))
+    _check(coords, feats, 2, 2, backend, None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_negative_windows_ignore_inactive_sites(backend):
+    coords = torch.tensor([[0, 0, 0], [0, 1, 3], [0, 3, 3], [1, 2, 0]], device=DEVICE)
+    feats = torch.tensor([[-5.0, -1.0], [-2.0, -7.0], [-3.0, -3.0], [-9.0, -0.5]], device=DEVICE)
+    with fastvision.use_backend(backend):
+        out_coords, out_feats = sparse_max_pool2d(coords, feats, 2)
+    assert out_coords.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 1], [1, 1, 0]]
+    assert out_feats.tolist() == [[-5.0, -1.0], [-2.0, -7.0], [-3.0, -3.0], [-9.0, -0.5]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_site_and_far_coordinates(backend):
+    """Large coordinates: nothing in the op scales with the map's extent."""
+    coords = torch.tensor([[0, 5, 8], [4, 2_000_000_000, 1_999_999_999]], device=DEVICE)
+    feats = torch.tensor([[1.5], [2.5]], device=DEVICE)
+    with fastvision.use_backend(backend):
+        out_coords, out_feats = sparse_max_pool2d(coords, feats, 3, 2)
+    # Windows [2o, 2o + 3): an odd coordinate 2m + 1 lies in window m only, an even one 2m in m - 1 and m.
+    assert out_coords.tolist() == [
+        [0, 2, 3], [0, 2, 4], [4, 999_999_999, 999_999_999], [4, 1_000_000_000, 999_999_999]
+    ]  # fmt: skip
+    assert out_feats.flatten().tolist() == [1.5, 1.5, 2.5, 2.5]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates(backend):
+    coords = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0]], device=DEVICE)
+    feats = torch.tensor([[1.0, float("nan")], [float("nan"), 2.0], [3.0, 5.0]], device=DEVICE)
+    with fastvision.use_backend(backend):
+        _, out_feats = sparse_max_pool2d(coords, feats, 2)
+    assert torch.isnan(out_feats).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels", [0, 3])
+def test_empty(backend, channels):
+    coords = torch.empty(0, 3, dtype=torch.int64, device=DEVICE)
+    feats = torch.randn(0, channels, device=DEVICE, requires_grad=True)
+    with fastvision.use_backend(backend):
+        out_coords, out_feats = sparse_max_pool2d(coords, feats, 2, spatial_shape=(4, 4))
+        out_feats.sum().backward()
+    assert out_coords.shape == (0, 3) and out_feats.shape == (0, channels)
+    assert feats.grad.shape == (0, channels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_window_inside_spatial_shape(backend):
+    """Sites that only touch windows past the floor-mode edge produce an empty output."""
+    coords = torch.tensor([[0, 4, 4]], device=DEVICE)
+    feats = torch.randn(1, 3, device=DEVICE, requires_grad=True)
+    with fastvision.use_backend(backend):
+        out_coords, out_feats = sparse_max_pool2d(coords, feats, 2, spatial_shape=(5, 5))
+        out_feats.sum().backward()
+    assert out_coords.shape == (0, 3) and out_feats.shape == (0, 3)
+    assert (feats.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_feats(backend):
+    coords, wide = _random_map(2, 8, 8, 10, 0.5, seed=3)
+    _check(coords, wide[:, ::2], 2, 2, backend, (8, 8))
+
+
+def test_output_shape_is_floor_mode():
+    assert sparse_max_pool2d_output_shape((28, 28)) == (14, 14)
+    assert sparse_max_pool2d_output_shape((7, 9), 3, 2) == (3, 4)
+    assert sparse_max_pool2d_output_shape((1, 5), 2) == (0, 2)
+    dense = F.max_pool2d(torch.zeros(1, 1, 7, 9), 3, 2)
+    assert tuple(dense.shape[-2:]) == sparse_max_pool2d_output_shape((7, 9), 3, 2)
+
+
+@pytest.mark.skipif(not CPP_OPS_BUILT, reason="the C++ ops are not built")
+def test_cpp_op_gradcheck():
+    coords, feats = _random_map(1, 5, 6, 2, 0.7, seed=4, dtype=torch.float64)
+    coords, feats = coords.cpu(), feats.cpu().requires_grad_(True)
+
+    def pooled(f):
+        return torch.ops.fastvision.sparse_max_pool2d_forward(coords, f, [3, 3], [2, 1], [-1, -1])[1]
+
+    torch.autograd.gradcheck(pooled, (feats,))
+
+
+def test_reference_is_gather_of_argmax():
+    coords, feats = _random_map(2, 6, 6, 3, 0.5, seed=5, ties=True)
+    feats = feats.double().requires_grad_(True)
+    _, out = sparse_max_pool2d_reference(coords, feats, 2)
+    out.sum().backward()
+    # Non-overlapping windows: every window's max comes from exactly one input per channel.
+    assert feats.grad.sum().item() == out.numel()
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def _valid():
+    return torch.tensor([[0, 0, 0], [0, 1, 2]], device=DEVICE), torch.randn(2, 4, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    "coords, message",
+    [
+        pytest.param([[0, 1, 2], [0, 0, 0]], "sorted lexicographically", id="unsorted"),
+        pytest.param([[0, 1, 2], [0, 1, 2]], "without duplicates", id="duplicate"),
+        pytest.param([[1, 0, 0], [0, 5, 5]], "sorted lexicographically", id="batch-unsorted"),
+        pytest.param([[0, 0, -1], [0, 1, 2]], "non-negative", id="negative"),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rejects_bad_coords(backend, coords, message):
+    with fastvision.use_backend(backend), pytest.raises(ValueError, match=message):
+        sparse_max_pool2d(torch.tensor(coords, device=DEVICE), torch.randn(2, 4, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "reference"])
+@pytest.mark.parametrize(
+    "coords, message",
+    [
+        pytest.param([[0, 1, 2], [0, 0, 0]], "sorted", id="unsorted"),
+        pytest.param([[0, 1, 2], [0, 1, 2]], "duplicates", id="duplicate"),
+        pytest.param([[0, 0, -1], [0, 1, 2]], "non-negative", id="negative"),
+    ],
+)
+def test_kernels_validate_without_check(backend, coords, message):
+    """check_coords=False drops the Python check; the C++ kernels still refuse bad coords."""
+    with fastvision.use_backend(backend), pytest.raises(ValueError, match=message):
+        sparse_max_pool2d(
+            torch.tensor(coords, device=DEVICE), torch.randn(2, 4, device=DEVICE), check_coords=False
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rejects_coords_outside_spatial_shape(backend):
+    coords, feats = _valid()
+    with fastvision.use_backend(backend), pytest.raises(ValueError, match="inside spatial_shape"):
+        sparse_max_pool2d(coords, feats, 2, spatial_shape=(2, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_sites_outside_spatial_shape_are_ignored(backend):
+    coords = torch.tensor([[0, 0, 1], [0, 1, 0], [0, 2, 2]], device=DEVICE)
+    feats = torch.tensor([[1.0], [-4.0], [9.0]], device=DEVICE)
+    with fastvision.use_backend(backend):
+        out_coords, out_feats = sparse_max_pool2d(coords, feats, 2, spatial_shape=(2, 2), check_coords=False)
+    assert out_coords.tolist() == [[0, 0, 0]] and out_feats.tolist() == [[1.0]]
+
+
+@pytest.mark.parametrize(
+    "coords, feats, error, message",
+    [
+        pytest.param(torch.zeros(2, 2, dtype=torch.int64), torch.randn(2, 4), ValueError, r"\[N, 3\]", id="shape"),
+        pytest.param(torch.zeros(2, 3), torch.randn(2, 4), TypeError, "coords must have dtype", id="float-coords"),
+        pytest.param(
+            torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 4, dtype=torch.int32), TypeError,
+            "feats must have dtype", id="int-feats",
+        ),
+        pytest.param(torch.zeros(2, 3, dtype=torch.int64), torch.randn(3, 4), ValueError, "N = 2", id="rows"),
+        pytest.param(torch.zeros(2, 3, dtype=torch.int64), torch.randn(2), ValueError, r"\[N, C\]", id="feats-1d"),
+        pytest.param([[0, 0, 0]], torch.randn(1, 4), TypeError, "coords must be a torch.Tensor", id="list"),
+    ],
+)  # fmt: skip
+def test_rejects_bad_arguments(coords, feats, error, message):
+    with pytest.raises(error, match=message):
+        sparse_max_pool2d(coords, feats)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        pytest.param({"kernel_size": 0}, ValueError, "kernel_size must be positive", id="kernel-0"),
+        pytest.param({"kernel_size": -2}, ValueError, "kernel_size must be positive", id="kernel-neg"),
+        pytest.param({"kernel_size": 2, "stride": (1, 0)}, ValueError, "stride must be positive", id="stride-0"),
+        pytest.param({"kernel_size": 2.0}, TypeError, "kernel_size must be an int", id="kernel-float"),
+        pytest.param({"kernel_size": (2, 2, 2)}, TypeError, "pair of ints", id="kernel-triple"),
+        pytest.param({"spatial_shape": (0, 4)}, ValueError, "spatial_shape must be positive", id="shape-0"),
+    ],
+)
+def test_rejects_bad_geometry(kwargs, error, message):
+    coords, feats = _valid()
+    with pytest.raises(error, match=message):
+        sparse_max_pool2d(coords, feats, **kwargs)
+
+
+def test_forced_backend_that_cannot_run_raises():
+    coords, feats = _valid()
+    with fastvision.use_backend("cuda"), pytest.raises(fastvision.BackendUnavailableError, match="cuda"):
+        sparse_max_pool2d(coords.cpu(), feats.cpu())
+
+
+# --- registration: opcheck, compile, export --------------------------------------------------------
+
+
+@pytest.mark.skipif(not CPP_OPS_BUILT, reason="the C++ ops are not built")
+@pytest.mark.parametrize("geometry", [((2, 2), (2, 2)), ((3, 3), (1, 2))], ids=str)
+def test_opcheck(geometry):
+    kernel, stride = geometry
+    coords, feats = _random_map(2, 6, 7, 3, 0.5, seed=9)
+    # The aot_dispatch utils add up every output into one accumulator, which fails when the first output
+    # is integer (out_coords) and a later one float; test_compile_fullgraph covers AOT dispatch instead.
+    result = torch.library.opcheck(
+        torch.ops.fastvision.sparse_max_pool2d_forward.default,
+        (coords, feats.requires_grad_(True), list(kernel), list(stride), [-1, -1]),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+class _Pool(torch.nn.Module):
+    def forward(self, coords, feats):
+        out_coords, out_feats = sparse_max_pool2d(coords, feats, 2, check_coords=False)
+        return out_coords, out_feats * 2
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "reference"])
+def test_compile_fullgraph(backend):
+    """The C++ op's output size is a dynamic (unbacked) size: no graph break."""
+    coords, feats = _random_map(2, 9, 9, 4, 0.5, seed=12)
+    feats.requires_grad_(True)
+    with fastvision.use_backend(backend):
+        expected = _Pool()(coords, feats)
+        compiled = torch.compile(_Pool(), fullgraph=True, backend="aot_eager")
+        out_coords, out_feats = compiled(coords, feats)
+        out_feats.sum().backward()
+    torch.testing.assert_close(out_coords, expected[0])
+    torch.testing.assert_close(out_feats, expected[1])
+    assert feats.grad is not None and feats.grad.sum().item() == 2 * out_feats.numel()
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "reference"])
+def test_export(backend):
+    coords, feats = _random_map(2, 9, 9, 4, 0.5, seed=13)
+    with fastvision.use_backend(backend):
+        n = torch.export.Dim("n", max=2**31 - 1)  # the op checks that N fits its int32 argmax
+        exported = torch.export.export(
+            _Pool(), (coords, feats), dynamic_shapes={"coords": {0: n}, "feats": {0: n}}
+        )
+        expected = _Pool()(coords, feats)
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert any("sparse_max_pool2d" in t for t in targets), targets
+    other_coords, other_feats = _random_map(1, 6, 6, 4, 0.5, seed=14)  # another N, another M
+    for args, want in [((coords, feats), expected), ((other_coords, other_feats), None)]:
+        got = exported.module()(*args)
+        if want is None:
+            with fastvision.use_backend(backend):
+                want = _Pool()(*args)
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])

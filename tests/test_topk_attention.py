@@ -1,0 +1,301 @@
+"""topk_attention: every backend against the float64 reference, forward and backward; ties; errors;
+registration (opcheck, compile, export)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, assert_close, backend_params
+
+import fastvision
+from fastvision._backend import why_unusable
+from fastvision.ops.topk_attention import (
+    IMPLEMENTED_BACKENDS,
+    _selection_mask,
+    topk_attention,
+    topk_attention_reference,
+)
+
+BACKENDS = backend_params(IMPLEMENTED_BACKENDS)
+TRITON = [p for p in BACKENDS if p.id == "triton"]
+TRITON_USABLE = why_unusable("triton", DEVICE) is None
+
+# (dtype, head_dim, num_queries, num_keys, topk): odd lengths so no dimension fills whole blocks.
+CASES = [
+    pytest.param(torch.float32, 16, 37, 50, 1, id="f32-d16-top1"),
+    pytest.param(torch.float32, 32, 37, 50, 5, id="f32-d32-top5"),
+    pytest.param(torch.float32, 64, 37, 50, 49, id="f32-d64-top(Nk-1)"),
+    pytest.param(torch.float32, 16, 37, 50, 50, id="f32-d16-top(Nk)"),
+    pytest.param(torch.float32, 16, 21, 50, 80, id="f32-d16-top(>Nk)"),
+    pytest.param(torch.float32, 128, 9, 41, 7, id="f32-d128-top7"),
+    pytest.param(torch.float16, 32, 37, 50, 5, id="f16-d32-top5"),
+    pytest.param(torch.bfloat16, 64, 37, 50, 5, id="bf16-d64-top5"),
+    pytest.param(torch.bfloat16, 16, 19, 50, 50, id="bf16-d16-dense"),
+    pytest.param(torch.float32, 16, 5, 300, 280, id="f32-top280-chunked-selection"),
+]
+
+
+def _random(shape, dtype, seed, device=DEVICE):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
+def _inputs(batch, heads, num_queries, num_keys, head_dim, dtype, seed):
+    q = _random((batch, heads, num_queries, head_dim), dtype, seed)
+    k = _random((batch, heads, num_keys, head_dim), dtype, seed + 1)
+    v = _random((batch, heads, num_keys, head_dim), dtype, seed + 2)
+    return q, k, v
+
+
+def _check_forward_backward(q, k, v, topk, backend, scale=None, seed=0, grad_scale=4.0):
+    dtype = q.dtype
+    inputs_before = [t.clone() for t in (q, k, v)]
+    grad_out = _random(q.shape, dtype, seed + 3, q.device)
+    reference_inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    expected = topk_attention_reference(*reference_inputs, topk, scale)
+    expected_grads = torch.autograd.grad(expected, reference_inputs, grad_out.double())
+
+    inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    with fastvision.use_backend(backend):
+        out = topk_attention(*inputs, topk, scale)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out, expected, dtype, scale=2.0)
+    for name, grad, expected_grad, tensor in zip("qkv", grads, expected_grads, inputs, strict=True):
+        assert grad.dtype == dtype and grad.shape == tensor.shape, name
+        assert_close(grad, expected_grad, dtype, scale=grad_scale)
+    for before, after in zip(inputs_before, (q, k, v), strict=True):
+        torch.testing.assert_close(after.detach(), before, atol=0, rtol=0)  # inputs untouched
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("dtype", "head_dim", "num_queries", "num_keys", "topk"), CASES)
+def test_matches_reference(backend, dtype, head_dim, num_queries, num_keys, topk):
+    if backend == "reference" and dtype != torch.float32:
+        pytest.skip("the reference computes in the input dtype; it is checked in float32 only")
+    q, k, v = _inputs(1, 2, num_queries, num_keys, head_dim, dtype, seed=num_keys + topk + head_dim)
+    _check_forward_backward(q, k, v, topk, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_scale_and_batch(backend):
+    q, k, v = _inputs(2, 3, 11, 23, 16, torch.float32, seed=40)
+    _check_forward_backward(q, k, v, 4, backend, scale=0.7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous(backend):
+    # [B, N, H, D] storage viewed as [B, H, N, D] (the usual projection layout), D-strided keys.
+    q = _random((1, 13, 2, 16), torch.float32, seed=50).transpose(1, 2)
+    k = _random((1, 29, 2, 32), torch.float32, seed=51).transpose(1, 2)[..., ::2]
+    v = _random((1, 2, 29, 48), torch.float32, seed=52)[..., 8:24]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    _check_forward_backward(q, k, v, 6, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("batch", "num_queries"), [(0, 5), (2, 0)], ids=["B=0", "Nq=0"])
+def test_empty(backend, batch, num_queries):
+    q = torch.randn(batch, 2, num_queries, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(batch, 2, 7, 16, device=DEVICE, requires_grad=True)
+    v = torch.randn(batch, 2, 7, 16, device=DEVICE, requires_grad=True)
+    with fastvision.use_backend(backend):
+        out = topk_attention(q, k, v, 3)
+        out.sum().backward()
+    assert out.shape == q.shape
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+    assert (k.grad == 0).all() and (v.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("topk", [30, 1000])
+def test_dense_topk_equals_sdpa(backend, topk):
+    q, k, v = _inputs(1, 2, 17, 30, 32, torch.float32, seed=60)
+    with fastvision.use_backend(backend):
+        out = topk_attention(q, k, v, topk)
+        out_scaled = topk_attention(q, k, v, topk, scale=0.3)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    expected_scaled = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(out_scaled, expected_scaled, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_differs_from_dense():
+    q, k, v = _inputs(1, 1, 8, 40, 16, torch.float64, seed=61)
+    assert (topk_attention_reference(q, k, v, 5) - topk_attention_reference(q, k, v, 40)).abs().max() > 1e-3
+
+
+# --- ties: lower key index wins -------------------------------------------------------------------
+
+
+def _tied_inputs(seed):
+    """Entries in {-1, 0, 1}: scores are small integers, exact in every dtype, with many ties."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(-1, 2, (1, 2, 19, 16), generator=generator).float().to(DEVICE)
+    k = torch.randint(-1, 2, (1, 2, 45, 16), generator=generator).float().to(DEVICE)
+    k[:, :, 30:] = k[:, :, :15]  # exact duplicate keys: ties between an early and a late index
+    v = torch.randn(1, 2, 45, 16, generator=generator).to(DEVICE)
+    return q, k, v
+
+
+def test_reference_tie_rule_takes_lower_index():
+    scores = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.0]])
+    expected = torch.tensor([[False, True, True, True, True, False, False]])
+    assert torch.equal(_selection_mask(scores, 4), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_follow_the_rule(backend):
+    q, k, v = _tied_inputs(seed=70)
+    _check_forward_backward(q, k, v, 6, backend)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
+@pytest.mark.parametrize("native_sort", [False, True], ids=["network-sort", "tl.sort"])
+def test_triton_selection_indices(native_sort):
+    """Selected indices equal the reference's selection (as sets), ties included, for both sorts."""
+    from fastvision.triton_kernels.topk_attention import select_topk
+
+    q, k, _ = _tied_inputs(seed=71)
+    q, k = q[:, :1, :9], k[:, :1]  # tl.sort is slow under the interpreter: keep it tiny
+    topk = 7
+    indices = select_topk(q, k, topk, 0.25, native_sort=native_sort)
+    mask = _selection_mask((q.double() @ k.double().transpose(-2, -1)) * 0.25, topk)
+    got = torch.zeros_like(mask).scatter_(-1, indices.long(), True)
+    assert torch.equal(got, mask)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_poisoned_outputs_are_overwritten(backend, monkeypatch):
+    """Every output element must be written: buffers start as NaN (float) or -1 (int)."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        return tensor.fill_(float("nan") if tensor.is_floating_point() else -1)
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    q, k, v = _inputs(1, 2, 23, 35, 16, torch.float32, seed=80)
+    _check_forward_backward(q, k, v, 3, backend)
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def _valid(dtype=torch.float32):
+    return _inputs(1, 2, 4, 6, 16, dtype, seed=90)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        pytest.param(lambda q, k, v: (q, k[:, :, :5], v), ValueError, "k and v must have the same shape", id="kv"),
+        pytest.param(lambda q, k, v: (q[:1, :1], k, v), ValueError, "must agree in B, H and D", id="heads"),
+        pytest.param(
+            lambda q, k, v: (q, torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)),
+            ValueError,
+            "must agree in B, H and D",
+            id="head-dim",
+        ),
+        pytest.param(lambda q, k, v: (q[0], k, v), ValueError, "q must be 4-D", id="3d"),
+        pytest.param(
+            lambda q, k, v: (torch.randn(1, 2, 4, 24), torch.randn(1, 2, 6, 24), torch.randn(1, 2, 6, 24)),
+            ValueError,
+            "head dim D",
+            id="unsupported-D",
+        ),
+        pytest.param(lambda q, k, v: (q, k[:, :, :0], v[:, :, :0]), ValueError, "at least one key", id="Nk=0"),
+        pytest.param(lambda q, k, v: (q.long(), k, v), TypeError, "q must have dtype", id="int"),
+        pytest.param(lambda q, k, v: (q, k.half(), v), TypeError, "share one dtype", id="mixed-dtype"),
+        pytest.param(lambda q, k, v: (q, k.double(), v), TypeError, "k must have dtype", id="float64"),
+        pytest.param(lambda q, k, v: (q.tolist(), k, v), TypeError, "q must be a torch.Tensor", id="list"),
+    ],
+)
+def test_rejects_bad_tensors(make, error, match):
+    with pytest.raises(error, match=match):
+        topk_attention(*make(*_valid()), 3)
+
+
+@pytest.mark.parametrize(
+    ("topk", "error", "match"),
+    [(0, ValueError, "topk must be >= 1"), (-2, ValueError, "topk must be >= 1"),
+     (2.0, TypeError, "topk must be an int"), (True, TypeError, "topk must be an int")],
+)  # fmt: skip
+def test_rejects_bad_topk(topk, error, match):
+    with pytest.raises(error, match=match):
+        topk_attention(*_valid(), topk)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.5"])
+def test_rejects_bad_scale(scale):
+    with pytest.raises(ValueError, match="scale must be a finite float"):
+        topk_attention(*_valid(), 3, scale=scale)
+
+
+def test_forced_backend_that_cannot_run_raises():
+    with fastvision.use_backend("cuda"), pytest.raises(fastvision.BackendUnavailableError, match="cuda"):
+        topk_attention(*_valid(), 3)
+
+
+# --- registration: opcheck, compile, export --------------------------------------------------------
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
+@pytest.mark.parametrize("topk", [3, 20], ids=["sparse", "dense"])
+def test_opcheck(topk):
+    q, k, v = (t.requires_grad_(True) for t in _inputs(1, 2, 5, 9, 16, torch.float32, seed=100))
+    torch.library.opcheck(torch.ops.fastvision.topk_attention_triton_forward.default, (q, k, v, topk, 0.25))
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
+def test_opcheck_backward():
+    from fastvision.triton_kernels.topk_attention import topk_attention_forward
+
+    q, k, v = _inputs(1, 2, 5, 9, 16, torch.float32, seed=101)
+    out, lse, indices = topk_attention_forward(q, k, v, 3, 0.25)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.fastvision.topk_attention_triton_backward.default,
+        (grad_out, q, k, v, out, lse, indices, 0.25),
+        test_utils=("test_schema", "test_faketensor"),  # dk/dv use float atomics: order may vary
+    )
+
+
+class _TopkAttentionBlock(torch.nn.Module):
+    def __init__(self, dim=32, heads=2, topk=4):
+        super().__init__()
+        self.heads, self.topk = heads, topk
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        return topk_attention(q, k, v, self.topk).transpose(1, 2).reshape(batch, tokens, dim)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
+    torch.manual_seed(0)
+    module = _TopkAttentionBlock().to(DEVICE)
+    x = _random((2, 9, 32), torch.float32, seed=110).requires_grad_(True)
+    with fastvision.use_backend(backend):
+        expected = module(x)
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+        out = compiled(x)
+        out.sum().backward()
+    torch.testing.assert_close(out, expected)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export(backend):
+    torch.manual_seed(0)
+    module = _TopkAttentionBlock().eval().to(DEVICE)
+    x = _random((2, 9, 32), torch.float32, seed=111)
+    with fastvision.use_backend(backend):
+        exported = torch.export.export(module, (x,))
+        expected = module(x)
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    if backend != "reference":
+        assert any("topk_attention" in t for t in targets), targets
+    torch.testing.assert_close(exported.module()(x), expected)
