@@ -373,7 +373,7 @@ def test_denoising_figure(tmp_path):
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert model.training  # restored after drawing
     hook = denoising_figure_hook(tmp_path / "epochs", num_samples=2)
-    hook(model, (clean, None), {"noisy": clean, "denoised": clean}, 0)
+    hook(model, (clean, None), {"noisy": 0.8 * clean, "denoised": 0.9 * clean}, 0)
     assert (tmp_path / "epochs" / "denoise_epoch001.png").exists()
     with pytest.raises(ValueError, match="share one"):
         write_denoising_png(clean, clean[:2], clean, tmp_path / "bad.png")

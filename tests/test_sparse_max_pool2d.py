@@ -1,4 +1,4 @@
-"""sparse_max_pool2d: every backend against a float64 dense max-pool, forward and backward; errors; compile."""
+"""sparse_max_pool2d: every backend against a float64 dense max-pool, fwd and bwd; errors; compile."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GEOMETRIES = [(2, 2), (3, 3), (2, 1), (3, 1), (3, 2), (2, 3), ((2, 3), (1, 2))]
 
 
-def _random_map(batch, height, width, channels, density, seed, dtype=torch.float32, coord_dtype=torch.int64,
-                ties=False):
+def _random_map(
+    batch, height, width, channels, density, seed, dtype=torch.float32, coord_dtype=torch.int64, ties=False
+):
     """Canonical coords of a random sparse map and fresh features (small integers when ``ties``)."""
     generator = torch.Generator().manual_seed(seed)
     active = torch.rand(batch, height, width, generator=generator) < density
@@ -68,7 +69,9 @@ def _unbounded_shape(coords, kernel, stride):
 
 def _check(coords, feats, kernel, stride, backend, spatial_shape=None, seed=0):
     shape = spatial_shape if spatial_shape is not None else _unbounded_shape(coords, kernel, stride)
-    expected_coords, expected_feats, pooled, windows, dense = _dense_pool(coords, feats, kernel, stride, shape)
+    expected_coords, expected_feats, pooled, windows, dense = _dense_pool(
+        coords, feats, kernel, stride, shape
+    )
     grad_out = torch.randn(expected_feats.shape, generator=torch.Generator().manual_seed(seed + 1))
     grad_out = grad_out.to(feats.dtype)
     full_grad = torch.zeros_like(pooled)
@@ -269,17 +272,26 @@ def test_unchecked_sites_outside_spatial_shape_are_ignored(backend):
 @pytest.mark.parametrize(
     "coords, feats, error, message",
     [
-        pytest.param(torch.zeros(2, 2, dtype=torch.int64), torch.randn(2, 4), ValueError, r"\[N, 3\]", id="shape"),
-        pytest.param(torch.zeros(2, 3), torch.randn(2, 4), TypeError, "coords must have dtype", id="float-coords"),
         pytest.param(
-            torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 4, dtype=torch.int32), TypeError,
-            "feats must have dtype", id="int-feats",
+            torch.zeros(2, 2, dtype=torch.int64), torch.randn(2, 4), ValueError, r"\[N, 3\]", id="shape"
+        ),
+        pytest.param(
+            torch.zeros(2, 3), torch.randn(2, 4), TypeError, "coords must have dtype", id="float-coords"
+        ),
+        pytest.param(
+            torch.zeros(2, 3, dtype=torch.int64),
+            torch.ones(2, 4, dtype=torch.int32),
+            TypeError,
+            "feats must have dtype",
+            id="int-feats",
         ),
         pytest.param(torch.zeros(2, 3, dtype=torch.int64), torch.randn(3, 4), ValueError, "N = 2", id="rows"),
-        pytest.param(torch.zeros(2, 3, dtype=torch.int64), torch.randn(2), ValueError, r"\[N, C\]", id="feats-1d"),
+        pytest.param(
+            torch.zeros(2, 3, dtype=torch.int64), torch.randn(2), ValueError, r"\[N, C\]", id="feats-1d"
+        ),
         pytest.param([[0, 0, 0]], torch.randn(1, 4), TypeError, "coords must be a torch.Tensor", id="list"),
     ],
-)  # fmt: skip
+)
 def test_rejects_bad_arguments(coords, feats, error, message):
     with pytest.raises(error, match=message):
         sparse_max_pool2d(coords, feats)
@@ -290,7 +302,9 @@ def test_rejects_bad_arguments(coords, feats, error, message):
     [
         pytest.param({"kernel_size": 0}, ValueError, "kernel_size must be positive", id="kernel-0"),
         pytest.param({"kernel_size": -2}, ValueError, "kernel_size must be positive", id="kernel-neg"),
-        pytest.param({"kernel_size": 2, "stride": (1, 0)}, ValueError, "stride must be positive", id="stride-0"),
+        pytest.param(
+            {"kernel_size": 2, "stride": (1, 0)}, ValueError, "stride must be positive", id="stride-0"
+        ),
         pytest.param({"kernel_size": 2.0}, TypeError, "kernel_size must be an int", id="kernel-float"),
         pytest.param({"kernel_size": (2, 2, 2)}, TypeError, "pair of ints", id="kernel-triple"),
         pytest.param({"spatial_shape": (0, 4)}, ValueError, "spatial_shape must be positive", id="shape-0"),

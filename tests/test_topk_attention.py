@@ -189,7 +189,9 @@ def _valid(dtype=torch.float32):
 @pytest.mark.parametrize(
     ("make", "error", "match"),
     [
-        pytest.param(lambda q, k, v: (q, k[:, :, :5], v), ValueError, "k and v must have the same shape", id="kv"),
+        pytest.param(
+            lambda q, k, v: (q, k[:, :, :5], v), ValueError, "k and v must have the same shape", id="kv"
+        ),
         pytest.param(lambda q, k, v: (q[:1, :1], k, v), ValueError, "must agree in B, H and D", id="heads"),
         pytest.param(
             lambda q, k, v: (q, torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)),
@@ -204,7 +206,9 @@ def _valid(dtype=torch.float32):
             "head dim D",
             id="unsupported-D",
         ),
-        pytest.param(lambda q, k, v: (q, k[:, :, :0], v[:, :, :0]), ValueError, "at least one key", id="Nk=0"),
+        pytest.param(
+            lambda q, k, v: (q, k[:, :, :0], v[:, :, :0]), ValueError, "at least one key", id="Nk=0"
+        ),
         pytest.param(lambda q, k, v: (q.long(), k, v), TypeError, "q must have dtype", id="int"),
         pytest.param(lambda q, k, v: (q, k.half(), v), TypeError, "share one dtype", id="mixed-dtype"),
         pytest.param(lambda q, k, v: (q, k.double(), v), TypeError, "k must have dtype", id="float64"),

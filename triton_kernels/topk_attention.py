@@ -67,7 +67,7 @@ def _pack_keys(scores, key_index):
     scores = tl.where(scores == 0.0, 0.0, scores)  # -0.0 and +0.0 are one score
     bits = scores.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
-    low_word = key_index.to(tl.int64)  # 2**32 - 1 - index
+    low_word = 4294967295 - key_index.to(tl.int64)  # 2**32 - 1 - index
     return (ordered.to(tl.int64) << 32) + low_word[None, :]
 
 
@@ -155,7 +155,7 @@ def _select_topk_kernel(
                 merged = tl.maximum(best, _network_sort(packed, BLOCK_M, BLOCK_N, LOG_N, False))
                 best = _network_merge(merged, BLOCK_M, BLOCK_N, LOG_N, True)
 
-    selected = (best & 4294967295).to(tl.int32)
+    selected = (4294967295 - (best & 4294967295)).to(tl.int32)
     idx_base = idx_ptr + pid_bh.to(tl.int64) * num_queries * topk
     tl.store(idx_base + rows.to(tl.int64)[:, None] * topk + cols[None, :], selected,
              mask=row_ok[:, None] & (cols < topk)[None, :])  # fmt: skip
@@ -175,7 +175,9 @@ def _selected_keys(idx_base, rows, row_ok, slots, num_selected, DENSE: tl.conste
     if DENSE:
         key = slots[None, :] + tl.zeros_like(rows)[:, None]
     else:
-        key = tl.load(idx_base + rows.to(tl.int64)[:, None] * num_selected + slots[None, :], mask=valid, other=0)
+        key = tl.load(
+            idx_base + rows.to(tl.int64)[:, None] * num_selected + slots[None, :], mask=valid, other=0
+        )
     return key, valid
 
 

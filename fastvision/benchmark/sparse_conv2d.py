@@ -4,12 +4,14 @@ Inputs are digit glyphs scattered on a large canvas (the seed's use case: mostly
 until a target fraction of the sites is active. Two kinds of case:
 
 * ``layer``: one 3x3 conv, 32 -> 32 channels. ``reference`` is the definition (densify,
-  ``F.conv2d`` over the whole canvas, read the active sites); ``gather_gemm`` is
-  ``sparse_conv2d`` with the kernel map already built (as every layer after the first at one
-  resolution sees it); ``gather_gemm+map`` builds the map too.
+  ``F.conv2d`` over the whole canvas, read the active sites); ``gather_gemm`` (the op's torch-ops
+  backend, named ``reference`` in fastvision.use_backend) and ``triton`` run ``sparse_conv2d`` with
+  the kernel map already built (as every layer after the first at one resolution sees it);
+  ``sparse+map`` builds the map too (automatic backend choice).
 * ``encoder``: the sparse U-Net encoder (ResidualSparseBlock 1->32, max-pool, 32->64, max-pool) from
-  a dense image batch, against the same network on dense tensors (``nn.Conv2d`` weights, each conv
-  masked to the active sites so both compute the same function). ``fwd`` and ``fwd+bwd``.
+  a dense image batch (``sparse``, automatic backend choice), against the same network on dense
+  tensors (``nn.Conv2d`` weights, each conv masked to the active sites so both compute the same
+  function). ``fwd`` and ``fwd+bwd``.
 
 ``flops`` counts the useful work (the kernel-map pairs), so the dense rows' TFLOP/s show how much
 of their work is wasted on empty sites. ``python -m fastvision.benchmark.sparse_conv2d`` prints the
@@ -23,11 +25,13 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from fastvision.benchmark.case import BenchCase
+from fastvision._backend import why_unusable
+from fastvision.benchmark.case import BenchCase, backend_impl
 from fastvision.ops.sparse_conv2d import dense_weight, sparse_conv2d, sparse_conv2d_reference
 from fastvision.sparse import SparseTensor
 
 DENSITIES = (0.005, 0.01, 0.02, 0.05, 0.10, 0.25)
+CROSSOVER_DENSITIES = (*DENSITIES, 0.5, 0.75)  # the crossover report goes on until dense wins
 GLYPH_THRESHOLD = 0.5  # zero the faint blur of the upscaled embedded digits: stroke-like glyphs
 
 
@@ -124,11 +128,11 @@ def _encoder_cases(images: torch.Tensor, device: torch.device, with_compile: boo
     tolerance = (1e-4, 1e-4)
     forward_impls = {
         "reference": lambda: dense_forward(images),
-        "gather_gemm": lambda: sparse_forward(images),
+        "sparse": lambda: sparse_forward(images),
     }
     if with_compile:  # tens of seconds to compile on a CPU: not in the quick cases
         forward_impls["compile"] = (lambda f: lambda: f(images))(torch.compile(dense_forward))
-    notes = {"gather_gemm": "SparseTensor.from_dense + kernel maps + gather-GEMM-scatter convs + sparse pool"}
+    notes = {"sparse": "SparseTensor.from_dense + kernel maps + sparse convs + sparse max-pool + to_dense"}
     return [
         BenchCase(
             op="sparse_conv2d",
@@ -141,7 +145,7 @@ def _encoder_cases(images: torch.Tensor, device: torch.device, with_compile: boo
         BenchCase(
             op="sparse_conv2d",
             label=f"encoder fwd+bwd {shape} density {actual:.3f}",
-            impls={"reference": fwd_bwd(dense_forward), "gather_gemm": fwd_bwd(sparse_forward)},
+            impls={"reference": fwd_bwd(dense_forward), "sparse": fwd_bwd(sparse_forward)},
             flops=3 * flops,
             tolerance=(1e-3, 1e-3),  # weight gradients sum over every site
             notes=notes,
@@ -157,6 +161,10 @@ def _layer_case(images: torch.Tensor, channels: int, device: torch.device) -> Be
     kernel_map = x.kernel_map(3)
     density = x.num_sites / (images.shape[0] * images.shape[2] * images.shape[3])
 
+    triton = {}
+    if why_unusable("triton", device) is None:
+        triton["triton"] = backend_impl("triton", lambda: sparse_conv2d(x.feats, kernel_map, weight))
+
     def with_fresh_map():
         fresh = SparseTensor(x.coords, x.feats, x.spatial_shape, x.batch_size, check=False)
         return sparse_conv2d(fresh.feats, fresh.kernel_map(3), weight)
@@ -167,12 +175,16 @@ def _layer_case(images: torch.Tensor, channels: int, device: torch.device) -> Be
         f"density {density:.3f}",
         impls={
             "reference": lambda: sparse_conv2d_reference(x, weight),
-            "gather_gemm": lambda: sparse_conv2d(x.feats, kernel_map, weight),
-            "gather_gemm+map": with_fresh_map,
+            "gather_gemm": backend_impl("reference", lambda: sparse_conv2d(x.feats, kernel_map, weight)),
+            **triton,
+            "sparse+map": with_fresh_map,
         },
         flops=2 * kernel_map.in_indices.numel() * channels * channels,
         tolerance=(1e-4, 1e-4),
-        notes={"reference": "dense F.conv2d over the whole canvas, read at the active sites"},
+        notes={
+            "reference": "dense F.conv2d over the whole canvas, read at the active sites",
+            "gather_gemm": "index_select + mm + index_add_ per kernel offset (the op's torch-ops backend)",
+        },
     )
 
 
@@ -199,7 +211,11 @@ def cases(device: torch.device, quick: bool) -> list[BenchCase]:
 
 
 def crossover_table(
-    device: torch.device, batch: int = 1, size: int = 256, densities=DENSITIES, budget_s: float = 0.5
+    device: torch.device,
+    batch: int = 1,
+    size: int = 256,
+    densities=CROSSOVER_DENSITIES,
+    budget_s: float = 0.5,
 ) -> list[dict[str, float]]:
     """Encoder timings (ms) per density, sparse vs dense, forward and forward+backward."""
     from fastvision.benchmark.timing import median_time_ms
@@ -210,7 +226,7 @@ def crossover_table(
         fwd, bwd = _encoder_cases(images, device, with_compile=False)
         row = {"density": float((images != 0).float().mean())}
         for label, case in (("fwd", fwd), ("fwd+bwd", bwd)):
-            for impl in ("reference", "gather_gemm"):
+            for impl in ("reference", "sparse"):
                 row[f"{label} {impl}"] = median_time_ms(case.impls[impl], device, budget_s=budget_s)
         rows.append(row)
     return rows
@@ -219,7 +235,7 @@ def crossover_table(
 def crossover_density(rows: list[dict[str, float]], label: str) -> float | None:
     """The first measured density at which the sparse path is no faster than the dense one."""
     for row in rows:
-        if row[f"{label} gather_gemm"] >= row[f"{label} reference"]:
+        if row[f"{label} sparse"] >= row[f"{label} reference"]:
             return row["density"]
     return None
 
@@ -243,7 +259,7 @@ def main() -> None:
     for row in rows:
         cells = []
         for label in ("fwd", "fwd+bwd"):
-            dense, sparse = row[f"{label} reference"], row[f"{label} gather_gemm"]
+            dense, sparse = row[f"{label} reference"], row[f"{label} sparse"]
             cells.append(f"{dense:8.2f}ms {sparse:8.2f}ms {dense / sparse:5.2f}x")
         print(f"{row['density']:8.3%} | " + " | ".join(cells))
     for label in ("fwd", "fwd+bwd"):

@@ -48,7 +48,9 @@ def _impls(fn, device: torch.device) -> dict:
     return impls
 
 
-def _cases_for(sites: int, dtype: torch.dtype, kernel: int, stride: int, device: torch.device) -> list[BenchCase]:
+def _cases_for(
+    sites: int, dtype: torch.dtype, kernel: int, stride: int, device: torch.device
+) -> list[BenchCase]:
     coords, feats = random_sparse_map(sites, CHANNELS, dtype, device)
     out_coords, _ = sparse_max_pool2d_reference(coords, feats, kernel, stride)
     n, m, s, i = sites, out_coords.shape[0], feats.element_size(), coords.element_size()
@@ -56,7 +58,9 @@ def _cases_for(sites: int, dtype: torch.dtype, kernel: int, stride: int, device:
 
     forward_impls = {"reference": lambda: sparse_max_pool2d_reference(coords, feats, kernel, stride)}
     # check_coords=False: time the kernels (the C++ ops validate the coords themselves).
-    forward_impls |= _impls(lambda: sparse_max_pool2d(coords, feats, kernel, stride, check_coords=False), device)
+    forward_impls |= _impls(
+        lambda: sparse_max_pool2d(coords, feats, kernel, stride, check_coords=False), device
+    )
     forward = BenchCase(
         op="sparse_max_pool2d",
         label=f"fwd {name} -> {m // 1000}k",
@@ -66,7 +70,9 @@ def _cases_for(sites: int, dtype: torch.dtype, kernel: int, stride: int, device:
         tolerance=TOLERANCE[dtype],
     )
 
-    grad_out = torch.randn(m, CHANNELS, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    grad_out = torch.randn(m, CHANNELS, generator=torch.Generator().manual_seed(1)).to(
+        device=device, dtype=dtype
+    )
     leaf = feats.detach().requires_grad_(True)
     _, ref_out = sparse_max_pool2d_reference(coords, leaf, kernel, stride)
     backward_impls = {

@@ -151,25 +151,27 @@ def _check_coords(coords: torch.Tensor, spatial_shape: tuple[int, int] | None, o
     """Inside spatial_shape, and (order_and_sign) non-negative, sorted and unique: at most one host sync."""
     if spatial_shape is None and not order_and_sign:
         return
-    c = coords.long()
-    bad_sign = (c < 0) if order_and_sign else torch.zeros_like(c, dtype=torch.bool)
-    bad_range = torch.zeros_like(bad_sign)
+    bad = torch.zeros((), dtype=torch.bool, device=coords.device)
     if spatial_shape is not None:
-        bad_range[:, 1] = c[:, 1] >= spatial_shape[0]
-        bad_range[:, 2] = c[:, 2] >= spatial_shape[1]
-    ordered = torch.ones(max(0, c.shape[0] - 1), dtype=torch.bool, device=c.device)
+        # Python-scalar comparisons: a limits tensor would cost a host-to-device copy (and a stream sync).
+        bad_range = torch.stack([coords[:, 1] >= spatial_shape[0], coords[:, 2] >= spatial_shape[1]], 1)
+        bad = bad | bad_range.any()
     if order_and_sign:
+        c = coords.long()
+        bad_sign = c < 0
         prev, cur = c[:-1], c[1:]
         ordered = (prev[:, 0] < cur[:, 0]) | (
             (prev[:, 0] == cur[:, 0])
             & ((prev[:, 1] < cur[:, 1]) | ((prev[:, 1] == cur[:, 1]) & (prev[:, 2] < cur[:, 2])))
         )
-    if not bool(bad_sign.any() | bad_range.any() | (~ordered).any()):
+        bad = bad | bad_sign.any() | (~ordered).any()
+    if not bool(bad):
         return
-    if bad_sign.any():
+    c = coords.long()
+    if order_and_sign and bad_sign.any():
         row = int(bad_sign.any(1).nonzero()[0])
         raise ValueError(f"coords must be non-negative, row {row} is {c[row].tolist()}")
-    if bad_range.any():
+    if spatial_shape is not None and bad_range.any():
         row = int(bad_range.any(1).nonzero()[0])
         raise ValueError(
             f"coords must lie inside spatial_shape {tuple(spatial_shape)}, row {row} is {c[row].tolist()}"

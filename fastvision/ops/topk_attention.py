@@ -134,14 +134,18 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, 
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     check_same_device(q=q, k=k, v=v)
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape [B, H, Nk, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape [B, H, Nk, D], got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(
             f"q [B, H, Nq, D] and k [B, H, Nk, D] must agree in B, H and D, "
             f"got {tuple(q.shape)} and {tuple(k.shape)}"
         )
     if q.shape[3] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim D (last dim of q, k, v) must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[3]}")
+        raise ValueError(
+            f"head dim D (last dim of q, k, v) must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[3]}"
+        )
     if k.shape[2] == 0:
         raise ValueError("k and v must hold at least one key (Nk >= 1): a softmax over no keys is undefined")
     if isinstance(topk, bool) or not isinstance(topk, int):
