@@ -1,6 +1,11 @@
 """The architectures, registered by name (``create_model``, ``list_models``)."""
 
-from fastvision.models import digit_seq_transformer, vit_mnist  # noqa: F401  (registers them)
+from fastvision.models import (  # noqa: F401  (importing registers each architecture)
+    digit_seq_transformer,
+    sparse_moe_denoiser,
+    sparse_unet_mnist,
+    vit_mnist,
+)
 from fastvision.models.registry import ModelSpec, create_model, get_model_spec, list_models, register_model
 
 __all__ = ["ModelSpec", "create_model", "get_model_spec", "list_models", "register_model"]
