@@ -9,9 +9,11 @@ Three kernels, each with a grid of (query blocks, B * H):
    the low word), so one integer sort orders by score and breaks ties towards the lower key index,
    and the index travels with its score. Merging a block: sort the block ascending, take the
    elementwise max with the buffer (sorted descending), which by the bitonic-merge property holds
-   exactly the ``BLOCK_N`` best of the union, and sort that descending. A block none of whose
-   scores beats the buffer's worst entry for any query of the tile is skipped, so once the buffer
-   fills, most blocks cost only the matmul. The first ``topk`` indices are stored as int32.
+   the ``BLOCK_N`` best of the union, and sort that descending. A block none of whose scores
+   beats the current k-th best of any query of the tile is skipped: with keys in random order a
+   query's top-k changes about ``topk * ln(Nk / topk)`` times in all, mostly in the first blocks,
+   so late blocks usually cost only the matmul and two row reductions (a tile merges when any of
+   its ``BLOCK_M`` queries needs it). The first ``topk`` indices are stored as int32.
    Above ``TRITON_MAX_TOPK`` the register buffer would be too large; the selection then runs in
    torch over query chunks (temporary memory bounded by ``_CHUNK_ELEMENTS`` scores) with the same
    packed keys, so the tie rule is the same.
@@ -145,7 +147,10 @@ def _select_topk_kernel(
             scores = tl.dot(q, k_tile)
         scores = tl.where(key_ok[None, :], scores * scale, float("-inf"))
         packed = _pack_keys(scores, keys)
-        improves = tl.max(packed, axis=1) > tl.min(best, axis=1)
+        # A key that does not beat the current k-th best can never be selected (the k-th best
+        # only rises), so blocks without such a key skip the merge.
+        kth_best = tl.max(tl.where(cols[None, :] == topk - 1, best, -9223372036854775807), axis=1)
+        improves = tl.max(packed, axis=1) > kth_best
         if tl.max(improves.to(tl.int32), axis=0) > 0:
             # best (descending) vs block (ascending): the elementwise max is the BLOCK_N best of both
             if NATIVE_SORT:

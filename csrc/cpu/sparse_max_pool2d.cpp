@@ -212,8 +212,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
         for (int64_t w = begin; w < end; ++w) {
           const int64_t x_end = static_cast<int64_t>(oc[3 * w + 2]) * g.sw + g.kw;
           inputs.clear();
-          for (int64_t p = win_first[w]; p < win_seg_end[w] && in.x(merged[p]) < x_end; ++p) inputs.push_back(merged[p]);
-          std::sort(inputs.begin(), inputs.end());
+          for (int64_t p = win_first[w]; p < win_seg_end[w] && in.x(merged[p]) < x_end; ++p) {
+            inputs.push_back(merged[p]);
+          }
+          for (size_t k = 1; k < inputs.size(); ++k) {  // insertion sort: a window holds a few inputs
+            for (size_t j = k; j > 0 && inputs[j] < inputs[j - 1]; --j) std::swap(inputs[j], inputs[j - 1]);
+          }
           const scalar_t* row = f + inputs[0] * channels;
           for (int64_t c = 0; c < channels; ++c) {
             best[c] = static_cast<acc_t>(row[c]);
@@ -275,11 +279,14 @@ at::Tensor sparse_max_pool2d_backward_cpu(const at::Tensor& grad_out_feats, cons
       std::vector<acc_t> acc(channels);
       for (int64_t i = begin; i < end; ++i) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
+        const int32_t index = static_cast<int32_t>(i);  // same width as argmax: the loop vectorizes
         for (int64_t s = 0; s < slots; ++s) {
           const int64_t w = map[i * slots + s];
           if (w < 0 || w >= m) continue;
+          const int32_t* arg_row = arg + w * channels;
+          const scalar_t* dy_row = dy + w * channels;
           for (int64_t c = 0; c < channels; ++c) {
-            acc[c] += arg[w * channels + c] == i ? static_cast<acc_t>(dy[w * channels + c]) : acc_t(0);
+            acc[c] += arg_row[c] == index ? static_cast<acc_t>(dy_row[c]) : acc_t(0);
           }
         }
         for (int64_t c = 0; c < channels; ++c) dx[i * channels + c] = static_cast<scalar_t>(acc[c]);

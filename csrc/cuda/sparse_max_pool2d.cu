@@ -72,8 +72,9 @@ struct CoordView {
   }
 };
 
-#define GRID_STRIDE(i, n) \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+#define GRID_STRIDE(i, n)                                                       \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; \
+       i < (n); i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
 // 1a. Row flags (start of each run of equal (b, y)) and validation flags.
 template <typename index_t>
@@ -366,8 +367,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto longs = coords.options().dtype(at::kLong);
   if (n == 0) {
+    const auto ints = feats.options().dtype(at::kInt);
     return {at::empty({0, 3}, coords.options()), at::empty({0, channels}, feats.options()),
-            at::empty({0, channels}, feats.options().dtype(at::kInt)), at::empty({0, slots}, feats.options().dtype(at::kInt))};
+            at::empty({0, channels}, ints), at::empty({0, slots}, ints)};
   }
   const CoordView<index_t> in{coords.data_ptr<index_t>()};
   const int64_t capacity = n * py;  // bound on output rows and on (input, output row) pairs

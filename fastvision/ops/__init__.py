@@ -2,5 +2,24 @@
 
 from fastvision.ops.add_layer_norm import add_layer_norm, add_layer_norm_reference
 from fastvision.ops.geglu import geglu, geglu_reference
+from fastvision.ops.sparse_conv2d import sparse_conv2d, sparse_conv2d_reference
+from fastvision.ops.sparse_max_pool2d import (
+    sparse_max_pool2d,
+    sparse_max_pool2d_output_shape,
+    sparse_max_pool2d_reference,
+)
+from fastvision.ops.topk_attention import topk_attention, topk_attention_reference
 
-__all__ = ["add_layer_norm", "add_layer_norm_reference", "geglu", "geglu_reference"]
+__all__ = [
+    "add_layer_norm",
+    "add_layer_norm_reference",
+    "geglu",
+    "geglu_reference",
+    "sparse_conv2d",
+    "sparse_conv2d_reference",
+    "sparse_max_pool2d",
+    "sparse_max_pool2d_output_shape",
+    "sparse_max_pool2d_reference",
+    "topk_attention",
+    "topk_attention_reference",
+]
