@@ -22,6 +22,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt if it exists")
     train.add_argument("--overwrite", action="store_true", help="start over in a run dir that holds a run")
     train.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    train.add_argument(
+        "--no-viz",
+        action="store_true",
+        help="skip the per-validation display (braille digit samples; denoising PNGs in RUN_DIR/figures)",
+    )
     overrides = train.add_argument_group("config overrides")
     overrides.add_argument("--epochs", type=int)
     overrides.add_argument("--batch-size", type=int)
@@ -83,6 +88,23 @@ CONFIG_FLAGS = (
 )
 
 
+def _validation_display(model_name: str, run_dir: str | None):
+    """The per-validation display for a model's task: braille digit samples in the terminal, or
+    noisy/denoised/clean PNGs under RUN_DIR/figures for the denoiser."""
+    from pathlib import Path
+
+    from fastvision.models import get_model_spec
+
+    task = get_model_spec(model_name).task
+    if task == "denoise":
+        from fastvision.denoise_viz import denoising_figure_hook
+
+        return denoising_figure_hook(Path(run_dir or Path("runs") / model_name) / "figures")
+    from fastvision.viz import show_validation_samples
+
+    return show_validation_samples
+
+
 def run_train(args: argparse.Namespace) -> int:
     from fastvision.train.trainer import resolve_config, train
 
@@ -96,6 +118,7 @@ def run_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        on_validation=None if args.no_viz else _validation_display(args.model, args.run_dir),
     )
     shown = ("model", "dataset", "test_metrics", "wall_time_s", "run_dir")
     print(json.dumps({key: summary[key] for key in shown}, indent=2))
