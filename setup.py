@@ -40,7 +40,8 @@ def _extensions():
         and bool(cuda_sources)
     )
     cxx_flags = ["-O3"]  # torch adds the C++ standard it was built with
-    if platform.machine() in ("x86_64", "AMD64") and os.environ.get("FASTVISION_CPU_BASELINE", "avx2") == "avx2":
+    baseline = os.environ.get("FASTVISION_CPU_BASELINE", "avx2")
+    if platform.machine() in ("x86_64", "AMD64") and baseline == "avx2":
         # The CPU kernels use ATen's 8-wide float vectors; AVX2+FMA is the x86-64 baseline assumed here
         # (FASTVISION_CPU_BASELINE=generic builds portable scalar code instead).
         cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]

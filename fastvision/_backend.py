@@ -107,7 +107,7 @@ def why_unusable(backend: str, device: torch.device) -> str | None:
             return "triton is not installed"
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
             return None
-        return f"triton runs on CUDA tensors (CPU tensors with TRITON_INTERPRET=1), got a {device.type} tensor"
+        return f"triton runs on CUDA tensors (CPU ones with TRITON_INTERPRET=1), got a {device.type} tensor"
     if backend == "cuda":
         if device.type != "cuda":
             return f"the cuda backend runs on CUDA tensors, got a {device.type} tensor"
