@@ -2,10 +2,12 @@
 // float math through at::vec::Vectorized, with half/bfloat16 widened to float per chunk.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <type_traits>
 
 #include "geglu_common.h"
@@ -54,25 +56,29 @@ void gelu_and_grad_vec(const FloatVec& g, FloatVec& gelu_out, FloatVec& grad_out
   }
 }
 
+// A chunk is one storage vector: 8 floats, or 16 half/bfloat16 values widened to two float vectors.
 template <typename scalar_t>
-FloatVec load_float(const scalar_t* src, int64_t count) {
+constexpr int kParts = at::vec::Vectorized<scalar_t>::size() / kWidth;
+
+template <typename scalar_t>
+using FloatChunk = std::array<FloatVec, kParts<scalar_t>>;
+
+template <typename scalar_t>
+FloatChunk<scalar_t> load_chunk(const scalar_t* src, int64_t count) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    return FloatVec::loadu(src, count);
+    return {FloatVec::loadu(src, count)};
   } else {
-    alignas(64) float buffer[kWidth] = {};
-    for (int64_t k = 0; k < count; ++k) buffer[k] = static_cast<float>(src[k]);
-    return FloatVec::loadu(buffer, count);
+    const auto [low, high] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(src, count));
+    return {low, high};
   }
 }
 
 template <typename scalar_t>
-void store_float(const FloatVec& v, scalar_t* dst, int64_t count) {
+void store_chunk(const FloatChunk<scalar_t>& v, scalar_t* dst, int64_t count) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    v.store(dst, count);
+    v[0].store(dst, count);
   } else {
-    alignas(64) float buffer[kWidth];
-    v.store(buffer, count);
-    for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<scalar_t>(buffer[k]);
+    at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(dst, count);
   }
 }
 
@@ -80,15 +86,18 @@ int64_t rows_per_task(int64_t hidden) { return std::max<int64_t>(1, 16384 / std:
 
 template <typename scalar_t, bool kTanh>
 void geglu_forward_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t hidden) {
+  constexpr int64_t kChunk = at::vec::Vectorized<scalar_t>::size();
   at::parallel_for(0, rows, rows_per_task(hidden), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* value = x + r * 2 * hidden;
       const scalar_t* gate = value + hidden;
       scalar_t* y = out + r * hidden;
-      for (int64_t j = 0; j < hidden; j += kWidth) {
-        const int64_t count = std::min(kWidth, hidden - j);
-        const FloatVec g = load_float(gate + j, count);
-        store_float(load_float(value + j, count) * gelu_vec<kTanh>(g), y + j, count);
+      for (int64_t j = 0; j < hidden; j += kChunk) {
+        const int64_t count = std::min(kChunk, hidden - j);
+        const FloatChunk<scalar_t> g = load_chunk(gate + j, count);
+        FloatChunk<scalar_t> result = load_chunk(value + j, count);
+        for (int p = 0; p < kParts<scalar_t>; ++p) result[p] = result[p] * gelu_vec<kTanh>(g[p]);
+        store_chunk(result, y + j, count);
       }
     }
   });
@@ -96,6 +105,7 @@ void geglu_forward_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t 
 
 template <typename scalar_t, bool kTanh>
 void geglu_backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t hidden) {
+  constexpr int64_t kChunk = at::vec::Vectorized<scalar_t>::size();
   at::parallel_for(0, rows, rows_per_task(hidden), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* value = x + r * 2 * hidden;
@@ -103,13 +113,20 @@ void geglu_backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, in
       const scalar_t* grad = dy + r * hidden;
       scalar_t* dvalue = dx + r * 2 * hidden;
       scalar_t* dgate = dvalue + hidden;
-      for (int64_t j = 0; j < hidden; j += kWidth) {
-        const int64_t count = std::min(kWidth, hidden - j);
-        FloatVec gelu, gelu_grad;
-        gelu_and_grad_vec<kTanh>(load_float(gate + j, count), gelu, gelu_grad);
-        const FloatVec d = load_float(grad + j, count);
-        store_float(d * gelu, dvalue + j, count);
-        store_float(d * load_float(value + j, count) * gelu_grad, dgate + j, count);
+      for (int64_t j = 0; j < hidden; j += kChunk) {
+        const int64_t count = std::min(kChunk, hidden - j);
+        const FloatChunk<scalar_t> g = load_chunk(gate + j, count);
+        const FloatChunk<scalar_t> d = load_chunk(grad + j, count);
+        const FloatChunk<scalar_t> v = load_chunk(value + j, count);
+        FloatChunk<scalar_t> d_value, d_gate;
+        for (int p = 0; p < kParts<scalar_t>; ++p) {
+          FloatVec gelu, gelu_grad;
+          gelu_and_grad_vec<kTanh>(g[p], gelu, gelu_grad);
+          d_value[p] = d[p] * gelu;
+          d_gate[p] = d[p] * v[p] * gelu_grad;
+        }
+        store_chunk(d_value, dvalue + j, count);
+        store_chunk(d_gate, dgate + j, count);
       }
     }
   });

@@ -24,6 +24,7 @@ class BenchCase:
     impls: dict[str, Callable[[], Any]]
     bytes_moved: int = 0  # minimal DRAM traffic of one call: sets GB/s
     flops: int = 0  # useful floating-point operations of one call: sets TFLOP/s
+    items: int = 0  # items (e.g. images) one call processes: sets items/s
     dtype: torch.dtype = torch.float32
     # Tolerance for checking each implementation's output against "reference" (atol, rtol).
     tolerance: tuple[float, float] = (1e-5, 1e-5)

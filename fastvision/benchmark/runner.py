@@ -78,6 +78,7 @@ class BenchRow:
     tflops: float | None
     vs_reference: float | None
     vs_compile: float | None
+    items_per_s: float | None = None
     note: str = ""
 
 
@@ -118,6 +119,7 @@ def run_case(case: BenchCase, device: torch.device, copy_gbps: float, budget_s: 
                 tflops=case.flops / (ms * 1e-3) / 1e12 if ms and case.flops else None,
                 vs_reference=None,
                 vs_compile=None,
+                items_per_s=case.items / (ms * 1e-3) if ms and case.items else None,
                 note=case.notes.get(name, ""),
             )
         )
@@ -178,10 +180,12 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def format_table(env: dict[str, Any], rows: list[BenchRow]) -> str:
-    header = ["op", "case", "impl", "check", "median ms", "GB/s", "% copy", "TFLOP/s", "x ref", "x compile"]
+    header = ["op", "case", "impl", "check", "median ms", "GB/s", "% copy", "TFLOP/s", "items/s"]
+    header += ["x ref", "x compile"]
     lines = [
         [r.op, r.case, r.impl, "ok" if r.ok else f"FAIL {r.error}"]
         + [_fmt(r.median_ms, ".4f"), _fmt(r.gbps, ".1f"), _fmt(r.pct_copy_bw, ".0f"), _fmt(r.tflops, ".2f")]
+        + [_fmt(r.items_per_s, ".0f")]
         + [_fmt(r.vs_reference, ".2f"), _fmt(r.vs_compile, ".2f")]
         for r in rows
     ]

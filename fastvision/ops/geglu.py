@@ -18,7 +18,8 @@ from fastvision.ops._checks import check_choice, check_dtype, check_tensor
 
 APPROXIMATIONS = ("none", "tanh")
 IMPLEMENTED_BACKENDS = ("reference", "cpu", "triton", "cuda")
-# Fastest first, by bench/results (the CUDA kernel moves 16-byte vectors; Triton is the fallback).
+# Expected fastest first: the CUDA kernel moves 16-byte vectors per thread. To be confirmed by the GPU
+# pass (bench/gpu_pass.sh); reorder when its results say otherwise.
 GPU_ORDER = ("cuda", "triton")
 
 
