@@ -13,11 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-SQRT_HALF = 0.7071067811865476  # 1/sqrt(2)
-INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2*pi)
-SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2/pi)
-TANH_CUBIC = 0.044715
-
 
 @triton.jit
 def _tanh(x):
@@ -27,6 +22,11 @@ def _tanh(x):
 
 @triton.jit
 def _gelu_and_grad(g, APPROX_TANH: tl.constexpr, NEED_GRAD: tl.constexpr):
+    # Literals, not module globals: compiled @triton.jit code cannot read non-constexpr globals.
+    SQRT_HALF = 0.7071067811865476  # 1/sqrt(2)
+    INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2*pi)
+    SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2/pi)
+    TANH_CUBIC = 0.044715
     if APPROX_TANH:
         t = _tanh(SQRT_2_OVER_PI * (g + TANH_CUBIC * g * g * g))
         gelu = 0.5 * g * (1.0 + t)
@@ -57,10 +57,10 @@ def geglu_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 rows: M * 2H can pass 2**31 (and so can M with a tiny H).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < hidden)
-    rows = rows.to(tl.int64)  # M * 2H can pass 2**31
     x_offsets = rows[:, None] * x_row_stride + cols[None, :]
     value = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(x_ptr + x_offsets + hidden, mask=mask, other=0.0).to(tl.float32)
@@ -84,10 +84,9 @@ def geglu_backward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < hidden)
-    rows = rows.to(tl.int64)
     x_offsets = rows[:, None] * x_row_stride + cols[None, :]
     value = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(x_ptr + x_offsets + hidden, mask=mask, other=0.0).to(tl.float32)

@@ -117,8 +117,8 @@ def _select_topk_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, NATIVE_SORT: tl.constexpr, LOG_N: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(0)
     batch = (pid_bh // heads).to(tl.int64)
     head = (pid_bh % heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -195,8 +195,8 @@ def _sparse_forward_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(0)
     batch = (pid_bh // heads).to(tl.int64)
     head = (pid_bh % heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -247,8 +247,8 @@ def _sparse_backward_kernel(
     stride_gb, stride_gh, stride_gn, stride_gd,
     DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(0)
     batch = (pid_bh // heads).to(tl.int64)
     head = (pid_bh % heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -355,7 +355,7 @@ def select_topk(
         return indices
     interpreting = triton_interpreting()
     block_m, block_n, num_warps = _selection_tile(topk, interpreting)
-    grid = (triton.cdiv(num_queries, block_m), batch * heads)
+    grid = (batch * heads, triton.cdiv(num_queries, block_m))  # B*H on axis 0: no 65535 limit
     _select_topk_kernel[grid](
         q, k, indices, num_queries, num_keys, topk, heads, scale, *_strides(q), *_strides(k),
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -382,7 +382,7 @@ def topk_attention_forward(
     if out.numel() == 0:
         return out, lse, indices
     block_m, block_k, num_warps = _sparse_tile(head_dim, triton_interpreting())
-    grid = (triton.cdiv(num_queries, block_m), batch * heads)
+    grid = (batch * heads, triton.cdiv(num_queries, block_m))  # B*H on axis 0: no 65535 limit
     _sparse_forward_kernel[grid](
         q, k, v, indices, out, lse, num_queries, num_keys if dense else topk, heads, scale,
         *_strides(q), *_strides(k), *_strides(v),
@@ -412,7 +412,7 @@ def topk_attention_backward(
         out = out.contiguous()
         indices = indices.contiguous()
         block_m, block_k, num_warps = _sparse_tile(head_dim, triton_interpreting())
-        grid = (triton.cdiv(num_queries, block_m), batch * heads)
+        grid = (batch * heads, triton.cdiv(num_queries, block_m))  # B*H on axis 0: no 65535 limit
         _sparse_backward_kernel[grid](
             q, k, v, out, grad_out, lse.contiguous(), indices, dq, dk, dv,
             num_queries, num_keys, num_selected, heads, scale,
