@@ -14,6 +14,8 @@ OUT="${OUT:-bench/results/$(date -u +%Y%m%d)-${GPU:-gpu}}"
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+# A GPU backend that failed to build must fail its tests, not skip them.
+export FASTVISION_REQUIRE_BACKENDS="${FASTVISION_REQUIRE_BACKENDS:-triton,cuda}"
 status=0
 
 step() { echo "=== $* ($(date -u +%T))"; }
@@ -30,9 +32,11 @@ step "tests on the GPU"
 "$PY" -m pytest -q tests -p no:cacheprovider --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1 || status=1
 tail -5 "$OUT/tests.log"
 
-step "memcheck of the CUDA kernels (small cases)"
+step "memcheck of the CUDA and Triton kernels (the op tests' small cases)"
 if command -v compute-sanitizer >/dev/null; then
-  compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -x tests -k "cuda and not compile and not export" \
+  compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -x \
+    tests/test_geglu.py tests/test_add_layer_norm.py tests/test_topk_attention.py tests/test_sparse_max_pool2d.py \
+    tests/test_sparse_conv.py -k "(cuda or triton) and not compile and not export and not opcheck" \
     -p no:cacheprovider >"$OUT/memcheck.log" 2>&1 || status=1
   tail -3 "$OUT/memcheck.log"
 fi

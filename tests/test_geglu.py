@@ -18,6 +18,9 @@ SHAPES = [
     (1, 254),  # H = 127
     (33, 130),  # H = 65, more rows than one tile
     (4, 2 * 1000 + 2),  # H = 1001, several column tiles
+    (6, 16),  # H = 8: the CUDA kernel's 16-byte vectors for half types
+    (3, 7, 128),  # H = 64
+    (2, 2 * 4096),  # H = 4096, the benchmark's hidden size
 ]
 
 

@@ -116,7 +116,7 @@ def test_ties_route_to_lowest_index(backend, geometry):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("coord_dtype", [torch.int32, torch.int64], ids=str)
-@pytest.mark.parametrize("channels", [1, 65])
+@pytest.mark.parametrize("channels", [1, 8, 16, 64, 65])
 def test_dtypes_and_channels(backend, dtype, coord_dtype, channels):
     coords, feats = _random_map(2, 7, 9, channels, 0.4, seed=channels, dtype=dtype, coord_dtype=coord_dtype)
     _check(coords, feats, 3, 2, backend, (7, 9))

@@ -129,6 +129,8 @@ at::Tensor geglu_forward_cuda(const at::Tensor& x, c10::string_view approximate)
 at::Tensor geglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, c10::string_view approximate) {
   const bool tanh = geglu_is_tanh(std::string(approximate));
   TORCH_CHECK(x.is_cuda() && grad_out.is_cuda(), "geglu_backward_cuda: tensors must be on CUDA");
+  TORCH_CHECK(x.device() == grad_out.device(), "geglu_backward: grad_out on ", grad_out.device(), " and x on ",
+              x.device(), " must be on one device");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor rows = geglu_as_rows(x);
   TORCH_CHECK(grad_out.sizes().vec() == geglu_out_shape(x), "geglu_backward: grad_out has shape ", grad_out.sizes(),

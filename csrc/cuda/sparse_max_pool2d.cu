@@ -424,6 +424,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
   TORCH_CHECK_VALUE(!(errors & kNegativeCoord), "coords must be non-negative");
   TORCH_CHECK_VALUE(!(errors & kUnsortedCoords),
                     "coords must be sorted lexicographically by (batch, y, x) without duplicates");
+  // Window-map entries and argmax are int32 (the Python wrapper checks N * slots; direct calls land here).
+  TORCH_CHECK(m <= std::numeric_limits<int32_t>::max(), "sparse_max_pool2d: ", m,
+              " output windows do not fit the int32 window map");
   // From here the input is valid: the pairs fit the capacity and merged is a permutation of each segment.
 
   at::Tensor out_coords = at::empty({m, 3}, coords.options());
@@ -470,6 +473,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_max_pool2d_for
               "sparse_max_pool2d: feats must be [N, C] with N = ", coords_in.size(0), ", got ", feats_in.sizes());
   TORCH_CHECK(coords_in.size(0) < std::numeric_limits<int32_t>::max(),
               "sparse_max_pool2d: more than 2^31 - 1 inputs do not fit the int32 argmax");
+  TORCH_CHECK(coords_in.device() == feats_in.device(), "sparse_max_pool2d: coords on ", coords_in.device(),
+              " and feats on ", feats_in.device(), " must be on one device");
   const c10::cuda::CUDAGuard guard(feats_in.device());
   const Geometry g = make_geometry(kernel_size, stride, window_limit);
   const at::Tensor coords = coords_in.contiguous();
@@ -488,6 +493,8 @@ at::Tensor sparse_max_pool2d_backward_cuda(const at::Tensor& grad_out_feats, con
               "sparse_max_pool2d_backward: window_map must be a 2-D int32 tensor");
   TORCH_CHECK(grad_out_feats.sizes() == argmax_in.sizes(), "sparse_max_pool2d_backward: grad_out_feats has shape ",
               grad_out_feats.sizes(), ", expected argmax's shape ", argmax_in.sizes());
+  TORCH_CHECK(argmax_in.device() == grad_out_feats.device() && window_map_in.device() == grad_out_feats.device(),
+              "sparse_max_pool2d_backward: grad_out_feats, argmax and window_map must be on one device");
   const c10::cuda::CUDAGuard guard(grad_out_feats.device());
   const at::Tensor grad = grad_out_feats.contiguous();
   const at::Tensor argmax = argmax_in.contiguous();

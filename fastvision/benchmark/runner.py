@@ -42,7 +42,7 @@ def _flatten(output: Any) -> list[torch.Tensor]:
         return [output]
     if isinstance(output, (tuple, list)):
         return [t for item in output for t in _flatten(item)]
-    return []
+    raise TypeError(f"benchmark outputs must be tensors or tuples of tensors, got {type(output).__name__}")
 
 
 def check_output(actual: Any, expected: Any, tolerance: tuple[float, float]) -> str | None:
@@ -51,9 +51,13 @@ def check_output(actual: Any, expected: Any, tolerance: tuple[float, float]) -> 
     actual, expected = _flatten(actual), _flatten(expected)
     if len(actual) != len(expected):
         return f"{len(actual)} outputs, expected {len(expected)}"
+    if not expected:
+        return "the reference returned no tensors"
     for a, e in zip(actual, expected, strict=True):
         if a.shape != e.shape:
             return f"shape {tuple(a.shape)}, expected {tuple(e.shape)}"
+        if a.dtype != e.dtype:
+            return f"dtype {a.dtype}, expected {e.dtype}"
         if a.is_floating_point():
             a64, e64 = a.double(), e.double()
             if not torch.isfinite(a64).all() and torch.isfinite(e64).all():
