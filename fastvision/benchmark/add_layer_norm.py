@@ -66,6 +66,7 @@ def _forward_case(x, residual, weight, bias, device: torch.device) -> BenchCase:
         dtype=x.dtype,
         tolerance=TOLERANCE[x.dtype],
         notes=notes,
+        peer="liger" if "liger" in impls else None,
     )
 
 
@@ -110,6 +111,7 @@ def _forward_backward_case(x, residual, weight, bias, device: torch.device) -> B
         dtype=x.dtype,
         tolerance=TOLERANCE[x.dtype],
         notes=notes,
+        peer="liger" if "liger" in impls else None,
     )
 
 

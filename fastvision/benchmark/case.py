@@ -25,6 +25,7 @@ class BenchCase:
     bytes_moved: int = 0  # minimal DRAM traffic of one call: sets GB/s
     flops: int = 0  # useful floating-point operations of one call: sets TFLOP/s
     items: int = 0  # items (e.g. images) one call processes: sets items/s
+    peer: str | None = None  # the impl name of the best peer library present, for the "x peer" column
     dtype: torch.dtype = torch.float32
     # Tolerance for checking each implementation's output against "reference" (atol, rtol).
     tolerance: tuple[float, float] = (1e-5, 1e-5)

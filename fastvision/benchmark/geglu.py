@@ -54,6 +54,7 @@ def _forward_case(x: torch.Tensor, approximate: str, device: torch.device) -> Be
         dtype=x.dtype,
         tolerance=TOLERANCE[x.dtype],
         notes=notes,
+        peer="liger" if "liger" in impls else None,
     )
 
 
@@ -93,6 +94,7 @@ def _backward_case(x: torch.Tensor, approximate: str, device: torch.device) -> B
         dtype=x.dtype,
         tolerance=TOLERANCE[x.dtype],
         notes=notes,
+        peer="liger" if "liger" in impls else None,
     )
 
 

@@ -83,6 +83,7 @@ class BenchRow:
     vs_reference: float | None
     vs_compile: float | None
     items_per_s: float | None = None
+    vs_peer: float | None = None
     note: str = ""
 
 
@@ -133,6 +134,8 @@ def run_case(case: BenchCase, device: torch.device, copy_gbps: float, budget_s: 
                 row.vs_reference = times["reference"] / row.median_ms
             if "compile" in times:
                 row.vs_compile = times["compile"] / row.median_ms
+            if case.peer is not None and case.peer in times:
+                row.vs_peer = times[case.peer] / row.median_ms
     return rows
 
 
@@ -185,12 +188,12 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_table(env: dict[str, Any], rows: list[BenchRow]) -> str:
     header = ["op", "case", "impl", "check", "median ms", "GB/s", "% copy", "TFLOP/s", "items/s"]
-    header += ["x ref", "x compile"]
+    header += ["x ref", "x compile", "x peer"]
     lines = [
         [r.op, r.case, r.impl, "ok" if r.ok else f"FAIL {r.error}"]
         + [_fmt(r.median_ms, ".4f"), _fmt(r.gbps, ".1f"), _fmt(r.pct_copy_bw, ".0f"), _fmt(r.tflops, ".2f")]
         + [_fmt(r.items_per_s, ".0f")]
-        + [_fmt(r.vs_reference, ".2f"), _fmt(r.vs_compile, ".2f")]
+        + [_fmt(r.vs_reference, ".2f"), _fmt(r.vs_compile, ".2f"), _fmt(r.vs_peer, ".2f")]
         for r in rows
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
