@@ -9,6 +9,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -71,12 +72,20 @@ geglu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   }
 }
 
+// Blocks of kThreads that fit on the current device at once; looked up once per device.
 int max_resident_blocks() {
-  int device = 0, sms = 0, per_sm = 0;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
+  const int cached = device < kMaxDevices ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (cached > 0) return cached;
+  int sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
-  return sms * (per_sm / kThreads);
+  const int blocks = sms * (per_sm / kThreads);
+  if (device < kMaxDevices) cache[device].store(blocks, std::memory_order_relaxed);
+  return blocks;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
