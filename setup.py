@@ -23,6 +23,40 @@ def _find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((set(line.split(":", 1)[1].split()) for line in handle if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def _cpu_vector_flags() -> list[str]:
+    """Compiler flags for ATen's vector types in the CPU kernels, for the CPU this builds on.
+
+    The extension is built from source on the machine that runs it, so it may use what that CPU has:
+    AVX-512 (16-wide float) or AVX2+FMA (8-wide). FASTVISION_CPU_BASELINE=avx512|avx2|generic overrides
+    the detection (generic: portable scalar fallback of the same code).
+    """
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    baseline = os.environ.get("FASTVISION_CPU_BASELINE", "auto")
+    flags = _cpu_flags()
+    if baseline == "auto":
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+            baseline = "avx512"
+        elif {"avx2", "fma"} <= flags:
+            baseline = "avx2"
+        else:
+            baseline = "generic"
+    if baseline == "avx512":
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]  # fmt: skip
+    if baseline == "avx2":
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return []
+
+
 def _extensions():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -40,11 +74,7 @@ def _extensions():
         and bool(cuda_sources)
     )
     cxx_flags = ["-O3"]  # torch adds the C++ standard it was built with
-    baseline = os.environ.get("FASTVISION_CPU_BASELINE", "avx2")
-    if platform.machine() in ("x86_64", "AMD64") and baseline == "avx2":
-        # The CPU kernels use ATen's 8-wide float vectors; AVX2+FMA is the x86-64 baseline assumed here
-        # (FASTVISION_CPU_BASELINE=generic builds portable scalar code instead).
-        cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    cxx_flags += _cpu_vector_flags()
     include_dirs = [os.path.join(here, "csrc")]
     if build_cuda:
         # torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper script; pin the real one.

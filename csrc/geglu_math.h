@@ -25,16 +25,28 @@ FV_HOST_DEVICE float gelu_erf_grad(float g) {
   return cdf + g * pdf;
 }
 
-// Tanh approximation: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
+// Tanh approximation: 0.5 g (1 + tanh(u)), u = sqrt(2/pi) (g + 0.044715 g^3). Since
+// 0.5 (1 + tanh(u)) = sigmoid(2u), it is computed as g * s with s = sigmoid(2u) and 1 - s = e * s,
+// e = exp(-2u): neither 1 + tanh(u) nor 1 - tanh(u)^2 is formed, so nothing cancels where
+// tanh(u) is near -1 or 1 (there the derivative would otherwise lose most of its digits).
+FV_HOST_DEVICE void tanh_gate(float g, float& s, float& one_minus_s) {
+  const float u = kSqrt2OverPi * (g + kTanhCubic * g * g * g);
+  const float e = expf(fminf(-2.0f * u, 80.0f));  // clamped: e * s stays finite
+  s = 1.0f / (1.0f + e);
+  one_minus_s = e * s;
+}
+
 FV_HOST_DEVICE float gelu_tanh(float g) {
-  const float t = tanhf(kSqrt2OverPi * (g + kTanhCubic * g * g * g));
-  return 0.5f * g * (1.0f + t);
+  float s, one_minus_s;
+  tanh_gate(g, s, one_minus_s);
+  return g * s;
 }
 
 FV_HOST_DEVICE float gelu_tanh_grad(float g) {
-  const float t = tanhf(kSqrt2OverPi * (g + kTanhCubic * g * g * g));
-  const float dinner = kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * g * g);
-  return 0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * dinner;
+  float s, one_minus_s;
+  tanh_gate(g, s, one_minus_s);
+  const float du = kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * g * g);
+  return s + 2.0f * g * s * one_minus_s * du;
 }
 
 template <bool kTanh>

@@ -236,3 +236,19 @@ def test_geglu_module_matches_reference():
 def test_feedforward_rejects_unknown_activation():
     with pytest.raises(ValueError, match="activation must be one of"):
         FeedForward(8, activation="swish")
+
+
+# Not the reference backend: eager float32 tanh-GELU backward itself misses this tolerance.
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "reference"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gradient_accurate_where_gelu_saturates(backend, approximate):
+    """Where tanh(u) is near +-1, forming 1 - tanh^2 loses most digits of the gate gradient."""
+    gate = torch.linspace(-8, 8, 1024, device=DEVICE)
+    value = _random((1024,), torch.float32, seed=31) * 4
+    x = torch.cat([value, gate]).view(1, 2048).requires_grad_(True)
+    grad_out = _random((1, 1024), torch.float32, seed=32)
+    x_ref = x.detach().double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(geglu_reference(x_ref, approximate), x_ref, grad_out.double())
+    with fastvision.use_backend(backend):
+        (grad,) = torch.autograd.grad(geglu(x, approximate), x, grad_out)
+    torch.testing.assert_close(grad.double().cpu(), expected.cpu(), atol=2e-6, rtol=2e-5)

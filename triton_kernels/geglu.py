@@ -15,12 +15,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _tanh(x):
-    # tl has no tanh on every supported Triton version; sigmoid is exact enough here and saturates.
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
 def _gelu_and_grad(g, APPROX_TANH: tl.constexpr, NEED_GRAD: tl.constexpr):
     # Literals, not module globals: compiled @triton.jit code cannot read non-constexpr globals.
     SQRT_HALF = 0.7071067811865476  # 1/sqrt(2)
@@ -28,11 +22,15 @@ def _gelu_and_grad(g, APPROX_TANH: tl.constexpr, NEED_GRAD: tl.constexpr):
     SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2/pi)
     TANH_CUBIC = 0.044715
     if APPROX_TANH:
-        t = _tanh(SQRT_2_OVER_PI * (g + TANH_CUBIC * g * g * g))
-        gelu = 0.5 * g * (1.0 + t)
+        # 0.5 * (1 + tanh(u)) = sigmoid(2u) = s, and 1 - s = e * s with e = exp(-2u): written this way
+        # nothing cancels where tanh(u) is near -1 or 1 (1 - tanh^2 would lose most of its digits).
+        u = SQRT_2_OVER_PI * (g + TANH_CUBIC * g * g * g)
+        e = tl.exp(tl.minimum(-2.0 * u, 80.0))  # clamped: e * s stays finite
+        s = 1.0 / (1.0 + e)
+        gelu = g * s
         if NEED_GRAD:
-            dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_CUBIC * g * g)
-            grad = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * dinner
+            du = SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_CUBIC * g * g)
+            grad = s + 2.0 * g * s * (e * s) * du
         else:
             grad = gelu
     else:

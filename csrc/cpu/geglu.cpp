@@ -1,5 +1,6 @@
-// GEGLU on the CPU: rows split across threads with at::parallel_for; inside a row, 8-wide (AVX2)
-// float math through at::vec::Vectorized, with half/bfloat16 widened to float per chunk.
+// GEGLU on the CPU: rows split across threads with at::parallel_for; inside a row, 16- or 8-wide
+// (AVX-512 or AVX2, chosen at build time) float math through at::vec::Vectorized, with half/bfloat16
+// widened to float per chunk.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -19,44 +20,42 @@ namespace {
 using FloatVec = at::vec::Vectorized<float>;
 constexpr int64_t kWidth = FloatVec::size();
 
-// Polynomial erf and exp_u20 are inline in ATen's vector headers (no extra library symbols).
-template <bool kTanh>
-FloatVec tanh_inner(const FloatVec& g) {
-  return FloatVec(kSqrt2OverPi) * (g + FloatVec(kTanhCubic) * g * g * g);
-}
-
-FloatVec vec_tanh(const FloatVec& x) {
-  // tanh(x) = 1 - 2 / (exp(2x) + 1); exp overflows to inf for large x, giving exactly 1.
-  const FloatVec one(1.0f);
-  return one - FloatVec(2.0f) / ((x + x).exp_u20() + one);
+// erf and exp come from ATen's vector headers (SLEEF-backed exp, 1 ulp). The tanh form is written with
+// sigmoids, as in geglu_math.h, so that it does not cancel where tanh is near +-1.
+void tanh_gate_vec(const FloatVec& g, FloatVec& s, FloatVec& one_minus_s) {
+  const FloatVec u = FloatVec(kSqrt2OverPi) * (g + FloatVec(kTanhCubic) * g * g * g);
+  const FloatVec e = at::vec::minimum(FloatVec(-2.0f) * u, FloatVec(80.0f)).exp();
+  s = FloatVec(1.0f) / (FloatVec(1.0f) + e);
+  one_minus_s = e * s;
 }
 
 template <bool kTanh>
 FloatVec gelu_vec(const FloatVec& g) {
-  const FloatVec half(0.5f), one(1.0f);
   if constexpr (kTanh) {
-    return half * g * (one + vec_tanh(tanh_inner<kTanh>(g)));
+    FloatVec s, one_minus_s;
+    tanh_gate_vec(g, s, one_minus_s);
+    return g * s;
   } else {
-    return half * g * (one + (g * FloatVec(kSqrtHalf)).erf());
+    return FloatVec(0.5f) * g * (FloatVec(1.0f) + (g * FloatVec(kSqrtHalf)).erf());
   }
 }
 
 template <bool kTanh>
 void gelu_and_grad_vec(const FloatVec& g, FloatVec& gelu_out, FloatVec& grad_out) {
-  const FloatVec half(0.5f), one(1.0f);
   if constexpr (kTanh) {
-    const FloatVec t = vec_tanh(tanh_inner<kTanh>(g));
-    const FloatVec dinner = FloatVec(kSqrt2OverPi) * (one + FloatVec(3.0f * kTanhCubic) * g * g);
-    gelu_out = half * g * (one + t);
-    grad_out = half * (one + t) + half * g * (one - t * t) * dinner;
+    FloatVec s, one_minus_s;
+    tanh_gate_vec(g, s, one_minus_s);
+    const FloatVec du = FloatVec(kSqrt2OverPi) * (FloatVec(1.0f) + FloatVec(3.0f * kTanhCubic) * g * g);
+    gelu_out = g * s;
+    grad_out = s + FloatVec(2.0f) * g * s * one_minus_s * du;
   } else {
-    const FloatVec cdf = half * (one + (g * FloatVec(kSqrtHalf)).erf());
+    const FloatVec cdf = FloatVec(0.5f) * (FloatVec(1.0f) + (g * FloatVec(kSqrtHalf)).erf());
     gelu_out = g * cdf;
-    grad_out = cdf + g * FloatVec(kInvSqrt2Pi) * (FloatVec(-0.5f) * g * g).exp_u20();
+    grad_out = cdf + g * FloatVec(kInvSqrt2Pi) * (FloatVec(-0.5f) * g * g).exp();
   }
 }
 
-// A chunk is one storage vector: 8 floats, or 16 half/bfloat16 values widened to two float vectors.
+// A chunk is one storage vector: one float vector, or twice as many half/bfloat16 values widened to two.
 template <typename scalar_t>
 constexpr int kParts = at::vec::Vectorized<scalar_t>::size() / kWidth;
 
