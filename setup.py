@@ -26,9 +26,10 @@ def _find_nvcc() -> str | None:
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as handle:
-            return next((set(line.split(":", 1)[1].split()) for line in handle if line.startswith("flags")), set())
+            flag_lines = [line for line in handle if line.startswith("flags")]
     except OSError:
         return set()
+    return set(flag_lines[0].split(":", 1)[1].split()) if flag_lines else set()
 
 
 def _cpu_vector_flags() -> list[str]:
