@@ -102,3 +102,11 @@ def test_cli_bench_quick_geglu(tmp_path, capsys):
     assert rows and all(r["ok"] for r in rows)
     assert all(r["median_ms"] > 0 for r in rows)
     assert out.with_suffix(".csv").exists()
+
+
+def test_an_op_may_prefer_the_reference_on_cpu():
+    chosen = select_backend("op", torch.device("cpu"), ("reference", "cpu"), (), cpu_order=())
+    assert chosen == "reference"
+    if fastvision.available_backends()["cpu"]:  # forcing still reaches the C++ kernel
+        with fastvision.use_backend("cpu"):
+            assert select_backend("op", torch.device("cpu"), ("reference", "cpu"), (), cpu_order=()) == "cpu"

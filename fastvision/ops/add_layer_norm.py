@@ -23,6 +23,10 @@ from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
 
 IMPLEMENTED_BACKENDS = ("reference", "cpu", "triton")
 GPU_ORDER = ("triton",)
+# Automatic choice on CPU tensors: the reference (ATen's vectorized layer_norm after the add) measured
+# 3-4x faster than the scalar C++ kernel (bench/results/cpu-20261122), which stays available by
+# fastvision.use_backend("cpu").
+CPU_ORDER: tuple[str, ...] = ()
 # The Triton kernels keep a whole row in registers: MAX_DIM in triton_kernels/add_layer_norm.py.
 TRITON_MAX_DIM = 65536
 
@@ -201,7 +205,7 @@ def add_layer_norm(
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     eps = float(eps)
 
-    backend = select_backend("add_layer_norm", x.device, IMPLEMENTED_BACKENDS, GPU_ORDER)
+    backend = select_backend("add_layer_norm", x.device, IMPLEMENTED_BACKENDS, GPU_ORDER, CPU_ORDER)
     if backend == "triton" and x.shape[-1] > TRITON_MAX_DIM:
         if forced_backend() == "triton":
             raise BackendUnavailableError(
