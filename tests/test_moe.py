@@ -377,3 +377,18 @@ def test_denoising_figure(tmp_path):
     assert (tmp_path / "epochs" / "denoise_epoch001.png").exists()
     with pytest.raises(ValueError, match="share one"):
         write_denoising_png(clean, clean[:2], clean, tmp_path / "bad.png")
+
+
+def test_denoiser_clamp_keeps_gradient_for_out_of_range_pixels():
+    """Outputs stay in [0, 1], but a transposed-conv tap pushed out of range still learns."""
+    from fastvision.models.sparse_moe_denoiser import sparse_moe_denoiser
+
+    torch.manual_seed(0)
+    model = sparse_moe_denoiser().train()
+    with torch.no_grad():
+        model.patch_unembed.bias.fill_(5.0)  # every pixel far above 1
+    out = model(torch.rand(2, 3, 32, 32))
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    ((out - 0.5) ** 2).mean().backward()
+    assert model.patch_unembed.bias.grad.abs().min() > 0
+    assert torch.equal(model.eval()(torch.zeros(1, 3, 32, 32)).clamp(0, 1), model(torch.zeros(1, 3, 32, 32)))

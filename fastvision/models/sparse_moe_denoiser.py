@@ -3,7 +3,8 @@
 A small ViT: 4x4 patches embedded to 128 features (64 tokens at 32x32) plus learnable
 positions, two pre-norm blocks of mixture-of-experts top-k attention (experts with k = 32, 64
 and 128) and a feed-forward layer, then a transposed convolution back to pixels, clamped to
-[0, 1]. 599,689 parameters with the defaults.
+[0, 1] (straight-through while training, so that clamped pixels keep their gradient). 599,689
+parameters with the defaults.
 
 With only 64 tokens per image, the k = 64 and k = 128 experts attend densely (``topk >= tokens``)
 and only the k = 32 expert is sparse; at larger images every expert is sparse.
@@ -110,7 +111,14 @@ class SparseMoEDenoiser(nn.Module):
             for block in self.blocks:
                 tokens = block(tokens)
             grid = tokens.transpose(1, 2).reshape(images.shape[0], -1, self.grid, self.grid)
-            return self.patch_unembed(grid).clamp(0.0, 1.0)
+            pixels = self.patch_unembed(grid)
+            clamped = pixels.clamp(0.0, 1.0)
+            if not self.training:
+                return clamped
+            # Straight-through clamp while training: the same values, but pixels outside [0, 1] still get
+            # a gradient. A plain clamp zeroes it, and a transposed-conv tap that starts out of range
+            # then never recovers (a fixed dot in every 4x4 patch).
+            return pixels + (clamped - pixels).detach()
 
 
 @register_model(
