@@ -79,8 +79,12 @@ def triton_importable() -> bool:
     return _TRITON_IMPORTABLE
 
 
+# Fixed once the extension is loaded: read at import, not on every op call.
+_CUDA_KERNELS_BUILT = has_kernel("geglu_forward", "CUDA")
+
+
 def cuda_kernels_built() -> bool:
-    return has_kernel("geglu_forward", "CUDA")
+    return _CUDA_KERNELS_BUILT
 
 
 def available_backends() -> dict[str, bool]:

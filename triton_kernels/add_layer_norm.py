@@ -15,11 +15,10 @@ avoids atomics and keeps the reduction deterministic.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
+from fastvision.triton_kernels._launch import as_rows, elements_per_program
 
 # Rows longer than this do not fit one program's registers.
 MAX_DIM = 65536
@@ -144,12 +143,6 @@ def add_layer_norm_backward_kernel(
         tl.store(dbias_partial_ptr + pid * dim + cols, dbias_acc, mask=col_mask)
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D view ``[M, D]`` with unit last-dim stride, copying only when no such view exists."""
-    rows = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
-    return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else rows.contiguous()
-
-
 def _num_warps(block_elements: int) -> int:
     if block_elements >= 32768:
         return 32
@@ -160,11 +153,6 @@ def _num_warps(block_elements: int) -> int:
     return 4
 
 
-def _elements_per_program(device: torch.device) -> int:
-    # The interpreter runs programs one by one in numpy: larger tiles amortize its per-program cost.
-    return 4096 if device.type == "cuda" else 65536
-
-
 def _tile(n_rows: int, dim: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): whole rows, several of them when ``D`` is small."""
     if dim > MAX_DIM:
@@ -172,7 +160,7 @@ def _tile(n_rows: int, dim: int, device: torch.device) -> tuple[int, int]:
             f"the triton add_layer_norm kernels take a last dimension up to {MAX_DIM}, got {dim}"
         )
     block_n = triton.next_power_of_2(dim)
-    block_m = max(1, min(_elements_per_program(device) // block_n, triton.next_power_of_2(n_rows)))
+    block_m = max(1, min(elements_per_program(device) // block_n, triton.next_power_of_2(n_rows)))
     return block_m, block_n
 
 
@@ -196,7 +184,7 @@ def add_layer_norm_forward(
     if x.numel() == 0:
         # Rows of length 0 have no statistics; zeros keep the saved tensors finite.
         return out, mean.zero_(), rstd.zero_()
-    x_rows, residual_rows, out_rows = _as_rows(x), _as_rows(residual), out.view(-1, dim)
+    x_rows, residual_rows, out_rows = as_rows(x), as_rows(residual), out.view(-1, dim)
     n_rows = x_rows.shape[0]
     block_m, block_n = _tile(n_rows, dim, x.device)
     add_layer_norm_forward_kernel[(triton.cdiv(n_rows, block_m),)](
@@ -233,7 +221,7 @@ def add_layer_norm_backward(
         partial = torch.zeros((1, dim), dtype=torch.float32, device=x.device)
         dweight_partial, dbias_partial = partial, partial
     if x.numel() > 0:
-        x_rows, residual_rows, grad_rows = _as_rows(x), _as_rows(residual), _as_rows(grad_out)
+        x_rows, residual_rows, grad_rows = as_rows(x), as_rows(residual), as_rows(grad_out)
         dx_rows = dx.view(-1, dim)
         n_rows = x_rows.shape[0]
         # The tile also bounds the dweight/dbias accumulators each program keeps in registers.

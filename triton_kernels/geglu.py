@@ -7,11 +7,10 @@ and vectorize. Math in float32; storage in the input dtype.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
+from fastvision.triton_kernels._launch import as_rows, elements_per_program
 
 
 @triton.jit
@@ -98,23 +97,12 @@ def geglu_backward_kernel(
     tl.store(dx_ptr + dx_offsets + hidden, (grad * value * gelu_grad).to(dtype), mask=mask)
 
 
-def _tile(n_rows: int, hidden: int, elements_per_program: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): a tile of about ``elements_per_program`` outputs."""
+def _tile(n_rows: int, hidden: int, target_elements: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): a tile of about ``target_elements`` outputs."""
     block_n = min(triton.next_power_of_2(hidden), 2048)
-    block_m = max(1, min(elements_per_program // block_n, triton.next_power_of_2(n_rows)))
+    block_m = max(1, min(target_elements // block_n, triton.next_power_of_2(n_rows)))
     num_warps = 8 if block_m * block_n >= 4096 else 4
     return block_m, block_n, num_warps
-
-
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D view ``[M, last]`` with unit last-dim stride, copying only when no such view exists."""
-    rows = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
-    return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else rows.contiguous()
-
-
-def _elements_per_program(device: torch.device) -> int:
-    # The interpreter runs programs one by one in numpy: larger tiles amortize its per-program cost.
-    return 4096 if device.type == "cuda" else 65536
 
 
 def geglu_forward(x: torch.Tensor, approximate: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,10 +112,10 @@ def geglu_forward(x: torch.Tensor, approximate: str, out: torch.Tensor | None = 
         out = torch.empty((*x.shape[:-1], hidden), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    rows = _as_rows(x)
+    rows = as_rows(x)
     out_rows = out.view(-1, hidden)
     n_rows = rows.shape[0]
-    block_m, block_n, num_warps = _tile(n_rows, hidden, _elements_per_program(x.device))
+    block_m, block_n, num_warps = _tile(n_rows, hidden, elements_per_program(x.device))
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(hidden, block_n))
     geglu_forward_kernel[grid](
         rows, out_rows, n_rows, hidden, rows.stride(0), out_rows.stride(0),
@@ -143,11 +131,11 @@ def geglu_backward(
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     if dx.numel() == 0:
         return dx
-    rows = _as_rows(x)
-    grad_rows = _as_rows(grad_out)
+    rows = as_rows(x)
+    grad_rows = as_rows(grad_out)
     dx_rows = dx.view(-1, 2 * hidden)
     n_rows = rows.shape[0]
-    block_m, block_n, num_warps = _tile(n_rows, hidden, _elements_per_program(x.device) // 2)
+    block_m, block_n, num_warps = _tile(n_rows, hidden, elements_per_program(x.device) // 2)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(hidden, block_n))
     geglu_backward_kernel[grid](
         grad_rows, rows, dx_rows, n_rows, hidden, grad_rows.stride(0), rows.stride(0), dx_rows.stride(0),
