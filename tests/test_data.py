@@ -200,3 +200,51 @@ def test_build_dataset_argument_errors():
         build_dataset("mnist", "validation")
     with pytest.raises(TypeError, match="unexpected options"):
         build_dataset("mnist", "train", colour=True)
+
+
+# ------------------------------------------------------------------------------- augmentation
+def translate_reference(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Per-image zero-filled shift by (dy, dx), written as slicing (independent of the gather)."""
+    out = torch.zeros_like(images)
+    height, width = images.shape[-2:]
+    for b in range(images.shape[0]):
+        y, x = int(dy[b]), int(dx[b])
+        out[b, :, max(y, 0) : height + min(y, 0), max(x, 0) : width + min(x, 0)] = images[
+            b, :, max(-y, 0) : height + min(-y, 0), max(-x, 0) : width + min(-x, 0)
+        ]
+    return out
+
+
+@pytest.mark.parametrize("shape", [(5, 1, 28, 28), (3, 3, 7, 11), (1, 2, 4, 4)])
+@pytest.mark.parametrize("max_shift", [1, 3])
+def test_random_translate_matches_slicing_reference(shape, max_shift):
+    from fastvision.data.augment import random_translate
+
+    images = torch.rand(shape)
+    seed = torch.randint(0, 2**31, ()).item()
+    shifted = random_translate(images, max_shift, torch.Generator().manual_seed(seed))
+    # The same generator draws the offsets into the padded image; shift = max_shift - offset.
+    offsets = torch.randint(
+        0, 2 * max_shift + 1, (2, shape[0]), generator=torch.Generator().manual_seed(seed)
+    )
+    expected = translate_reference(images, max_shift - offsets[0], max_shift - offsets[1])
+    assert torch.equal(shifted, expected)
+
+
+def test_random_translate_edge_cases():
+    from fastvision.data.augment import random_translate
+
+    images = torch.rand(4, 1, 6, 6)
+    assert random_translate(images, 0) is images
+    assert random_translate(images[:0], 2).shape == (0, 1, 6, 6)
+    strided = torch.rand(4, 1, 6, 12)[..., ::2]  # non-contiguous input
+    assert random_translate(strided, 2).shape == (4, 1, 6, 6)
+    shifts = {
+        tuple(random_translate(torch.ones(1, 1, 5, 5), 2).sum((0, 1)).nonzero().min(0).values.tolist())
+        for _ in range(60)
+    }
+    assert len(shifts) > 1  # offsets vary between calls
+    with pytest.raises(ValueError, match="max_shift"):
+        random_translate(images, -1)
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        random_translate(images[0], 1)

@@ -518,3 +518,24 @@ def test_schedulefree_missing_package_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "schedulefree", None)  # makes `import schedulefree` fail
     with pytest.raises(RuntimeError, match="pip install schedulefree"):
         build_optimizer(TinyClassifier(), TrainConfig(optimizer="schedulefree", scheduler="none"))
+
+
+def test_shift_augment_applies_to_training_batches_only():
+    from fastvision.train.tasks import ClassificationTask
+
+    class Recorder(torch.nn.Module):
+        def forward(self, images):
+            self.seen = images
+            return torch.zeros(images.shape[0], 10, requires_grad=True)
+
+    images, labels = torch.rand(8, 1, 12, 12) + 1.0, torch.zeros(8, dtype=torch.long)
+    model, task = Recorder(), ClassificationTask()
+    task.eval_step(model, (images, labels), TrainConfig(shift_augment=3), torch.Generator())
+    assert torch.equal(model.seen, images)
+    task.train_step(model, (images, labels), TrainConfig(shift_augment=0))
+    assert torch.equal(model.seen, images)
+    task.train_step(model, (images, labels), TrainConfig(shift_augment=3))
+    assert model.seen.shape == images.shape
+    assert (model.seen == 0).any()  # zero-filled borders appear once images move
+    with pytest.raises(ValueError, match="shift_augment"):
+        TrainConfig(shift_augment=-1)

@@ -44,6 +44,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     overrides.add_argument("--train-samples", type=int, help="cap the training samples (quick runs)")
     overrides.add_argument("--val-samples", type=int, help="cap the validation samples")
     overrides.add_argument("--test-samples", type=int, help="cap the test samples")
+    overrides.add_argument(
+        "--shift-augment", type=int, help="randomly translate training images by up to N pixels"
+    )
     overrides.add_argument("--noise-sigma", type=float, help="denoise task noise level")
     train.set_defaults(handler=run_train)
 
@@ -84,6 +87,7 @@ CONFIG_FLAGS = (
     "train_samples",
     "val_samples",
     "test_samples",
+    "shift_augment",
     "noise_sigma",
 )
 

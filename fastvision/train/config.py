@@ -60,6 +60,7 @@ class TrainConfig:
     train_samples: int | None = None  # caps for quick runs
     val_samples: int | None = None
     test_samples: int | None = None
+    shift_augment: int = 0  # train-time random translation of up to N pixels (classification, digits)
     noise_sigma: float = 0.2  # denoise task: Gaussian noise std on [0, 1] images
     aux_loss_weight: float = 0.01  # weight of a model's ``aux_loss`` (e.g. MoE load balancing)
 
@@ -84,6 +85,7 @@ class TrainConfig:
         check(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
         check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        check(self.shift_augment >= 0, f"shift_augment must be >= 0, got {self.shift_augment}")
         check(self.noise_sigma >= 0, f"noise_sigma must be >= 0, got {self.noise_sigma}")
         check(
             self.optimizer != "schedulefree" or self.scheduler == "none",

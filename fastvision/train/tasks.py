@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvision.data.augment import random_translate
 from fastvision.train.config import TrainConfig
 from fastvision.train.metrics import psnr, ssim
 
@@ -37,6 +38,12 @@ class StepResult:
     sums: dict[str, torch.Tensor]  # detached metric sums over the batch
     count: int  # samples in the batch
     outputs: Any = None  # model outputs, handed to the on_validation hook
+
+
+def _augment(batch, cfg: TrainConfig):
+    """``(images, labels)`` with the training-only augmentations of ``cfg`` applied to the images."""
+    images, labels = batch
+    return random_translate(images, cfg.shift_augment), labels
 
 
 class Task:
@@ -64,7 +71,7 @@ class ClassificationTask(Task):
         return StepResult(loss, {"loss": loss.detach() * n, "accuracy": correct}, n, scores)
 
     def train_step(self, model, batch, cfg):
-        return self._step(model, batch)
+        return self._step(model, _augment(batch, cfg))
 
     def eval_step(self, model, batch, cfg, generator):
         return self._step(model, batch)
@@ -82,7 +89,7 @@ class DigitSequenceTask(Task):
 
     def train_step(self, model, batch, cfg):
         targets = batch[1]
-        logits, loss = self._teacher_forced(model, batch)
+        logits, loss = self._teacher_forced(model, _augment(batch, cfg))
         n = targets.shape[0]
         correct = (logits.argmax(-1) == targets).float().mean(1).sum()
         return StepResult(loss, {"loss": loss.detach() * n, "digit_accuracy": correct}, n, logits)
