@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, backend_params
+from conftest import DEVICE, REQUIRED_BACKENDS, assert_close, backend_params
 from torch import nn
 
 import fastvision
@@ -135,6 +135,26 @@ def test_optional_parameters(backend, has_weight, has_bias):
 def test_large_dim(backend):
     x, residual = _random((2, 16384), torch.float32, 51), _random((2, 16384), torch.float32, 52)
     _check_forward_backward(x, residual, *_params(16384, torch.float32, 53), backend)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (4, 37), (2, 1000)], ids=str)
+def test_cpu_ops_in_float64(shape):
+    """The public op takes float32/16/bf16; the C++ ops also dispatch float64 (double math, float32
+    statistics, as every backend saves them), reachable through torch.ops."""
+    if not CPP_OPS_BUILT:
+        assert "cpu" not in REQUIRED_BACKENDS, "the C++ CPU kernels are required but not built"
+        pytest.skip("the C++ CPU kernels are not built")
+    x, residual, grad_out = (_random(shape, torch.float64, seed, "cpu") for seed in (71, 72, 73))
+    weight, bias = (_random(shape[-1:], torch.float64, seed, "cpu") for seed in (74, 75))
+    out, mean, rstd = torch.ops.fastvision.add_layer_norm_forward(x, residual, weight, bias, 1e-5)
+    assert out.dtype == torch.float64 and mean.dtype == rstd.dtype == torch.float32
+    expected_out = add_layer_norm_reference(x, residual, weight, bias)
+    torch.testing.assert_close(out, expected_out, atol=1e-12, rtol=1e-12)
+    grads = torch.ops.fastvision.add_layer_norm_backward(grad_out, x, residual, weight, bias, mean, rstd)
+    expected = add_layer_norm_backward_reference(grad_out, x, residual, weight)
+    for grad, want in zip(grads, expected, strict=True):
+        assert grad.dtype == torch.float64
+        torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-5)  # float32 mean/rstd
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,64 +1,108 @@
-// Fused residual add + LayerNorm on the CPU: rows in parallel with at::parallel_for, float32 math
-// (double for double inputs). Each row's sum x + residual is formed once in a per-thread buffer and
-// the statistics are two-pass over it. dweight/dbias are summed per block of rows into a
-// [blocks, D] buffer and reduced afterwards: no atomics, and the result does not depend on threads.
+// Fused residual add + LayerNorm on the CPU: rows in parallel with at::parallel_for; inside a row,
+// 16- or 8-wide (AVX-512 or AVX2, chosen at build time) math through at::vec::Vectorized in the op
+// math type (float for float/half/bfloat16, double for double), half/bfloat16 widened per chunk.
+// Each row's sum x + residual is formed once in a per-thread buffer and its statistics are two-pass
+// over that buffer. dweight/dbias are summed per block of rows into a [blocks, D] buffer and reduced
+// afterwards: no atomics, and the result does not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/macros/Macros.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace fastvision {
 namespace {
 
-// Eight independent partial sums: vectorizes without -ffast-math and loses less to rounding.
-constexpr int64_t kLanes = 8;
+template <typename scalar_t>
+using AccVec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
 
-template <typename acc_t>
-acc_t lane_sum(const acc_t* v, int64_t n) {
-  acc_t lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += v[j + l];
+// A chunk is one storage vector of scalar_t: one math vector, or a half/bfloat16 vector widened to two.
+template <typename scalar_t>
+constexpr int64_t kChunk = at::vec::Vectorized<scalar_t>::size();
+
+template <typename scalar_t>
+constexpr int kParts = kChunk<scalar_t> / AccVec<scalar_t>::size();
+
+template <typename scalar_t>
+using AccChunk = std::array<AccVec<scalar_t>, kParts<scalar_t>>;
+
+// Lanes past `count` load as zero (Vectorized::loadu with a count zero-fills).
+template <typename scalar_t>
+C10_ALWAYS_INLINE AccChunk<scalar_t> load_chunk(const scalar_t* src, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    return {AccVec<scalar_t>::loadu(src, count)};
+  } else {
+    const auto [low, high] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(src, count));
+    return {low, high};
   }
+}
+
+template <typename scalar_t>
+C10_ALWAYS_INLINE void store_chunk(const AccChunk<scalar_t>& v, scalar_t* dst, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    v[0].store(dst, count);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(dst, count);
+  }
+}
+
+// Loads and stores of the op-math buffers (weight, bias, per-thread rows) in chunk-sized pieces.
+template <typename scalar_t>
+C10_ALWAYS_INLINE AccChunk<scalar_t> load_acc(const at::opmath_type<scalar_t>* src, int64_t count) {
+  constexpr int64_t width = AccVec<scalar_t>::size();
+  AccChunk<scalar_t> v;
+  for (int p = 0; p < kParts<scalar_t>; ++p) {
+    v[p] = AccVec<scalar_t>::loadu(src + p * width, std::clamp<int64_t>(count - p * width, 0, width));
+  }
+  return v;
+}
+
+template <typename scalar_t>
+C10_ALWAYS_INLINE void store_acc(const AccChunk<scalar_t>& v, at::opmath_type<scalar_t>* dst, int64_t count) {
+  constexpr int64_t width = AccVec<scalar_t>::size();
+  for (int p = 0; p < kParts<scalar_t>; ++p) {
+    const int64_t n = std::clamp<int64_t>(count - p * width, 0, width);
+    if (n > 0) v[p].store(dst + p * width, n);
+  }
+}
+
+// Horizontal sum, once per row. (Through a store: GCC 12 flags ATen's shuffle-based vec_reduce_all
+// with a false -Wmaybe-uninitialized.)
+template <typename acc_t>
+acc_t reduce_lanes(const at::vec::Vectorized<acc_t>& v) {
+  alignas(64) acc_t lanes[at::vec::Vectorized<acc_t>::size()];
+  v.store(lanes);
   acc_t total = 0;
-  for (; j < n; ++j) total += v[j];
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  for (const acc_t lane : lanes) total += lane;
   return total;
 }
 
-template <typename acc_t>
-acc_t lane_centered_square_sum(const acc_t* v, acc_t mean, int64_t n) {
-  acc_t lanes[kLanes] = {};
+// Sum over a row of term(j, count), the vector of elements j..j+count (zeros past count), with four
+// accumulators: one accumulator would make every add wait for the previous one's latency.
+template <typename acc_t, typename Term>
+C10_ALWAYS_INLINE acc_t reduce_row(int64_t n, const Term& term) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t width = Vec::size();
+  Vec acc0(0), acc1(0), acc2(0), acc3(0);
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const acc_t d = v[j + l] - mean;
-      lanes[l] += d * d;
-    }
+  for (; j + 4 * width <= n; j += 4 * width) {
+    acc0 = acc0 + term(j, width);
+    acc1 = acc1 + term(j + width, width);
+    acc2 = acc2 + term(j + 2 * width, width);
+    acc3 = acc3 + term(j + 3 * width, width);
   }
-  acc_t total = 0;
-  for (; j < n; ++j) total += (v[j] - mean) * (v[j] - mean);
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
-}
-
-template <typename acc_t>
-acc_t lane_dot(const acc_t* a, const acc_t* b, int64_t n) {
-  acc_t lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[j + l] * b[j + l];
-  }
-  acc_t total = 0;
-  for (; j < n; ++j) total += a[j] * b[j];
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
+  for (; j < n; j += width) acc0 = acc0 + term(j, std::min(width, n - j));
+  return reduce_lanes<acc_t>((acc0 + acc1) + (acc2 + acc3));
 }
 
 int64_t grain_rows(int64_t dim) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1)); }
@@ -68,23 +112,41 @@ void forward_rows(const scalar_t* x, const scalar_t* residual, const at::opmath_
                   const at::opmath_type<scalar_t>* bias, scalar_t* out, float* mean_out, float* rstd_out,
                   int64_t rows, int64_t dim, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t chunk = kChunk<scalar_t>;
   at::parallel_for(0, rows, grain_rows(dim), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> summed(dim);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* x_row = x + r * dim;
       const scalar_t* residual_row = residual + r * dim;
-      for (int64_t j = 0; j < dim; ++j) {
-        summed[j] = static_cast<acc_t>(x_row[j]) + static_cast<acc_t>(residual_row[j]);
+      for (int64_t j = 0; j < dim; j += chunk) {
+        const int64_t count = std::min(chunk, dim - j);
+        AccChunk<scalar_t> s = load_chunk(x_row + j, count);
+        const AccChunk<scalar_t> res = load_chunk(residual_row + j, count);
+        for (int p = 0; p < kParts<scalar_t>; ++p) s[p] = s[p] + res[p];
+        store_acc<scalar_t>(s, summed.data() + j, count);
       }
-      const acc_t mean = lane_sum(summed.data(), dim) / static_cast<acc_t>(dim);
-      const acc_t var = lane_centered_square_sum(summed.data(), mean, dim) / static_cast<acc_t>(dim);
+      // Two-pass statistics over the row buffer, which stays in L1/L2 for these row lengths.
+      const acc_t* row = summed.data();
+      const acc_t mean =
+          reduce_row<acc_t>(dim, [&](int64_t j, int64_t count) { return Vec::loadu(row + j, count); }) /
+          static_cast<acc_t>(dim);
+      const acc_t var = reduce_row<acc_t>(dim, [&](int64_t j, int64_t count) {
+                          const Vec centered = Vec::set(Vec(0), Vec::loadu(row + j, count) - Vec(mean), count);
+                          return centered * centered;
+                        }) /
+                        static_cast<acc_t>(dim);
       const acc_t rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
       scalar_t* out_row = out + r * dim;
-      for (int64_t j = 0; j < dim; ++j) {
-        acc_t y = (summed[j] - mean) * rstd;
-        if (weight != nullptr) y *= weight[j];
-        if (bias != nullptr) y += bias[j];
-        out_row[j] = static_cast<scalar_t>(y);
+      for (int64_t j = 0; j < dim; j += chunk) {
+        const int64_t count = std::min(chunk, dim - j);
+        AccChunk<scalar_t> y = load_acc<scalar_t>(summed.data() + j, count);
+        const AccChunk<scalar_t> w = load_acc<scalar_t>(weight + j, count);
+        const AccChunk<scalar_t> b = load_acc<scalar_t>(bias + j, count);
+        for (int p = 0; p < kParts<scalar_t>; ++p) {
+          y[p] = at::vec::fmadd((y[p] - Vec(mean)) * Vec(rstd), w[p], b[p]);
+        }
+        store_chunk(y, out_row + j, count);
       }
       mean_out[r] = static_cast<float>(mean);
       rstd_out[r] = static_cast<float>(rstd);
@@ -92,40 +154,72 @@ void forward_rows(const scalar_t* x, const scalar_t* residual, const at::opmath_
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kParamGrads>
 void backward_rows(const scalar_t* grad, const scalar_t* x, const scalar_t* residual,
                    const at::opmath_type<scalar_t>* weight, const float* mean_in, const float* rstd_in,
                    scalar_t* dx, at::opmath_type<scalar_t>* dweight_partial,
                    at::opmath_type<scalar_t>* dbias_partial, int64_t rows, int64_t dim, int64_t blocks,
                    int64_t rows_per_block) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t chunk = kChunk<scalar_t>;
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    std::vector<acc_t> x_hat(dim), grad_hat(dim);
+    std::vector<acc_t> x_hat_row(dim), grad_hat_row(dim);
     for (int64_t block = block_begin; block < block_end; ++block) {
-      acc_t* dweight_row = dweight_partial == nullptr ? nullptr : dweight_partial + block * dim;
-      acc_t* dbias_row = dbias_partial == nullptr ? nullptr : dbias_partial + block * dim;
+      acc_t* dweight_row = kParamGrads ? dweight_partial + block * dim : nullptr;
+      acc_t* dbias_row = kParamGrads ? dbias_partial + block * dim : nullptr;
       const int64_t row_end = std::min(rows, (block + 1) * rows_per_block);
       for (int64_t r = block * rows_per_block; r < row_end; ++r) {
         const scalar_t* x_row = x + r * dim;
         const scalar_t* residual_row = residual + r * dim;
         const scalar_t* grad_row = grad + r * dim;
-        const acc_t mean = mean_in[r];
+        const Vec mean(static_cast<acc_t>(mean_in[r]));
         const acc_t rstd = rstd_in[r];
-        for (int64_t j = 0; j < dim; ++j) {
-          x_hat[j] = (static_cast<acc_t>(x_row[j]) + static_cast<acc_t>(residual_row[j]) - mean) * rstd;
-          const acc_t g = static_cast<acc_t>(grad_row[j]);
-          grad_hat[j] = weight == nullptr ? g : g * weight[j];
-          if (dweight_row != nullptr) {
-            dweight_row[j] += g * x_hat[j];
-            dbias_row[j] += g;
+        // Tail lanes load dy = 0, so they add nothing to the parameter sums.
+        for (int64_t j = 0; j < dim; j += chunk) {
+          const int64_t count = std::min(chunk, dim - j);
+          AccChunk<scalar_t> x_hat = load_chunk(x_row + j, count);
+          const AccChunk<scalar_t> res = load_chunk(residual_row + j, count);
+          const AccChunk<scalar_t> g = load_chunk(grad_row + j, count);
+          const AccChunk<scalar_t> w = load_acc<scalar_t>(weight + j, count);
+          AccChunk<scalar_t> grad_hat;
+          for (int p = 0; p < kParts<scalar_t>; ++p) {
+            x_hat[p] = (x_hat[p] + res[p] - mean) * Vec(rstd);
+            grad_hat[p] = g[p] * w[p];
           }
+          if constexpr (kParamGrads) {
+            AccChunk<scalar_t> dweight = load_acc<scalar_t>(dweight_row + j, count);
+            AccChunk<scalar_t> dbias = load_acc<scalar_t>(dbias_row + j, count);
+            for (int p = 0; p < kParts<scalar_t>; ++p) {
+              dweight[p] = at::vec::fmadd(g[p], x_hat[p], dweight[p]);
+              dbias[p] = dbias[p] + g[p];
+            }
+            store_acc<scalar_t>(dweight, dweight_row + j, count);
+            store_acc<scalar_t>(dbias, dbias_row + j, count);
+          }
+          store_acc<scalar_t>(x_hat, x_hat_row.data() + j, count);
+          store_acc<scalar_t>(grad_hat, grad_hat_row.data() + j, count);
         }
         // d/ds of LayerNorm: rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = dy * weight.
-        const acc_t mean_grad = lane_sum(grad_hat.data(), dim) / static_cast<acc_t>(dim);
-        const acc_t mean_grad_x_hat = lane_dot(grad_hat.data(), x_hat.data(), dim) / static_cast<acc_t>(dim);
+        const acc_t* x_hat_data = x_hat_row.data();
+        const acc_t* grad_hat_data = grad_hat_row.data();
+        const Vec mean_grad(reduce_row<acc_t>(dim, [&](int64_t j, int64_t count) {
+                              return Vec::loadu(grad_hat_data + j, count);
+                            }) /
+                            static_cast<acc_t>(dim));
+        const Vec mean_grad_x_hat(reduce_row<acc_t>(dim, [&](int64_t j, int64_t count) {
+                                    return Vec::loadu(grad_hat_data + j, count) * Vec::loadu(x_hat_data + j, count);
+                                  }) /
+                                  static_cast<acc_t>(dim));
         scalar_t* dx_row = dx + r * dim;
-        for (int64_t j = 0; j < dim; ++j) {
-          dx_row[j] = static_cast<scalar_t>((grad_hat[j] - mean_grad - x_hat[j] * mean_grad_x_hat) * rstd);
+        for (int64_t j = 0; j < dim; j += chunk) {
+          const int64_t count = std::min(chunk, dim - j);
+          const AccChunk<scalar_t> x_hat = load_acc<scalar_t>(x_hat_row.data() + j, count);
+          AccChunk<scalar_t> d = load_acc<scalar_t>(grad_hat_row.data() + j, count);
+          for (int p = 0; p < kParts<scalar_t>; ++p) {
+            d[p] = (d[p] - mean_grad - x_hat[p] * mean_grad_x_hat) * Vec(rstd);
+          }
+          store_chunk(d, dx_row + j, count);
         }
       }
     }
@@ -160,14 +254,11 @@ int64_t leading_rows(const at::Tensor& x) {
   return rows;
 }
 
-// The parameter in the math type, contiguous; undefined when absent.
-at::Tensor param_as(const std::optional<at::Tensor>& param, at::ScalarType acc_type) {
-  return param.has_value() ? param->to(acc_type).contiguous() : at::Tensor();
-}
-
-template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
+// The parameter in the math type, contiguous; `fill` (1 for weight, 0 for bias) when absent, so the
+// row kernels run one branch-free path.
+at::Tensor param_as(const std::optional<at::Tensor>& param, at::ScalarType acc_type, int64_t dim, double fill) {
+  if (param.has_value()) return param->to(acc_type).contiguous();
+  return at::full({dim}, fill, at::TensorOptions().dtype(acc_type));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward_cpu(
@@ -190,10 +281,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward_cpu(
   const at::Tensor residual_rows = residual.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_layer_norm_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor weight_acc = param_as(weight, c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor bias_acc = param_as(bias, c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor weight_acc = param_as(weight, c10::CppTypeToScalarType<acc_t>::value, dim, 1.0);
+    const at::Tensor bias_acc = param_as(bias, c10::CppTypeToScalarType<acc_t>::value, dim, 0.0);
     forward_rows<scalar_t>(x_rows.data_ptr<scalar_t>(), residual_rows.data_ptr<scalar_t>(),
-                           data_or_null<acc_t>(weight_acc), data_or_null<acc_t>(bias_acc),
+                           weight_acc.data_ptr<acc_t>(), bias_acc.data_ptr<acc_t>(),
                            out.data_ptr<scalar_t>(), mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, dim,
                            eps);
   });
@@ -233,19 +324,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_layer_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor weight_acc = param_as(weight, acc_type);
-    at::Tensor dweight_partial, dbias_partial;
+    const at::Tensor weight_acc = param_as(weight, acc_type, dim, 1.0);
+    const auto run = [&](auto param_grads_tag) {
+      constexpr bool kParamGrads = decltype(param_grads_tag)::value;
+      at::Tensor dweight_partial, dbias_partial;
+      if constexpr (kParamGrads) {
+        dweight_partial = at::zeros({blocks, dim}, x.options().dtype(acc_type));
+        dbias_partial = at::zeros({blocks, dim}, x.options().dtype(acc_type));
+      }
+      backward_rows<scalar_t, kParamGrads>(
+          grad_rows.data_ptr<scalar_t>(), x_rows.data_ptr<scalar_t>(), residual_rows.data_ptr<scalar_t>(),
+          weight_acc.data_ptr<acc_t>(), mean_rows.data_ptr<float>(), rstd_rows.data_ptr<float>(),
+          dx.data_ptr<scalar_t>(), kParamGrads ? dweight_partial.data_ptr<acc_t>() : nullptr,
+          kParamGrads ? dbias_partial.data_ptr<acc_t>() : nullptr, rows, dim, blocks, rows_per_block);
+      if constexpr (kParamGrads) {
+        if (weight.has_value()) dweight.copy_(dweight_partial.sum(0));
+        if (bias.has_value()) dbias.copy_(dbias_partial.sum(0));
+      }
+    };
     if (param_grads) {
-      dweight_partial = at::zeros({blocks, dim}, x.options().dtype(acc_type));
-      dbias_partial = at::zeros({blocks, dim}, x.options().dtype(acc_type));
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
     }
-    backward_rows<scalar_t>(grad_rows.data_ptr<scalar_t>(), x_rows.data_ptr<scalar_t>(),
-                            residual_rows.data_ptr<scalar_t>(), data_or_null<acc_t>(weight_acc),
-                            mean_rows.data_ptr<float>(), rstd_rows.data_ptr<float>(), dx.data_ptr<scalar_t>(),
-                            data_or_null<acc_t>(dweight_partial), data_or_null<acc_t>(dbias_partial), rows, dim,
-                            blocks, rows_per_block);
-    if (weight.has_value()) dweight.copy_(dweight_partial.sum(0));
-    if (bias.has_value()) dbias.copy_(dbias_partial.sum(0));
   });
   return {dx, dweight, dbias};
 }
