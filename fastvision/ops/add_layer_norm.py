@@ -23,9 +23,10 @@ from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
 
 IMPLEMENTED_BACKENDS = ("reference", "cpu", "triton")
 GPU_ORDER = ("triton",)
-# Automatic choice on CPU tensors: the reference (ATen's vectorized layer_norm after the add) measured
-# 3-4x faster than the scalar C++ kernel (bench/results/cpu-20261122), which stays available by
-# fastvision.use_backend("cpu").
+# Automatic choice on CPU tensors: the reference (ATen's add, then its vectorized layer_norm). The
+# at::vec C++ kernel measured 0.7-0.75x of it at 256x1000 on a 2-core machine, where the custom-op
+# call overhead is a large part of the time (bench/results/cpu-20261122/add_layer_norm_vectorized.txt),
+# and within noise of it at larger sizes; it stays available by fastvision.use_backend("cpu").
 CPU_ORDER: tuple[str, ...] = ()
 # The Triton kernels keep a whole row in registers: MAX_DIM in triton_kernels/add_layer_norm.py.
 TRITON_MAX_DIM = 65536
