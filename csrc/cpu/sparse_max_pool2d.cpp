@@ -26,49 +26,16 @@
 #include <tuple>
 #include <vector>
 
+#include "sparse_max_pool2d_common.h"
+
 namespace fastvision {
 namespace {
 
-struct Geometry {
-  int64_t kh, kw, sh, sw, limit_h, limit_w;
-  int64_t py() const { return (kh + sh - 1) / sh; }  // most windows holding one input, along y
-  int64_t px() const { return (kw + sw - 1) / sw; }
-};
-
-Geometry make_geometry(at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef window_limit) {
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && window_limit.size() == 2,
-              "sparse_max_pool2d: kernel_size, stride and window_limit must have two entries");
-  TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0 && stride[0] > 0 && stride[1] > 0,
-              "sparse_max_pool2d: kernel_size and stride must be positive, got ", kernel_size, " and ", stride);
-  const auto limit = [](int64_t l) { return l < 0 ? std::numeric_limits<int64_t>::max() : l; };
-  return {kernel_size[0], kernel_size[1], stride[0], stride[1], limit(window_limit[0]), limit(window_limit[1])};
-}
-
-// First and last window along one axis whose span [o*s, o*s + k) holds the coordinate v >= 0.
-inline int64_t first_window(int64_t v, int64_t k, int64_t s) { return v < k ? 0 : (v - k) / s + 1; }
-inline int64_t last_window(int64_t v, int64_t s, int64_t limit) { return std::min(v / s, limit - 1); }
-
-template <typename index_t>
-struct CoordView {
-  const index_t* data;
-  int64_t b(int64_t i) const { return data[3 * i]; }
-  int64_t y(int64_t i) const { return data[3 * i + 1]; }
-  int64_t x(int64_t i) const { return data[3 * i + 2]; }
-  // Number of inputs in [lo, hi) (one input row, sorted by x) with x < v, or x <= v if inclusive.
-  int64_t count_before(int64_t lo, int64_t hi, int64_t v, bool inclusive) const {
-    const int64_t begin = lo;
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      const int64_t xm = x(mid);
-      if (xm < v || (inclusive && xm == v)) {
-        lo = mid + 1;
-      } else {
-        hi = mid;
-      }
-    }
-    return lo - begin;
-  }
-};
+using sparse_pool::CoordView;
+using sparse_pool::first_window;
+using sparse_pool::Geometry;
+using sparse_pool::last_window;
+using sparse_pool::make_geometry;
 
 void check_inputs(const at::Tensor& coords, const at::Tensor& feats) {
   TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 3, "sparse_max_pool2d: coords must be [N, 3], got ",

@@ -25,52 +25,19 @@
 #include <limits>
 #include <tuple>
 
+#include "sparse_max_pool2d_common.h"
+
 namespace fastvision {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr unsigned long long kNegativeCoord = 1, kUnsortedCoords = 2;
 
-struct Geometry {
-  int64_t kh, kw, sh, sw, limit_h, limit_w;
-  __host__ __device__ int64_t py() const { return (kh + sh - 1) / sh; }
-  __host__ __device__ int64_t px() const { return (kw + sw - 1) / sw; }
-};
-
-Geometry make_geometry(at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef window_limit) {
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && window_limit.size() == 2,
-              "sparse_max_pool2d: kernel_size, stride and window_limit must have two entries");
-  TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0 && stride[0] > 0 && stride[1] > 0,
-              "sparse_max_pool2d: kernel_size and stride must be positive, got ", kernel_size, " and ", stride);
-  const auto limit = [](int64_t l) { return l < 0 ? std::numeric_limits<int64_t>::max() : l; };
-  return {kernel_size[0], kernel_size[1], stride[0], stride[1], limit(window_limit[0]), limit(window_limit[1])};
-}
-
-__device__ __forceinline__ int64_t first_window(int64_t v, int64_t k, int64_t s) { return v < k ? 0 : (v - k) / s + 1; }
-__device__ __forceinline__ int64_t last_window(int64_t v, int64_t s, int64_t limit) {
-  return v < 0 ? -1 : min(v / s, limit - 1);
-}
-
-template <typename index_t>
-struct CoordView {
-  const index_t* data;
-  __device__ __forceinline__ int64_t b(int64_t i) const { return data[3 * i]; }
-  __device__ __forceinline__ int64_t y(int64_t i) const { return data[3 * i + 1]; }
-  __device__ __forceinline__ int64_t x(int64_t i) const { return data[3 * i + 2]; }
-  __device__ int64_t count_before(int64_t lo, int64_t hi, int64_t v, bool inclusive) const {
-    const int64_t begin = lo;
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      const int64_t xm = x(mid);
-      if (xm < v || (inclusive && xm == v)) {
-        lo = mid + 1;
-      } else {
-        hi = mid;
-      }
-    }
-    return lo - begin;
-  }
-};
+using sparse_pool::CoordView;
+using sparse_pool::first_window;
+using sparse_pool::Geometry;
+using sparse_pool::last_window;
+using sparse_pool::make_geometry;
 
 #define GRID_STRIDE(i, n)                                                       \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; \
