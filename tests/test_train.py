@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import math
 
@@ -333,6 +334,10 @@ def test_exact_resume(tmp_path):
     metrics_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics_b] == [1, 2]
     assert metrics_a[-1]["val_loss"] == metrics_b[-1]["val_loss"]
+    with (tmp_path / "b" / "metrics.csv").open(newline="") as f:  # the crashed epoch's row is gone too
+        rows = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in rows] == [1, 2]
+    assert [float(row["val_loss"]) for row in rows] == [m["val_loss"] for m in metrics_b]
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["test_metrics"] == pytest.approx(
         json.loads((tmp_path / "a" / "summary.json").read_text())["test_metrics"]
     )
@@ -428,6 +433,10 @@ def test_training_run_writes_metrics_checkpoints_and_summary(tmp_path, model_nam
     assert calls == [0, 1]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2] and f"val_{monitor}" in lines[0]
+    with (run / "metrics.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == list(lines[0])
+    assert float(table[1][f"val_{monitor}"]) == lines[1][f"val_{monitor}"]
     assert (run / "last.pt").exists() and (run / "best.pt").exists()
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["model"] == model_name and on_disk["dataset"]["train"] == "synthetic"

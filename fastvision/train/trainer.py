@@ -1,12 +1,14 @@
 """The training loop: ``train(model_name, cfg, ...)`` and ``evaluate_checkpoint(...)``.
 
-A run directory holds ``metrics.jsonl`` (one line per epoch), ``last.pt`` / ``best.pt``
+A run directory holds ``metrics.jsonl`` (one line per epoch) and the same table as ``metrics.csv``,
+``last.pt`` / ``best.pt``
 (written atomically every epoch) and ``summary.json`` (final test metrics). Only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import math
 import shlex
@@ -36,6 +38,7 @@ ValidationHook = Callable[[nn.Module, Any, Any, int], None]
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 METRICS_FILE = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"  # rewritten from METRICS_FILE after every change, for spreadsheets
 SUMMARY_FILE = "summary.json"
 
 
@@ -291,6 +294,19 @@ class Trainer:
         lines = path.read_text().splitlines()
         kept = [line for line in lines if line and json.loads(line)["epoch"] <= completed_epochs]
         path.write_text("".join(line + "\n" for line in kept))
+        self._write_metrics_csv()
+
+    def _write_metrics_csv(self) -> None:
+        """``metrics.csv``: the JSONL records as one table (columns in first-seen order)."""
+        path = self.run_dir / METRICS_FILE
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        columns = list(dict.fromkeys(key for record in records for key in record))
+        temporary = self.run_dir / (METRICS_CSV + ".tmp")
+        with temporary.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(records)
+        temporary.replace(self.run_dir / METRICS_CSV)
 
     # ------------------------------------------------------------------------------------- training
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
@@ -367,6 +383,7 @@ class Trainer:
             self._restore(self.run_dir / LAST_CHECKPOINT)
         elif self.ctx.is_main:
             (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+            (self.run_dir / METRICS_CSV).unlink(missing_ok=True)
         ranks = f" x{self.ctx.world_size}" if self.ctx.enabled else ""
         self.log(
             f"{self.model_name} ({self.num_parameters:,} params, task {self.spec.task}) "
@@ -395,6 +412,7 @@ class Trainer:
                 # Metrics before the checkpoint: a crash in between only leaves a line that resume drops.
                 with (self.run_dir / METRICS_FILE).open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                self._write_metrics_csv()
                 state = self._state(epoch + 1, self.elapsed_before + time.perf_counter() - session_start)
                 save_checkpoint(state, self.run_dir / LAST_CHECKPOINT)
                 if improved:
