@@ -10,6 +10,8 @@
   :func:`save_embedding_plot` writes a 2-D PCA (or t-SNE) projection of learned features,
   coloured by digit. Both draw on matplotlib's Agg canvas and never touch pyplot's global
   backend, so they work headless and inside notebooks alike.
+* :func:`save_model_figures` writes all of these for a trained reader
+  (``fastvision evaluate MODEL --checkpoint PATH --figures DIR``).
 """
 
 from __future__ import annotations
@@ -341,6 +343,38 @@ def save_embedding_plot(
     ax.legend(title="digit", markerscale=2, fontsize=8, loc="best")
     ax.set_title(title or f"{method.upper()} of {features.shape[1]}-d features ({len(features)} points)")
     return _save(figure, path)
+
+
+def save_model_figures(
+    model: nn.Module,
+    dataset: Any,
+    out_dir: str | os.PathLike,
+    points: int = 1000,
+    device: torch.device | str = "cpu",
+) -> list[Path]:
+    """Attention overlays and PCA / t-SNE embedding plots of ``model`` on the first samples of
+    ``dataset`` (``(image, label)`` items), for whichever of ``attention_maps`` and ``embed`` the
+    model has. ``points`` caps the embedded feature vectors (four per digit grid)."""
+    out_dir = Path(out_dir)
+    has_attention, has_embed = hasattr(model, "attention_maps"), hasattr(model, "embed")
+    if not (has_attention or has_embed):
+        return []
+    first_label = torch.as_tensor(dataset[0][1])
+    per_sample = max(1, first_label.numel())
+    count = min(len(dataset), max(1, points // per_sample))
+    items = [dataset[i] for i in range(count)]
+    images = torch.stack([torch.as_tensor(image) for image, _ in items]).to(device)
+    labels = torch.stack([torch.as_tensor(label) for _, label in items])
+    written = []
+    if has_attention:
+        written.append(save_attention_maps(model, images, out_dir / "attention.png", labels=labels))
+    if has_embed:
+        features, digits = embedding_features(model, images, labels)
+        for method in ("pca", "tsne"):
+            title = f"{method.upper()} of {type(model).__name__} features ({len(features)} test digits)"
+            path = out_dir / f"embedding_{method}.png"
+            written.append(save_embedding_plot(features, digits, path, method, title))
+    return written
 
 
 def _save(figure, path: str | os.PathLike) -> Path:

@@ -428,3 +428,16 @@ def test_figures_are_written(tmp_path, digits, grids):
     assert vit.training  # the helpers restore the model's mode
     with pytest.raises(ValueError, match="method"):
         save_embedding_plot(np.random.rand(10, 4), np.arange(10), tmp_path / "x.png", method="umap")
+
+
+def test_save_model_figures_for_each_reader(tmp_path, digits, grids):
+    from fastvision.viz import save_model_figures
+
+    torch.manual_seed(0)
+    names = ["attention.png", "embedding_pca.png", "embedding_tsne.png"]
+    for model, dataset, folder in ((small_vit(), digits, "vit"), (small_seq_model(), grids, "seq")):
+        paths = save_model_figures(model, dataset, tmp_path / folder, points=40)
+        assert [path.name for path in paths] == names
+        for path in paths:
+            assert path.read_bytes().startswith(PNG_SIGNATURE), path
+    assert save_model_figures(nn.Linear(2, 2), digits, tmp_path / "none") == []  # nothing to draw

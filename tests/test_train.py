@@ -511,6 +511,14 @@ def test_cli_train_and_evaluate(tmp_path, capsys, monkeypatch):
     assert args.handler(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["samples"] == 32 and result["test_metrics"] == pytest.approx(summary["test_metrics"])
+    assert "figures" not in result
+
+    figures = tmp_path / "figures"  # a model without attention_maps / embed: metrics, no figures
+    args = parser.parse_args(
+        ["evaluate", "test_cli_cls", "--checkpoint", checkpoint, "--device", "cpu", "--figures", str(figures)]
+    )
+    assert args.handler(args) == 0
+    assert json.loads(capsys.readouterr().out)["figures"] == []
 
 
 def test_schedulefree_optimizer(tmp_path):

@@ -57,6 +57,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--batch-size", type=int)
     evaluate.add_argument("--test-samples", type=int)
     evaluate.add_argument("--no-ema", action="store_true", help="use the live weights, not the EMA copy")
+    evaluate.add_argument(
+        "--figures",
+        metavar="DIR",
+        help="also write attention overlays and PCA/t-SNE embedding plots (digit readers) to DIR",
+    )
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -141,6 +146,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         test_samples=args.test_samples,
         progress=not args.no_progress,
+        figures_dir=args.figures,
     )
     print(json.dumps(result, indent=2))
     return 0

@@ -491,8 +491,10 @@ def evaluate_checkpoint(
     test_samples: int | None = None,
     dataset: Dataset | None = None,
     progress: bool = True,
+    figures_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Test-split metrics of a checkpoint written by ``train`` (EMA weights unless ``use_ema=False``)."""
+    """Test-split metrics of a checkpoint written by ``train`` (EMA weights unless ``use_ema=False``);
+    with ``figures_dir``, also the model's attention and embedding PNGs on the test samples."""
     spec = get_model_spec(model_name)
     task = get_task(spec.task)
     resolved = resolve_device(device)
@@ -514,7 +516,7 @@ def evaluate_checkpoint(
         dataset = Subset(dataset, range(cfg.test_samples))
     loader = _loader(dataset, cfg, DistContext(), resolved, train=False)
     metrics, _, _ = run_evaluation(model, loader, task, cfg, resolved, progress=progress, desc="test")
-    return {
+    result = {
         "model": model_name,
         "checkpoint": str(checkpoint),
         "epoch": state["epoch"],
@@ -524,3 +526,9 @@ def evaluate_checkpoint(
         "device": str(resolved),
         "test_metrics": metrics,
     }
+    if figures_dir is not None:
+        from fastvision.viz import save_model_figures
+
+        paths = save_model_figures(model, dataset, figures_dir, device=resolved)
+        result["figures"] = [str(path) for path in paths]
+    return result
