@@ -142,6 +142,38 @@ def test_stacked_digits_determinism():
     assert not torch.equal(a.indices, c.indices)
 
 
+def test_stacked_digits_holdout_uses_disjoint_digits():
+    digits = constant_digits(list(range(10)) * 20)  # 200 digits
+    grids = StackedDigits(digits, 400, seed=5)
+    train, val = grids.split_holdout(0.1, seed=2)
+    assert (len(train), len(val)) == (360, 40)
+    train_digits, val_digits = set(train.indices.flatten().tolist()), set(val.indices.flatten().tolist())
+    assert not train_digits & val_digits
+    assert len(train_digits) <= 180 and len(val_digits) <= 20 and len(val_digits) > 10
+    again_train, again_val = grids.split_holdout(0.1, seed=2)
+    assert torch.equal(train.indices, again_train.indices) and torch.equal(val.indices, again_val.indices)
+    assert "held-out digits" in val.describe and "180 digits" in train.describe
+    image, labels = val[3]  # items are composed from the chosen digits
+    assert torch.equal(labels, digits.targets[val.indices[3]])
+    for fraction in (0.0, 1.0):
+        with pytest.raises(ValueError, match="fraction"):
+            grids.split_holdout(fraction)
+    with pytest.raises(ValueError, match="pool"):
+        StackedDigits(digits, 4, pool=torch.tensor([], dtype=torch.long))
+
+
+def test_split_train_val_holds_out_digits_for_grids():
+    from fastvision.train import TrainConfig
+    from fastvision.train.trainer import split_train_val
+
+    digits = constant_digits(list(range(10)) * 20)
+    grids, test = StackedDigits(digits, 300, seed=1), StackedDigits(digits, 30, seed=2)
+    train, val, _ = split_train_val(grids, test, TrainConfig(val_fraction=0.2, train_samples=100))
+    assert (len(train), len(val)) == (100, 60)
+    index_of = lambda subset: set(subset.dataset.indices[list(subset.indices)].flatten().tolist())  # noqa: E731
+    assert not index_of(train) & index_of(val)
+
+
 def test_stacked_mnist_grids_use_digits_of_their_split(tmp_path):
     write_mnist_files(tmp_path, n_train=12, n_test=6)
     train = build_dataset("stacked_mnist", "train", data_dir=tmp_path, num_samples=30)

@@ -17,20 +17,64 @@ class StackedDigits(Dataset):
     Item ``i`` is ``(image [C, 2H, 2W] float32, labels [4] int64)`` with labels in
     ``GRID_POSITIONS`` order. Which digits go into which grid is fixed by ``seed`` and stored as an
     index table, so only ``4 * num_samples`` integers are kept and images are composed on access.
+    ``pool`` (digit indices) restricts the draw to those digits; :meth:`split_holdout` uses it.
     """
 
     def __init__(
-        self, digits: ImageTensorDataset, num_samples: int, seed: int = 0, describe: str | None = None
+        self,
+        digits: ImageTensorDataset,
+        num_samples: int,
+        seed: int = 0,
+        describe: str | None = None,
+        pool: torch.Tensor | None = None,
     ):
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if pool is not None and (pool.dim() != 1 or len(pool) == 0):
+            raise ValueError(f"pool must be a non-empty 1-D tensor of digit indices, got {tuple(pool.shape)}")
         self.digits = digits
+        self.num_samples = num_samples
         generator = torch.Generator().manual_seed(seed)
-        self.indices = torch.randint(len(digits), (num_samples, 4), generator=generator)
+        size = len(digits) if pool is None else len(pool)
+        self.indices = torch.randint(size, (num_samples, 4), generator=generator)
+        if pool is not None:
+            self.indices = pool.long()[self.indices]
         self.seed = seed
         self.describe = describe or (
             f"{num_samples} 2x2 grids (seed {seed}) of digits from: {getattr(digits, 'describe', 'digits')}"
         )
+
+    def split_holdout(self, fraction: float, seed: int = 0) -> tuple[StackedDigits, StackedDigits]:
+        """Training and validation grids on disjoint digits: ``fraction`` of the digits (and of the
+        grids) go to validation, so no validation digit is ever seen in training. Holding out grids
+        alone would reuse the training digits and overstate validation accuracy."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        order = torch.randperm(len(self.digits), generator=torch.Generator().manual_seed(seed))
+        n_val_digits = max(1, round(len(order) * fraction))
+        n_val_grids = max(1, round(self.num_samples * fraction))
+        if n_val_digits >= len(order) or n_val_grids >= self.num_samples:
+            raise ValueError(
+                f"too few digits ({len(order)}) or grids ({self.num_samples}) to hold out {fraction}"
+            )
+        base = getattr(self.digits, "describe", "digits")
+        train_pool, val_pool = order[n_val_digits:], order[:n_val_digits]
+        n_train_grids = self.num_samples - n_val_grids
+        train = StackedDigits(
+            self.digits,
+            n_train_grids,
+            self.seed,
+            f"{n_train_grids} 2x2 grids (seed {self.seed}) of {len(train_pool)} digits from: {base}",
+            pool=train_pool,
+        )
+        val = StackedDigits(
+            self.digits,
+            n_val_grids,
+            self.seed + 1,
+            f"{n_val_grids} 2x2 grids of {len(val_pool)} held-out digits from: {base}",
+            pool=val_pool,
+        )
+        return train, val
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -63,15 +63,22 @@ def split_train_val(
 ) -> tuple[Dataset, Dataset, Dataset]:
     """Hold out ``val_fraction`` of the train split (fixed by ``seed``) and apply the sample caps.
 
-    With ``val_fraction == 0`` the test split doubles as validation set.
+    With ``val_fraction == 0`` the test split doubles as validation set. A dataset with
+    ``split_holdout`` (grids of digits) splits itself, so that validation items share no digit
+    with training items.
     """
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    n_val = int(round(len(order) * cfg.val_fraction))
-    train_idx, val_idx = order[n_val:], order[:n_val]
+    if cfg.val_fraction > 0 and hasattr(train_set, "split_holdout"):
+        train_source, val_source = train_set.split_holdout(cfg.val_fraction, cfg.seed)
+        train_idx, val_idx = list(range(len(train_source))), list(range(len(val_source)))
+    else:
+        train_source = val_source = train_set
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_val = int(round(len(order) * cfg.val_fraction))
+        train_idx, val_idx = order[n_val:], order[:n_val]
     if cfg.train_samples is not None:
         train_idx = train_idx[: cfg.train_samples]
-    train = Subset(train_set, train_idx)
-    val: Dataset = Subset(train_set, val_idx) if n_val else test_set
+    train = Subset(train_source, train_idx)
+    val: Dataset = Subset(val_source, val_idx) if val_idx else test_set
     if cfg.val_samples is not None and len(val) > cfg.val_samples:
         val = Subset(val, range(cfg.val_samples))
     test = test_set
@@ -191,7 +198,11 @@ class Trainer:
                 build_dataset(self.spec.dataset, "test", data_dir, seed=cfg.seed),
             )
         self.train_set, self.val_set, self.test_set = split_train_val(*datasets, cfg)
-        self.dataset_description = {"train": describe(datasets[0]), "test": describe(datasets[1])}
+        self.dataset_description = {
+            "train": describe(self.train_set),
+            "val": describe(self.val_set),
+            "test": describe(datasets[1]),
+        }
 
         # Same seed on every rank for identical initial weights; then per-rank streams for noise/dropout.
         torch.manual_seed(cfg.seed)
