@@ -146,10 +146,13 @@ class ViTMNIST(nn.Module):
     task="classification",
     dataset="mnist",
     description="ViT: 4x4 patches (49 tokens) + CLS, 4 post-norm blocks, d_model 128, 4 heads (seed 001)",
-    # Seed 001: batch 128, 8 epochs, Adam around lr 1e-3 (its reported/expected optimum). The seed
-    # names no schedule; a short warm-up + cosine decay keeps the post-norm stack stable early on.
+    # Seed 001: batch 128, Adam around lr 1e-3 (its reported/expected optimum). The seed names no
+    # schedule; a short warm-up + cosine decay keeps the post-norm stack stable early on. Its 8
+    # epochs reached 98.45% here; 12 epochs with random shifts of up to 2 pixels reached 99.11%
+    # (bench/results/training/vit_mnist_shift).
     train_defaults={
-        "epochs": 8,
+        "epochs": 12,
+        "shift_augment": 2,
         "batch_size": 128,
         "lr": 1e-3,
         "weight_decay": 0.01,
