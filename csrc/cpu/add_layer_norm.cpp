@@ -9,8 +9,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/macros/Macros.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -20,41 +18,17 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/vec_chunk.h"
+
 namespace fastvision {
 namespace {
 
-template <typename scalar_t>
-using AccVec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
-
-// A chunk is one storage vector of scalar_t: one math vector, or a half/bfloat16 vector widened to two.
-template <typename scalar_t>
-constexpr int64_t kChunk = at::vec::Vectorized<scalar_t>::size();
-
-template <typename scalar_t>
-constexpr int kParts = kChunk<scalar_t> / AccVec<scalar_t>::size();
-
-template <typename scalar_t>
-using AccChunk = std::array<AccVec<scalar_t>, kParts<scalar_t>>;
-
-// Lanes past `count` load as zero (Vectorized::loadu with a count zero-fills).
-template <typename scalar_t>
-C10_ALWAYS_INLINE AccChunk<scalar_t> load_chunk(const scalar_t* src, int64_t count) {
-  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
-    return {AccVec<scalar_t>::loadu(src, count)};
-  } else {
-    const auto [low, high] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(src, count));
-    return {low, high};
-  }
-}
-
-template <typename scalar_t>
-C10_ALWAYS_INLINE void store_chunk(const AccChunk<scalar_t>& v, scalar_t* dst, int64_t count) {
-  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
-    v[0].store(dst, count);
-  } else {
-    at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(dst, count);
-  }
-}
+using cpu::AccChunk;
+using cpu::AccVec;
+using cpu::kChunk;
+using cpu::kParts;
+using cpu::load_chunk;
+using cpu::store_chunk;
 
 // Loads and stores of the op-math buffers (weight, bias, per-thread rows) in chunk-sized pieces.
 template <typename scalar_t>

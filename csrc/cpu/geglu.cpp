@@ -11,6 +11,7 @@
 #include <array>
 #include <type_traits>
 
+#include "cpu/vec_chunk.h"
 #include "geglu_common.h"
 #include "geglu_math.h"
 
@@ -18,7 +19,6 @@ namespace fastvision {
 namespace {
 
 using FloatVec = at::vec::Vectorized<float>;
-constexpr int64_t kWidth = FloatVec::size();
 
 // erf and exp come from ATen's vector headers (SLEEF-backed exp, 1 ulp). The tanh form is written with
 // sigmoids, as in geglu_math.h, so that it does not cancel where tanh is near +-1.
@@ -55,44 +55,26 @@ void gelu_and_grad_vec(const FloatVec& g, FloatVec& gelu_out, FloatVec& grad_out
   }
 }
 
-// A chunk is one storage vector: one float vector, or twice as many half/bfloat16 values widened to two.
+// Chunks of a storage vector widened to float (csrc/cpu/vec_chunk.h): float math for every dtype here.
 template <typename scalar_t>
-constexpr int kParts = at::vec::Vectorized<scalar_t>::size() / kWidth;
-
-template <typename scalar_t>
-using FloatChunk = std::array<FloatVec, kParts<scalar_t>>;
-
-template <typename scalar_t>
-FloatChunk<scalar_t> load_chunk(const scalar_t* src, int64_t count) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return {FloatVec::loadu(src, count)};
-  } else {
-    const auto [low, high] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(src, count));
-    return {low, high};
-  }
-}
-
-template <typename scalar_t>
-void store_chunk(const FloatChunk<scalar_t>& v, scalar_t* dst, int64_t count) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    v[0].store(dst, count);
-  } else {
-    at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(dst, count);
-  }
-}
+using FloatChunk = cpu::AccChunk<scalar_t>;
+using cpu::kChunk;
+using cpu::kParts;
+using cpu::load_chunk;
+using cpu::store_chunk;
 
 int64_t rows_per_task(int64_t hidden) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(hidden, 1)); }
 
 template <typename scalar_t, bool kTanh>
 void geglu_forward_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t hidden) {
-  constexpr int64_t kChunk = at::vec::Vectorized<scalar_t>::size();
+  constexpr int64_t chunk = kChunk<scalar_t>;
   at::parallel_for(0, rows, rows_per_task(hidden), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* value = x + r * 2 * hidden;
       const scalar_t* gate = value + hidden;
       scalar_t* y = out + r * hidden;
-      for (int64_t j = 0; j < hidden; j += kChunk) {
-        const int64_t count = std::min(kChunk, hidden - j);
+      for (int64_t j = 0; j < hidden; j += chunk) {
+        const int64_t count = std::min(chunk, hidden - j);
         const FloatChunk<scalar_t> g = load_chunk(gate + j, count);
         FloatChunk<scalar_t> result = load_chunk(value + j, count);
         for (int p = 0; p < kParts<scalar_t>; ++p) result[p] = result[p] * gelu_vec<kTanh>(g[p]);
@@ -104,7 +86,7 @@ void geglu_forward_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t 
 
 template <typename scalar_t, bool kTanh>
 void geglu_backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t hidden) {
-  constexpr int64_t kChunk = at::vec::Vectorized<scalar_t>::size();
+  constexpr int64_t chunk = kChunk<scalar_t>;
   at::parallel_for(0, rows, rows_per_task(hidden), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* value = x + r * 2 * hidden;
@@ -112,8 +94,8 @@ void geglu_backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, in
       const scalar_t* grad = dy + r * hidden;
       scalar_t* dvalue = dx + r * 2 * hidden;
       scalar_t* dgate = dvalue + hidden;
-      for (int64_t j = 0; j < hidden; j += kChunk) {
-        const int64_t count = std::min(kChunk, hidden - j);
+      for (int64_t j = 0; j < hidden; j += chunk) {
+        const int64_t count = std::min(chunk, hidden - j);
         const FloatChunk<scalar_t> g = load_chunk(gate + j, count);
         const FloatChunk<scalar_t> d = load_chunk(grad + j, count);
         const FloatChunk<scalar_t> v = load_chunk(value + j, count);

@@ -33,7 +33,6 @@ class StackedDigits(Dataset):
         if pool is not None and (pool.dim() != 1 or len(pool) == 0):
             raise ValueError(f"pool must be a non-empty 1-D tensor of digit indices, got {tuple(pool.shape)}")
         self.digits = digits
-        self.num_samples = num_samples
         generator = torch.Generator().manual_seed(seed)
         size = len(digits) if pool is None else len(pool)
         self.indices = torch.randint(size, (num_samples, 4), generator=generator)
@@ -52,14 +51,13 @@ class StackedDigits(Dataset):
             raise ValueError(f"fraction must be in (0, 1), got {fraction}")
         order = torch.randperm(len(self.digits), generator=torch.Generator().manual_seed(seed))
         n_val_digits = max(1, round(len(order) * fraction))
-        n_val_grids = max(1, round(self.num_samples * fraction))
-        if n_val_digits >= len(order) or n_val_grids >= self.num_samples:
-            raise ValueError(
-                f"too few digits ({len(order)}) or grids ({self.num_samples}) to hold out {fraction}"
-            )
+        num_grids = len(self)
+        n_val_grids = max(1, round(num_grids * fraction))
+        if n_val_digits >= len(order) or n_val_grids >= num_grids:
+            raise ValueError(f"too few digits ({len(order)}) or grids ({num_grids}) to hold out {fraction}")
         base = getattr(self.digits, "describe", "digits")
         train_pool, val_pool = order[n_val_digits:], order[:n_val_digits]
-        n_train_grids = self.num_samples - n_val_grids
+        n_train_grids = num_grids - n_val_grids
         train = StackedDigits(
             self.digits,
             n_train_grids,

@@ -1,8 +1,8 @@
 """The training loop: ``train(model_name, cfg, ...)`` and ``evaluate_checkpoint(...)``.
 
-A run directory holds ``metrics.jsonl`` (one line per epoch) and the same table as ``metrics.csv``,
-``last.pt`` / ``best.pt``
-(written atomically every epoch) and ``summary.json`` (final test metrics). Only rank 0 writes.
+A run directory holds ``metrics.jsonl`` (one line per epoch, also as the table ``metrics.csv``),
+``last.pt`` / ``best.pt`` (written atomically every epoch) and ``summary.json`` (final test
+metrics). Only rank 0 writes.
 """
 
 from __future__ import annotations
