@@ -26,6 +26,7 @@ from fastvision.train import (
     get_task,
     load_checkpoint,
     psnr,
+    restore_scheduler,
     save_checkpoint,
     ssim,
     train,
@@ -220,6 +221,55 @@ def test_plateau_schedule():
 def test_none_schedule():
     optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3)
     assert build_scheduler(optimizer, TrainConfig(scheduler="none"), 10) is None
+
+
+def _stepped_scheduler(cfg, steps_per_epoch, steps):
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    return optimizer, scheduler
+
+
+def _restored(cfg, steps_per_epoch, optimizer, scheduler):
+    # The trainer's order: build both from the config, then load the optimizer, then the schedule.
+    new_optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    new_scheduler = build_scheduler(new_optimizer, cfg, steps_per_epoch)
+    new_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    restore_scheduler(new_scheduler, copy.deepcopy(scheduler.state_dict()))
+    return new_optimizer, new_scheduler
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
+def test_restore_scheduler_same_config_continues_exactly(scheduler):
+    cfg = TrainConfig(epochs=6, lr=1e-3, scheduler=scheduler, warmup_epochs=1, max_lr=2e-3)
+    expected = lr_trace(cfg, steps_per_epoch=5)
+    optimizer, sched = _stepped_scheduler(cfg, 5, steps=13)
+    optimizer, sched = _restored(cfg, 5, optimizer, sched)
+    resumed = []
+    for _ in range(30 - 13):
+        resumed.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        sched.step()
+    assert resumed == pytest.approx(expected[13:], rel=1e-12)
+
+
+def test_restore_scheduler_follows_more_epochs():
+    # A finished 4-epoch cosine run resumed with epochs=8 decays over the new length, not at lr 0.
+    short, longer = (TrainConfig(epochs=e, lr=1e-3, scheduler="cosine", warmup_epochs=1) for e in (4, 8))
+    optimizer, sched = _stepped_scheduler(short, 5, steps=20)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    optimizer, sched = _restored(longer, 5, optimizer, sched)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_trace(longer, 5)[20], rel=1e-12)
+    assert optimizer.param_groups[0]["lr"] > 1e-4
+
+
+def test_restore_onecycle_with_other_length_is_a_clear_error():
+    short, longer = (TrainConfig(epochs=e, lr=1e-3, scheduler="onecycle") for e in (4, 8))
+    optimizer, sched = _stepped_scheduler(short, 5, steps=7)
+    with pytest.raises(ValueError, match="onecycle.*epochs"):
+        _restored(longer, 5, optimizer, sched)
 
 
 # ---------------------------------------------------------------------------------- loop mechanics

@@ -4,7 +4,7 @@ from fastvision.train.checkpoint import load_checkpoint, save_checkpoint
 from fastvision.train.config import TrainConfig
 from fastvision.train.ema import ModelEMA
 from fastvision.train.metrics import MetricTracker, psnr, ssim
-from fastvision.train.optim import build_optimizer, build_scheduler
+from fastvision.train.optim import build_optimizer, build_scheduler, restore_scheduler
 from fastvision.train.tasks import TASKS, Task, get_task
 from fastvision.train.trainer import Trainer, evaluate_checkpoint, resolve_config, run_evaluation, train
 
@@ -17,6 +17,7 @@ __all__ = [
     "Trainer",
     "build_optimizer",
     "build_scheduler",
+    "restore_scheduler",
     "evaluate_checkpoint",
     "get_task",
     "load_checkpoint",

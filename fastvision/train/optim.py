@@ -58,6 +58,32 @@ class WarmupCosine:
         return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def restore_scheduler(scheduler, state: dict) -> None:
+    """Load a checkpointed scheduler ``state`` into ``scheduler`` built from the current config.
+
+    Only the step count carries over for the warm-up/cosine schedule: its shape comes from the
+    current config, so a run resumed with more ``epochs`` keeps decaying towards the new end
+    instead of sitting at the old schedule's final LR. With an unchanged config the LR is the one
+    the interrupted run would have used next. A one-cycle schedule cannot be stretched mid-run.
+    """
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        state = {k: v for k, v in state.items() if k not in ("base_lrs", "_last_lr")}
+        state["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)  # keep the current config's schedule
+        scheduler.load_state_dict(state)
+        groups = scheduler.optimizer.param_groups
+        for group, base_lr, schedule in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            group["lr"] = base_lr * schedule(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in groups]
+        return
+    one_cycle = isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
+    if one_cycle and state["total_steps"] != scheduler.total_steps:
+        raise ValueError(
+            f"cannot resume a onecycle schedule of {state['total_steps']} steps as one of "
+            f"{scheduler.total_steps}: keep `epochs` (and the batch settings) of the interrupted run"
+        )
+    scheduler.load_state_dict(state)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     """The configured schedule, or None. ``steps_per_epoch`` counts optimizer steps, not batches."""
     total_steps = max(1, cfg.epochs * steps_per_epoch)

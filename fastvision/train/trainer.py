@@ -30,7 +30,13 @@ from fastvision.train.config import TrainConfig
 from fastvision.train.distributed import DistContext, resolve_device, setup_distributed
 from fastvision.train.ema import ModelEMA
 from fastvision.train.metrics import MetricTracker
-from fastvision.train.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler, is_schedule_free
+from fastvision.train.optim import (
+    PER_STEP_SCHEDULERS,
+    build_optimizer,
+    build_scheduler,
+    is_schedule_free,
+    restore_scheduler,
+)
 from fastvision.train.tasks import Task, get_task
 
 ValidationHook = Callable[[nn.Module, Any, Any, int], None]
@@ -285,7 +291,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+            restore_scheduler(self.scheduler, state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
