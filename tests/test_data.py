@@ -162,6 +162,28 @@ def test_stacked_digits_holdout_uses_disjoint_digits():
         StackedDigits(digits, 4, pool=torch.tensor([], dtype=torch.long))
 
 
+def test_stacked_digits_redraw_per_epoch():
+    digits = constant_digits(list(range(10)) * 20)
+    grids = StackedDigits(digits, 100, seed=4)
+    first = grids.indices.clone()
+    grids.set_epoch(3)
+    third = grids.indices.clone()
+    assert third.shape == first.shape and not torch.equal(third, first)
+    grids.set_epoch(0)  # epoch 0 is the constructor's draw; every epoch's table is reproducible
+    assert torch.equal(grids.indices, first)
+    grids.set_epoch(3)
+    assert torch.equal(grids.indices, third)
+    image, labels = grids[5]  # items follow the redrawn table
+    assert torch.equal(labels, digits.targets[third[5]])
+    train, _ = grids.split_holdout(0.2, seed=1)  # a holdout split keeps drawing from its own pool
+    pool = set(train.pool.tolist())
+    for epoch in range(1, 4):
+        train.set_epoch(epoch)
+        assert set(train.indices.flatten().tolist()) <= pool
+    with pytest.raises(ValueError, match="epoch"):
+        grids.set_epoch(-1)
+
+
 def test_split_train_val_holds_out_digits_for_grids():
     from fastvision.train import TrainConfig
     from fastvision.train.trainer import split_train_val
@@ -280,3 +302,43 @@ def test_random_translate_edge_cases():
         random_translate(images, -1)
     with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
         random_translate(images[0], 1)
+
+
+@pytest.mark.parametrize("tiles,shape", [(2, (3, 1, 12, 16)), (3, (2, 2, 9, 9)), (1, (2, 1, 6, 6))])
+def test_random_translate_tiles_shift_each_cell_on_its_own(tiles, shape):
+    from fastvision.data.augment import random_translate
+
+    images = torch.rand(shape)
+    max_shift, seed = 2, torch.randint(0, 2**31, ()).item()
+    shifted = random_translate(images, max_shift, torch.Generator().manual_seed(seed), tiles=tiles)
+    batch, channels, height, width = shape
+    h, w = height // tiles, width // tiles
+    # Cells in (image, tile row, tile column) order, each with its own offsets from the same stream.
+    cells = torch.stack(
+        [
+            images[b, :, i * h : (i + 1) * h, j * w : (j + 1) * w]
+            for b in range(batch)
+            for i in range(tiles)
+            for j in range(tiles)
+        ]
+    )
+    offsets = torch.randint(
+        0, 2 * max_shift + 1, (2, len(cells)), generator=torch.Generator().manual_seed(seed)
+    )
+    expected_cells = translate_reference(cells, max_shift - offsets[0], max_shift - offsets[1])
+    k = 0
+    for b in range(batch):
+        for i in range(tiles):
+            for j in range(tiles):
+                cell = shifted[b, :, i * h : (i + 1) * h, j * w : (j + 1) * w]
+                assert torch.equal(cell, expected_cells[k]), (b, i, j)
+                k += 1
+
+
+def test_random_translate_tiles_errors():
+    from fastvision.data.augment import random_translate
+
+    with pytest.raises(ValueError, match="tiles"):
+        random_translate(torch.rand(1, 1, 8, 8), 1, tiles=0)
+    with pytest.raises(ValueError, match="tiles=3 must divide"):
+        random_translate(torch.rand(1, 1, 8, 8), 1, tiles=3)

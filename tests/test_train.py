@@ -148,6 +148,10 @@ def test_config_from_yaml_flat_and_nested(tmp_path):
     nested.write_text("training:\n  scheduler: plateau\n  lr_patience: 2\n")
     cfg = TrainConfig.from_yaml(nested, base=TrainConfig(epochs=3))
     assert (cfg.scheduler, cfg.lr_patience, cfg.epochs) == ("plateau", 2, 3)
+    switches = tmp_path / "switches.yaml"
+    switches.write_text("redraw_each_epoch: true\nshift_tiles: 2\n")
+    cfg = TrainConfig.from_yaml(switches)
+    assert (cfg.redraw_each_epoch, cfg.shift_tiles) == (True, 2)
 
 
 def test_config_errors(tmp_path):
@@ -157,6 +161,8 @@ def test_config_errors(tmp_path):
         TrainConfig.from_yaml(bad)
     with pytest.raises(ValueError, match="expects int"):
         TrainConfig.from_dict({"epochs": 1.5})
+    with pytest.raises(ValueError, match="redraw_each_epoch.*expects bool"):
+        TrainConfig.from_dict({"redraw_each_epoch": "yes"})
     with pytest.raises(ValueError, match="scheduler must be one of"):
         TrainConfig(scheduler="linear")
     with pytest.raises(ValueError, match="scheduler: none"):
@@ -393,6 +399,55 @@ def test_exact_resume(tmp_path):
     )
 
 
+def tiny_digit_grids(n_digits=40, n_grids=48, seed=0):
+    """4x4 "digits" whose pixels encode their label, composed into 8x8 grids for test_tiny_seq."""
+    from fastvision.data import ImageTensorDataset, StackedDigits
+
+    labels = torch.arange(n_digits) % 10
+    images = (labels * 25).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    return StackedDigits(ImageTensorDataset(images, labels, describe="tiny digits"), n_grids, seed=seed)
+
+
+def test_redraw_each_epoch_resumes_exactly(tmp_path):
+    """Layouts redrawn per epoch depend on (seed, epoch) only, so a resumed run sees the same grids."""
+    data = (tiny_digit_grids(), tiny_digit_grids(n_grids=16, seed=1))
+    cfg = quick_config(redraw_each_epoch=True, shift_augment=1, shift_tiles=2, epochs=3)
+    seen: dict[str, list[torch.Tensor]] = {"a": [], "b": []}  # the layout of each validated epoch
+    trainers = {}
+
+    def record(key):
+        def hook(model, batch, outputs, epoch):
+            seen[key].append(trainers[key].redraw_source.indices.clone())
+            if key == "b" and epoch == 1 and len(seen["b"]) == 2:
+                raise Crash
+
+        return hook
+
+    def start(key, **kwargs):
+        trainers[key] = make_trainer(
+            "test_tiny_seq", data, tmp_path, cfg, run_dir=tmp_path / key, on_validation=record(key), **kwargs
+        )
+        return trainers[key]
+
+    start("a").fit()
+    with pytest.raises(Crash):
+        start("b").fit()
+    start("b", resume=True).fit()  # repeats epoch 1, then runs epoch 2
+    assert len(seen["a"]) == 3 and len(seen["b"]) == 4
+    assert not torch.equal(seen["a"][0], seen["a"][1]) and not torch.equal(seen["a"][1], seen["a"][2])
+    for a_layout, b_layout in zip(seen["a"], [seen["b"][0], seen["b"][2], seen["b"][3]], strict=True):
+        assert torch.equal(a_layout, b_layout)
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def test_redraw_each_epoch_needs_a_composed_dataset(tmp_path):
+    data = (classification_data(16), classification_data(8, seed=1))
+    with pytest.raises(ValueError, match="redraw_each_epoch"):
+        make_trainer("test_tiny_cls", data, tmp_path, quick_config(redraw_each_epoch=True))
+
+
 def test_refuses_to_clobber_existing_run(tmp_path):
     data = (classification_data(16), classification_data(8, seed=1))
     make_trainer("test_tiny_cls", data, tmp_path, quick_config(epochs=1)).fit()
@@ -606,3 +661,5 @@ def test_shift_augment_applies_to_training_batches_only():
     assert (model.seen == 0).any()  # zero-filled borders appear once images move
     with pytest.raises(ValueError, match="shift_augment"):
         TrainConfig(shift_augment=-1)
+    with pytest.raises(ValueError, match="shift_tiles"):
+        TrainConfig(shift_tiles=0)

@@ -7,19 +7,32 @@ import torch.nn.functional as F
 
 
 def random_translate(
-    images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None
+    images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None, tiles: int = 1
 ) -> torch.Tensor:
     """Shift each image of ``[B, C, H, W]`` by its own integer offset in ``[-max_shift, max_shift]``
     along both axes, filling the uncovered border with zeros (MNIST's background).
 
-    One padded copy and one gather for the whole batch: no per-sample Python loop.
+    ``tiles > 1`` cuts every image into a ``tiles x tiles`` grid of equal cells and shifts each cell
+    on its own, within the cell: each digit of a 2x2 digit grid moves independently and stays in
+    its quadrant. One padded copy and one gather for the whole batch: no per-sample Python loop.
     """
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     if max_shift < 0:
         raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    if tiles < 1:
+        raise ValueError(f"tiles must be >= 1, got {tiles}")
     if max_shift == 0 or images.shape[0] == 0:
         return images
+    if tiles > 1:
+        batch, channels, height, width = images.shape
+        if height % tiles or width % tiles:
+            raise ValueError(f"tiles={tiles} must divide the image size {height}x{width}")
+        h, w = height // tiles, width // tiles
+        cells = images.reshape(batch, channels, tiles, h, tiles, w).permute(0, 2, 4, 1, 3, 5)
+        shifted = random_translate(cells.reshape(-1, channels, h, w), max_shift, generator)
+        shifted = shifted.reshape(batch, tiles, tiles, channels, h, w).permute(0, 3, 1, 4, 2, 5)
+        return shifted.reshape(batch, channels, height, width)
     batch, _, height, width = images.shape
     padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift))
     offsets = torch.randint(

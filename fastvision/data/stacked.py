@@ -33,15 +33,30 @@ class StackedDigits(Dataset):
         if pool is not None and (pool.dim() != 1 or len(pool) == 0):
             raise ValueError(f"pool must be a non-empty 1-D tensor of digit indices, got {tuple(pool.shape)}")
         self.digits = digits
-        generator = torch.Generator().manual_seed(seed)
-        size = len(digits) if pool is None else len(pool)
-        self.indices = torch.randint(size, (num_samples, 4), generator=generator)
-        if pool is not None:
-            self.indices = pool.long()[self.indices]
+        self.pool = None if pool is None else pool.long()
         self.seed = seed
+        self.indices = self._draw(num_samples, seed)
         self.describe = describe or (
             f"{num_samples} 2x2 grids (seed {seed}) of digits from: {getattr(digits, 'describe', 'digits')}"
         )
+
+    def _draw(self, num_samples: int, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        size = len(self.digits) if self.pool is None else len(self.pool)
+        indices = torch.randint(size, (num_samples, 4), generator=generator)
+        return indices if self.pool is None else self.pool[indices]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Redraw the layout table for ``epoch``, deterministically from ``(seed, epoch)``.
+
+        Epoch 0 is the constructor's draw. A fixed table of ``n`` grids uses each digit about
+        ``4n / len(pool)`` times and never shows some of them; redrawing every epoch (the trainer's
+        ``redraw_each_epoch``) puts every digit in fresh company at the same cost per epoch.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        seed = self.seed if epoch == 0 else self.seed * 1_000_003 + epoch
+        self.indices = self._draw(len(self.indices), seed)
 
     def split_holdout(self, fraction: float, seed: int = 0) -> tuple[StackedDigits, StackedDigits]:
         """Training and validation grids on disjoint digits: ``fraction`` of the digits (and of the

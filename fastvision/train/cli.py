@@ -47,6 +47,15 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     overrides.add_argument(
         "--shift-augment", type=int, help="randomly translate training images by up to N pixels"
     )
+    overrides.add_argument(
+        "--shift-tiles", type=int, help="shift each cell of an NxN grid on its own (2: each digit of a grid)"
+    )
+    overrides.add_argument(
+        "--redraw-each-epoch",
+        action="store_true",
+        default=None,
+        help="draw fresh digit-grid layouts every epoch (seeded by seed and epoch)",
+    )
     overrides.add_argument("--noise-sigma", type=float, help="denoise task noise level")
     train.set_defaults(handler=run_train)
 
@@ -93,6 +102,8 @@ CONFIG_FLAGS = (
     "val_samples",
     "test_samples",
     "shift_augment",
+    "shift_tiles",
+    "redraw_each_epoch",
     "noise_sigma",
 )
 

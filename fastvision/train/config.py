@@ -27,6 +27,8 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
             if isinstance(value, bool) or float(value) != int(float(value)):
                 raise TypeError
             return int(float(value))
+        if annotation.startswith("bool") and isinstance(value, bool):
+            return value
         if annotation.startswith("str") and isinstance(value, str):
             return value
     except (TypeError, ValueError):
@@ -61,6 +63,8 @@ class TrainConfig:
     val_samples: int | None = None
     test_samples: int | None = None
     shift_augment: int = 0  # train-time random translation of up to N pixels (classification, digits)
+    shift_tiles: int = 1  # 2: shift each cell of a 2x2 grid on its own (each digit of a digit grid)
+    redraw_each_epoch: bool = False  # seeded compositions (digit grids) draw a fresh layout each epoch
     noise_sigma: float = 0.2  # denoise task: Gaussian noise std on [0, 1] images
     aux_loss_weight: float = 0.01  # weight of a model's ``aux_loss`` (e.g. MoE load balancing)
 
@@ -86,6 +90,7 @@ class TrainConfig:
         check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
         check(self.shift_augment >= 0, f"shift_augment must be >= 0, got {self.shift_augment}")
+        check(self.shift_tiles >= 1, f"shift_tiles must be >= 1, got {self.shift_tiles}")
         check(self.noise_sigma >= 0, f"noise_sigma must be >= 0, got {self.noise_sigma}")
         check(
             self.optimizer != "schedulefree" or self.scheduler == "none",

@@ -43,7 +43,7 @@ class StepResult:
 def _augment(batch, cfg: TrainConfig):
     """``(images, labels)`` with the training-only augmentations of ``cfg`` applied to the images."""
     images, labels = batch
-    return random_translate(images, cfg.shift_augment), labels
+    return random_translate(images, cfg.shift_augment, tiles=cfg.shift_tiles), labels
 
 
 class Task:

@@ -95,6 +95,19 @@ def split_train_val(
     return train, val, test
 
 
+def _composition_source(dataset: Dataset) -> Dataset:
+    """The dataset under any ``Subset`` wrappers, which must redraw its composition per epoch."""
+    source = dataset
+    while isinstance(source, Subset):
+        source = source.dataset
+    if not hasattr(source, "set_epoch"):
+        raise ValueError(
+            f"redraw_each_epoch needs a training set composed from a seeded draw (2x2 digit grids); "
+            f"{type(source).__name__} has a fixed composition"
+        )
+    return source
+
+
 def _to_device(batch, device: torch.device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -121,7 +134,8 @@ def _loader(
         sampler=sampler,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=cfg.num_workers > 0,
+        # Workers copy the dataset when they start; a layout redrawn per epoch needs fresh workers.
+        persistent_workers=cfg.num_workers > 0 and not (train and cfg.redraw_each_epoch),
     )
 
 
@@ -204,6 +218,7 @@ class Trainer:
                 build_dataset(self.spec.dataset, "test", data_dir, seed=cfg.seed),
             )
         self.train_set, self.val_set, self.test_set = split_train_val(*datasets, cfg)
+        self.redraw_source = _composition_source(self.train_set) if cfg.redraw_each_epoch else None
         self.dataset_description = {
             "train": describe(self.train_set),
             "val": describe(self.val_set),
@@ -332,6 +347,8 @@ class Trainer:
         if self.schedule_free:
             self.optimizer.train()
         self.train_loader.sampler.set_epoch(epoch)
+        if self.redraw_source is not None:
+            self.redraw_source.set_epoch(epoch)
         tracker = MetricTracker()
         accum, n_batches = cfg.grad_accum_steps, len(self.train_loader)
         self.optimizer.zero_grad(set_to_none=True)
