@@ -266,6 +266,7 @@ def test_registry_entries():
     vit_cfg, seq_cfg = (TrainConfig.from_dict(spec.train_defaults) for spec in (vit, seq))  # valid keys
     assert (vit_cfg.batch_size, vit_cfg.epochs, vit_cfg.shift_augment) == (128, 12, 2)
     assert (seq_cfg.batch_size, seq_cfg.epochs, seq_cfg.lr, seq_cfg.shift_augment) == (128, 12, 3e-4, 2)
+    assert (seq_cfg.shift_tiles, seq_cfg.redraw_each_epoch) == (2, True)
     assert isinstance(vit.builder(dim=16, depth=1), ViTMNIST)
     assert isinstance(seq.builder(dim=16, encoder_depth=1, decoder_depth=1), DigitSequenceTransformer)
 

@@ -220,7 +220,7 @@ class Trainer:
         self.train_set, self.val_set, self.test_set = split_train_val(*datasets, cfg)
         self.redraw_source = _composition_source(self.train_set) if cfg.redraw_each_epoch else None
         self.dataset_description = {
-            "train": describe(self.train_set),
+            "train": describe(self.train_set) + (", redrawn every epoch" if cfg.redraw_each_epoch else ""),
             "val": describe(self.val_set),
             "test": describe(datasets[1]),
         }
