@@ -626,6 +626,23 @@ def test_cli_train_and_evaluate(tmp_path, capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out)["figures"] == []
 
 
+def test_cli_augmentation_switches_override_model_defaults():
+    from fastvision.train.cli import CONFIG_FLAGS
+    from fastvision.train.trainer import resolve_config
+
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers())
+
+    def config_of(*flags):
+        args = parser.parse_args(["train", "digit_seq_transformer", *flags])
+        return resolve_config(args.model, args.config, **{name: getattr(args, name) for name in CONFIG_FLAGS})
+
+    defaults = config_of()
+    assert (defaults.shift_tiles, defaults.redraw_each_epoch) == (2, True)
+    plain = config_of("--shift-tiles", "1", "--no-redraw-each-epoch")
+    assert (plain.shift_tiles, plain.redraw_each_epoch) == (1, False)
+
+
 def test_schedulefree_optimizer(tmp_path):
     pytest.importorskip("schedulefree")
     data = (classification_data(32), classification_data(8, seed=1))

@@ -52,9 +52,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     )
     overrides.add_argument(
         "--redraw-each-epoch",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="draw fresh digit-grid layouts every epoch (seeded by seed and epoch)",
+        help="draw fresh digit-grid layouts every epoch, from seed and epoch (--no-redraw-each-epoch: fixed)",
     )
     overrides.add_argument("--noise-sigma", type=float, help="denoise task noise level")
     train.set_defaults(handler=run_train)
