@@ -627,15 +627,13 @@ def test_cli_train_and_evaluate(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_augmentation_switches_override_model_defaults():
-    from fastvision.train.cli import CONFIG_FLAGS
-    from fastvision.train.trainer import resolve_config
+    from fastvision.train.cli import config_from_args
 
     parser = argparse.ArgumentParser()
     add_subcommands(parser.add_subparsers())
 
     def config_of(*flags):
-        args = parser.parse_args(["train", "digit_seq_transformer", *flags])
-        return resolve_config(args.model, args.config, **{name: getattr(args, name) for name in CONFIG_FLAGS})
+        return config_from_args(parser.parse_args(["train", "digit_seq_transformer", *flags]))
 
     defaults = config_of()
     assert (defaults.shift_tiles, defaults.redraw_each_epoch) == (2, True)

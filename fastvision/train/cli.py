@@ -125,10 +125,17 @@ def _validation_display(model_name: str, run_dir: str | None):
     return show_validation_samples
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from fastvision.train.trainer import resolve_config, train
+def config_from_args(args: argparse.Namespace):
+    """The run's ``TrainConfig``: model defaults < ``--config`` file < command-line overrides."""
+    from fastvision.train.trainer import resolve_config
 
-    cfg = resolve_config(args.model, args.config, **{name: getattr(args, name) for name in CONFIG_FLAGS})
+    return resolve_config(args.model, args.config, **{name: getattr(args, name) for name in CONFIG_FLAGS})
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from fastvision.train.trainer import train
+
+    cfg = config_from_args(args)
     summary = train(
         args.model,
         cfg,
