@@ -8,9 +8,10 @@ from conftest import DEVICE, assert_close, backend_params
 
 import fastvision
 from fastvision.nn import GEGLU, FeedForward
-from fastvision.ops.geglu import IMPLEMENTED_BACKENDS, geglu, geglu_backward_reference, geglu_reference
+from fastvision.ops import OPS
+from fastvision.ops.geglu import geglu, geglu_backward_reference, geglu_reference
 
-BACKENDS = backend_params(IMPLEMENTED_BACKENDS)
+BACKENDS = backend_params(OPS["geglu"].backends)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [
     (7, 2),  # H = 1
@@ -172,9 +173,7 @@ def test_use_backend_restores_previous_choice():
 
 def _registered_ops(device: torch.device):
     ops = []
-    from fastvision.ops.geglu import CPP_OPS_BUILT
-
-    if CPP_OPS_BUILT:
+    if OPS["geglu"].built("cpu") is None:
         ops.append(pytest.param(torch.ops.fastvision.geglu_forward.default, id="cpp"))
     from fastvision._backend import why_unusable
 

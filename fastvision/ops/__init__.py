@@ -1,5 +1,7 @@
-"""Public functional ops. Each ``<op>`` has ``<op>_reference`` beside it in ``fastvision/ops/<op>.py``."""
+"""Public functional ops. Each ``<op>`` has ``<op>_reference`` beside it in ``fastvision/ops/<op>.py``,
+and its declaration (backends, checks, limits) in ``OPS[<op>]`` (see ``fastvision/ops/_contract.py``)."""
 
+from fastvision.ops._contract import OPS, AutogradRule, KernelBackend, OpSpec, define_op
 from fastvision.ops.add_layer_norm import add_layer_norm, add_layer_norm_reference
 from fastvision.ops.geglu import geglu, geglu_reference
 from fastvision.ops.sparse_conv2d import sparse_conv2d, sparse_conv2d_reference
@@ -11,8 +13,13 @@ from fastvision.ops.sparse_max_pool2d import (
 from fastvision.ops.topk_attention import topk_attention, topk_attention_reference
 
 __all__ = [
+    "OPS",
+    "AutogradRule",
+    "KernelBackend",
+    "OpSpec",
     "add_layer_norm",
     "add_layer_norm_reference",
+    "define_op",
     "geglu",
     "geglu_reference",
     "sparse_conv2d",

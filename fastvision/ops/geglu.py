@@ -1,10 +1,10 @@
 """Fused GEGLU: ``x[..., 2H] -> x[..., :H] * gelu(x[..., H:])``.
 
 Backends: ``reference`` (below), ``cpu`` (csrc/cpu/geglu.cpp), ``cuda`` (csrc/cuda/geglu.cu),
-``triton`` (triton_kernels/geglu.py). The C++ ops ``fastvision::geglu_forward`` /
-``geglu_backward`` are declared in csrc/fastvision.cpp; the Triton launches are wrapped here as
-``fastvision::geglu_triton_forward`` / ``geglu_triton_backward``. Both pairs get fake kernels and
-autograd, so torch.compile and torch.export see one opaque op with no graph break.
+``triton`` (triton_kernels/geglu.py). The C++ ops ``fastvision::geglu_forward`` / ``geglu_backward``
+are declared in csrc/geglu.cpp; the Triton launches are the ops ``fastvision::geglu_triton_forward``
+/ ``geglu_triton_backward`` below. The op contract (``fastvision/ops/_contract.py``) registers fake
+kernels and autograd for both pairs.
 """
 
 from __future__ import annotations
@@ -12,15 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastvision._backend import select_backend
-from fastvision._extension import has_kernel
 from fastvision.ops._checks import check_choice, check_dtype, check_tensor
+from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, triton_launch
 
 APPROXIMATIONS = ("none", "tanh")
-IMPLEMENTED_BACKENDS = ("reference", "cpu", "triton", "cuda")
-# Expected fastest first: the CUDA kernel moves 16-byte vectors per thread. To be confirmed by the GPU
-# pass (bench/gpu_pass.sh); reorder when its results say otherwise.
-GPU_ORDER = ("cuda", "triton")
 
 
 def geglu_reference(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -32,7 +27,8 @@ def geglu_reference(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 def geglu_backward_reference(
     grad_out: torch.Tensor, x: torch.Tensor, approximate: str = "none"
 ) -> torch.Tensor:
-    """d(geglu)/dx in closed form, at least float32 math (tests check the backward kernels with it)."""
+    """d(geglu)/dx in closed form, at least float32 math: the backward ops' oracle and, being plain
+    differentiable PyTorch, their rule for higher-order gradients."""
     compute = torch.promote_types(x.dtype, torch.float32)
     value, gate = x.to(compute).chunk(2, dim=-1)
     grad = grad_out.to(compute)
@@ -48,54 +44,71 @@ def geglu_backward_reference(
     return torch.cat([grad * gelu, grad * value * dgelu], dim=-1).to(x.dtype)
 
 
-def _out_like(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
-
-
-# --- Triton backend, wrapped as custom ops ------------------------------------------------------
-
-
-@torch.library.custom_op("fastvision::geglu_triton_forward", mutates_args=())
+@triton_launch("geglu_triton_forward")
 def geglu_triton_forward(x: torch.Tensor, approximate: str) -> torch.Tensor:
     from fastvision.triton_kernels.geglu import geglu_forward
 
     return geglu_forward(x, approximate)
 
 
-@torch.library.custom_op("fastvision::geglu_triton_backward", mutates_args=())
+@triton_launch("geglu_triton_backward")
 def geglu_triton_backward(grad_out: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
     from fastvision.triton_kernels.geglu import geglu_backward
 
     return geglu_backward(grad_out, x, approximate)
 
 
-# --- fake kernels and autograd for both compiled backends -----------------------------------------
+def _setup_context(ctx, inputs, output):
+    x, approximate = inputs
+    ctx.save_for_backward(x)
+    ctx.approximate = approximate
 
 
-def _register(forward: str, backward: str) -> None:
-    backward_op = getattr(torch.ops.fastvision, backward).default
+def _backward(ctx, backward_op, grad_out):
+    (x,) = ctx.saved_tensors
+    return backward_op(grad_out, x, ctx.approximate), None
 
-    torch.library.register_fake(f"fastvision::{forward}")(lambda x, approximate: _out_like(x))
-    torch.library.register_fake(f"fastvision::{backward}")(
-        lambda grad_out, x, approximate: x.new_empty(x.shape)
+
+AUTOGRAD = AutogradRule(
+    forward_fake=lambda x, approximate: x.new_empty((*x.shape[:-1], x.shape[-1] // 2)),
+    backward_fake=lambda grad_out, x, approximate: x.new_empty(x.shape),
+    setup_context=_setup_context,
+    backward=_backward,
+    backward_reference=geglu_backward_reference,
+    backward_differentiable=(0, 1),
+)
+
+
+def _check(x: torch.Tensor, approximate: str = "none") -> tuple[torch.Tensor, str]:
+    check_tensor("x", x)
+    check_choice("approximate", approximate, APPROXIMATIONS)
+    check_dtype("x", x)
+    if x.dim() == 0 or x.shape[-1] % 2 != 0:
+        last = "a 0-d tensor" if x.dim() == 0 else f"last dimension {x.shape[-1]}"
+        raise ValueError(f"x must have an even last dimension (value and gate halves), got {last}")
+    return x, approximate
+
+
+_native = KernelBackend("geglu_forward", "geglu_backward", AUTOGRAD, native=True)
+GEGLU = define_op(
+    OpSpec(
+        name="geglu",
+        reference=geglu_reference,
+        check=_check,
+        device=lambda x, approximate: x.device,
+        kernels={
+            "cpu": _native,
+            "cuda": _native,
+            "triton": KernelBackend("geglu_triton_forward", "geglu_triton_backward", AUTOGRAD),
+        },
+        # Expected fastest first: the CUDA kernel moves 16-byte vectors per thread. To be confirmed by
+        # the GPU pass (bench/gpu_pass.sh); reorder when its results say otherwise.
+        gpu_order=("cuda", "triton"),
+        cpu_order=("cpu",),
+        triton_module="fastvision.triton_kernels.geglu",
+        benchmark_module="fastvision.benchmark.geglu",
     )
-
-    def setup_context(ctx, inputs, output):
-        x, approximate = inputs
-        ctx.save_for_backward(x)
-        ctx.approximate = approximate
-
-    def backward_fn(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        return backward_op(grad_out, x, ctx.approximate), None
-
-    torch.library.register_autograd(f"fastvision::{forward}", backward_fn, setup_context=setup_context)
-
-
-_register("geglu_triton_forward", "geglu_triton_backward")
-CPP_OPS_BUILT = has_kernel("geglu_forward", "CPU")
-if CPP_OPS_BUILT:
-    _register("geglu_forward", "geglu_backward")
+)
 
 
 def geglu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -108,15 +121,4 @@ def geglu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     Returns:
         A new ``[..., H]`` tensor of ``x``'s dtype; ``x`` is never written.
     """
-    check_tensor("x", x)
-    check_choice("approximate", approximate, APPROXIMATIONS)
-    check_dtype("x", x)
-    if x.dim() == 0 or x.shape[-1] % 2 != 0:
-        last = "a 0-d tensor" if x.dim() == 0 else f"last dimension {x.shape[-1]}"
-        raise ValueError(f"x must have an even last dimension (value and gate halves), got {last}")
-    backend = select_backend("geglu", x.device, IMPLEMENTED_BACKENDS, GPU_ORDER)
-    if backend == "reference":
-        return geglu_reference(x, approximate)
-    if backend == "triton":
-        return torch.ops.fastvision.geglu_triton_forward(x, approximate)
-    return torch.ops.fastvision.geglu_forward(x, approximate)
+    return GEGLU(x, approximate)
