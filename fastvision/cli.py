@@ -84,7 +84,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print("fastvision bench: --device cuda asked for, but no CUDA device is visible", file=sys.stderr)
         return 2
     ops = runner.op_names() if not args.op else args.op
-    env, rows = runner.run(ops, device, quick=args.quick)
+
+    def save_partial(env: dict, rows: list) -> None:
+        # Written after every case: a run cut short keeps what it measured.
+        runner.write_results(Path(args.json), env, rows)
+
+    env, rows = runner.run(
+        ops,
+        device,
+        quick=args.quick,
+        budget_s=args.budget,
+        noise_threshold=args.noise_threshold / 100,
+        on_case=save_partial if args.json else None,
+    )
     print(runner.format_table(env, rows))
     if args.json:
         runner.write_results(Path(args.json), env, rows)
@@ -97,6 +109,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from fastvision.benchmark.runner import op_names
+    from fastvision.benchmark.timing import NOISE_THRESHOLD
 
     parser = argparse.ArgumentParser(prog="fastvision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,7 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--quick", action="store_true", help="small sizes, short timing budget")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when visible, else cpu")
-    bench.add_argument("--json", metavar="PATH", help="also write results as JSON (and CSV beside it)")
+    bench.add_argument(
+        "--json", metavar="PATH", help="also write results as JSON (and CSV beside it), after every case"
+    )
+    bench.add_argument(
+        "--budget",
+        type=float,
+        metavar="SECONDS",
+        help="timing budget per implementation of a case (default 0.3 with --quick, else 1.0)",
+    )
+    bench.add_argument(
+        "--noise-threshold",
+        type=float,
+        default=100 * NOISE_THRESHOLD,
+        metavar="PERCENT",
+        help="mark a row noisy when its interquartile range passes this share of its median (default 10)",
+    )
     bench.set_defaults(handler=_cmd_bench)
 
     info_parser = sub.add_parser("info", help="versions, device, backends built, optional extras")

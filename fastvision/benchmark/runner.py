@@ -11,15 +11,23 @@ import json
 import pkgutil
 import platform
 import subprocess
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from dataclasses import fields as fields_of
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastvision.benchmark.case import BenchCase
-from fastvision.benchmark.timing import copy_bandwidth_gbps, median_time_ms
+from fastvision.benchmark.timing import (
+    NOISE_THRESHOLD,
+    copy_bandwidth_gbps,
+    interleaved_samples_ms,
+    paired_ratio,
+    spread,
+)
 
 _NOT_OPS = {"case", "runner", "timing"}
 
@@ -71,71 +79,87 @@ def check_output(actual: Any, expected: Any, tolerance: tuple[float, float]) -> 
 
 @dataclass
 class BenchRow:
+    """One implementation in one case. Times are per call in milliseconds, from interleaved rounds;
+    ratios are medians of per-round ratios (another implementation's time over this one's)."""
+
     op: str
     case: str
     impl: str
     ok: bool
-    error: str | None
-    median_ms: float | None
-    gbps: float | None
-    pct_copy_bw: float | None
-    tflops: float | None
-    vs_reference: float | None
-    vs_compile: float | None
+    error: str | None = None
+    median_ms: float | None = None
+    min_ms: float | None = None
+    q1_ms: float | None = None
+    q3_ms: float | None = None
+    max_ms: float | None = None
+    iqr_pct: float | None = None  # interquartile range as a percentage of the median
+    reps: int = 0
+    noisy: bool = False  # iqr_pct above NOISE_THRESHOLD: times and ratios of this row are uncertain
+    gbps: float | None = None
+    pct_copy_bw: float | None = None
+    tflops: float | None = None
     items_per_s: float | None = None
+    vs_reference: float | None = None
+    vs_compile: float | None = None
     vs_peer: float | None = None
     note: str = ""
 
 
-def run_case(case: BenchCase, device: torch.device, copy_gbps: float, budget_s: float) -> list[BenchRow]:
+def run_case(
+    case: BenchCase,
+    device: torch.device,
+    copy_gbps: float,
+    budget_s: float,
+    noise_threshold: float = NOISE_THRESHOLD,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[BenchRow]:
+    """Checks every implementation against the reference, then times all that pass together,
+    round-robin, in about ``budget_s`` per implementation (``clock`` times CPU calls)."""
     try:
         expected = case.impls["reference"]()
     except Exception as exc:  # noqa: BLE001  (e.g. the reference runs out of memory at this size)
         error = f"reference failed: {type(exc).__name__}: {exc}".splitlines()[0][:200]
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return [
-            BenchRow(case.op, case.label, name, False, error, None, None, None, None, None, None)
-            for name in case.impls
-        ]
-    rows: list[BenchRow] = []
-    times: dict[str, float] = {}
+        return [BenchRow(case.op, case.label, name, False, error) for name in case.impls]
+    errors: dict[str, str] = {}
     for name, fn in case.impls.items():
-        error = None
+        if name == "reference":
+            continue
         try:
-            if name != "reference":
-                error = check_output(fn(), expected, case.tolerance)
-            ms = median_time_ms(fn, device, budget_s=budget_s) if error is None else None
+            error = check_output(fn(), expected, case.tolerance)
         except Exception as exc:  # noqa: BLE001  (a failing implementation is reported, not fatal)
-            error, ms = f"{type(exc).__name__}: {exc}".splitlines()[0][:160], None
-        if ms is not None:
-            times[name] = ms
-        gbps = case.bytes_moved / (ms * 1e-3) / 1e9 if ms and case.bytes_moved else None
-        rows.append(
-            BenchRow(
-                op=case.op,
-                case=case.label,
-                impl=name,
-                ok=error is None,
-                error=error,
-                median_ms=ms,
-                gbps=gbps,
-                pct_copy_bw=100 * gbps / copy_gbps if gbps else None,
-                tflops=case.flops / (ms * 1e-3) / 1e12 if ms and case.flops else None,
-                vs_reference=None,
-                vs_compile=None,
-                items_per_s=case.items / (ms * 1e-3) if ms and case.items else None,
-                note=case.notes.get(name, ""),
-            )
-        )
-    for row in rows:
-        if row.median_ms:
-            if "reference" in times:
-                row.vs_reference = times["reference"] / row.median_ms
-            if "compile" in times:
-                row.vs_compile = times["compile"] / row.median_ms
-            if case.peer is not None and case.peer in times:
-                row.vs_peer = times[case.peer] / row.median_ms
+            error = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+        if error is not None:
+            errors[name] = error
+    del expected
+    timed = {name: fn for name, fn in case.impls.items() if name not in errors}
+    samples = interleaved_samples_ms(
+        timed, device, budget_s=budget_s * max(1, len(timed)), clock=clock, errors=errors
+    )  # fmt: skip
+    rows: list[BenchRow] = []
+    for name in case.impls:
+        row = BenchRow(case.op, case.label, name, name not in errors, errors.get(name))
+        row.note = case.notes.get(name, "")
+        if name in samples:
+            stats = spread(samples[name])
+            ms = stats.median_ms
+            row.median_ms, row.min_ms, row.max_ms = ms, stats.min_ms, stats.max_ms
+            row.q1_ms, row.q3_ms, row.reps = stats.q1_ms, stats.q3_ms, stats.reps
+            row.iqr_pct = 100 * stats.rel_iqr
+            row.noisy = stats.noisy(noise_threshold)
+            if ms > 0:
+                row.gbps = case.bytes_moved / (ms * 1e-3) / 1e9 if case.bytes_moved else None
+                row.pct_copy_bw = 100 * row.gbps / copy_gbps if row.gbps else None
+                row.tflops = case.flops / (ms * 1e-3) / 1e12 if case.flops else None
+                row.items_per_s = case.items / (ms * 1e-3) if case.items else None
+            if "reference" in samples:
+                row.vs_reference = paired_ratio(samples["reference"], samples[name])
+            if "compile" in samples:
+                row.vs_compile = paired_ratio(samples["compile"], samples[name])
+            if case.peer is not None and case.peer in samples:
+                row.vs_peer = paired_ratio(samples[case.peer], samples[name])
+        rows.append(row)
     return rows
 
 
@@ -171,15 +195,30 @@ def environment(device: torch.device, copy_gbps: float) -> dict[str, Any]:
 
 
 def run(
-    ops: Iterable[str], device: torch.device, quick: bool, budget_s: float | None = None
+    ops: Iterable[str],
+    device: torch.device,
+    quick: bool,
+    budget_s: float | None = None,
+    noise_threshold: float = NOISE_THRESHOLD,
+    on_case: Callable[[dict[str, Any], list[BenchRow]], None] | None = None,
 ) -> tuple[dict[str, Any], list[BenchRow]]:
+    """Runs every case of ``ops``. ``budget_s`` is the timing budget per implementation of a case;
+    ``on_case(env, rows_so_far)`` is called after each case (e.g. to save partial results)."""
     budget_s = budget_s if budget_s is not None else (0.3 if quick else 1.0)
     copy_gbps = copy_bandwidth_gbps(device)
+    env = environment(device, copy_gbps)
+    env["timing"] = (
+        "implementations of a case interleaved round-robin; per-call times; ratios are medians of "
+        "per-round ratios"
+    )
+    env["noise_threshold_pct"] = round(100 * noise_threshold, 1)
     rows: list[BenchRow] = []
     for op in ops:
         for case in load_cases(op, device, quick):
-            rows.extend(run_case(case, device, copy_gbps, budget_s))
-    return environment(device, copy_gbps), rows
+            rows.extend(run_case(case, device, copy_gbps, budget_s, noise_threshold))
+            if on_case is not None:
+                on_case(env, rows)
+    return env, rows
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -187,11 +226,13 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def format_table(env: dict[str, Any], rows: list[BenchRow]) -> str:
-    header = ["op", "case", "impl", "check", "median ms", "GB/s", "% copy", "TFLOP/s", "items/s"]
-    header += ["x ref", "x compile", "x peer"]
+    header = ["op", "case", "impl", "check", "median ms", "min ms", "IQR %", "reps", "noisy"]
+    header += ["GB/s", "% copy", "TFLOP/s", "items/s", "x ref", "x compile", "x peer"]
     lines = [
         [r.op, r.case, r.impl, "ok" if r.ok else f"FAIL {r.error}"]
-        + [_fmt(r.median_ms, ".4f"), _fmt(r.gbps, ".1f"), _fmt(r.pct_copy_bw, ".0f"), _fmt(r.tflops, ".2f")]
+        + [_fmt(r.median_ms, ".4f"), _fmt(r.min_ms, ".4f"), _fmt(r.iqr_pct, ".1f"), str(r.reps or "-")]
+        + ["NOISY" if r.noisy else ""]
+        + [_fmt(r.gbps, ".1f"), _fmt(r.pct_copy_bw, ".0f"), _fmt(r.tflops, ".2f")]
         + [_fmt(r.items_per_s, ".0f")]
         + [_fmt(r.vs_reference, ".2f"), _fmt(r.vs_compile, ".2f"), _fmt(r.vs_peer, ".2f")]
         for r in rows
@@ -201,23 +242,35 @@ def format_table(env: dict[str, Any], rows: list[BenchRow]) -> str:
         f"device: {env['device']} ({env['device_type']}), copy bandwidth {env['copy_bandwidth_gbps']} GB/s, "
         f"torch {env['torch']}, triton {env['triton']}, "
         f"fastvision {env['fastvision']} @ {env['git_revision']}",
-        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
     ]
-    out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)) for line in lines]
+    out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+    threshold = env.get("noise_threshold_pct", 100 * NOISE_THRESHOLD)
+    noisy = sum(r.noisy for r in rows)
+    out.append(
+        f"times per call, implementations of a case timed round-robin; x ref/compile/peer: median of "
+        f"per-round ratios; NOISY: IQR above {threshold:g}% of the median ({noisy} of {len(rows)} rows)"
+    )
     notes = {(r.impl, r.note) for r in rows if r.note}
     out += [f"note: {impl}: {note}" for impl, note in sorted(notes)]
     return "\n".join(out)
 
 
 def write_results(path: Path, env: dict[str, Any], rows: list[BenchRow]) -> None:
-    """JSON (environment + rows) at ``path``; a ``.csv`` beside it gets one row per measurement."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    """JSON (environment + rows) at ``path``; a ``.csv`` beside it gets one row per measurement.
+    Each file is written to a temporary name and renamed, so a reader never sees half a file."""
     import csv
 
-    with path.with_suffix(".csv").open("w", newline="") as handle:
-        fields = list(env) + list(asdict(rows[0])) if rows else list(env)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    tmp.replace(path)
+    csv_path = path.with_suffix(".csv")
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        fields = list(env) + [f.name for f in fields_of(BenchRow)]
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             writer.writerow({**env, **asdict(row)})
+    tmp.replace(csv_path)
