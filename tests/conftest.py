@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -33,6 +34,11 @@ def backend_params(implemented, device: torch.device = DEVICE):
             marks.append(pytest.mark.skip(reason=f"{backend}: {reason}"))
         params.append(pytest.param(backend, marks=marks, id=backend))
     return params
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed from ``parts`` that is the same in every process (``hash()`` of a str is salted)."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def assert_close(

@@ -2,14 +2,18 @@
 
 Backends: ``reference`` (below), ``cpu`` (csrc/cpu/add_layer_norm.cpp), ``triton``
 (triton_kernels/add_layer_norm.py). The C++ ops ``fastvision::add_layer_norm_forward`` /
-``add_layer_norm_backward`` are declared in csrc/add_layer_norm.cpp; the Triton launches are wrapped
-here as ``fastvision::add_layer_norm_triton_forward`` / ``add_layer_norm_triton_backward``. Both pairs
-get fake kernels and autograd, so torch.compile and torch.export see one opaque op.
+``add_layer_norm_backward`` are declared in csrc/add_layer_norm.cpp; the Triton launches are the ops
+``fastvision::add_layer_norm_triton_forward`` / ``add_layer_norm_triton_backward`` below. The op
+contract (``fastvision/ops/_contract.py``) registers fake kernels and autograd for both pairs.
 
 The forward returns the output and the float32 per-row ``mean`` and ``rstd``; the backward
 recomputes ``x + residual`` from the two inputs instead of reading a saved sum (the forward moves
 three rows instead of four, a training step moves seven either way, and no extra activation is kept).
 The gradients of ``x`` and ``residual`` are the same tensor, as for ``x + residual`` in autograd.
+
+Statistics are computed stably in every backend: the variance from mean-centred values (a row of
+equal values normalizes to exactly 0), and rows whose magnitude would overflow float32 squares
+(past about 1.8e19) are first scaled by an exact power of two, with ``eps`` scaled to match.
 """
 
 from __future__ import annotations
@@ -17,19 +21,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastvision._backend import BackendUnavailableError, forced_backend, select_backend
-from fastvision._extension import has_kernel
 from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
+from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, triton_launch
 
-IMPLEMENTED_BACKENDS = ("reference", "cpu", "triton")
-GPU_ORDER = ("triton",)
-# Automatic choice on CPU tensors: the reference (ATen's add, then its vectorized layer_norm). The
-# at::vec C++ kernel measured 0.7-0.75x of it at 256x1000 on a 2-core machine, where the custom-op
-# call overhead is a large part of the time (bench/results/cpu-20261122/add_layer_norm_vectorized.txt),
-# and within noise of it at larger sizes; it stays available by fastvision.use_backend("cpu").
-CPU_ORDER: tuple[str, ...] = ()
-# The Triton kernels keep a whole row in registers: MAX_DIM in triton_kernels/add_layer_norm.py.
+# Longest row the Triton kernels take: MAX_DIM in triton_kernels/add_layer_norm.py.
 TRITON_MAX_DIM = 65536
+# Rows whose largest magnitude passes this are scaled by a power of two before their statistics:
+# float32 squares overflow past about 1.8e19.
+_SCALE_ABOVE = 2.0**60
 
 
 def add_layer_norm_reference(
@@ -39,8 +38,30 @@ def add_layer_norm_reference(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """The definition: LayerNorm of the sum over the last dimension."""
-    return F.layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
+    """The definition: LayerNorm of the sum over the last dimension, ``(s - mean) / sqrt(var + eps)``.
+
+    Computed as ``F.layer_norm`` would be, with one safeguard it lacks: a row whose magnitude would
+    overflow the squares of its dtype is divided by an exact power of two first (``eps`` scaled by
+    its square), which leaves the result unchanged where nothing overflows.
+    """
+    summed = x + residual
+    if summed.numel() == 0:
+        return F.layer_norm(summed, (summed.shape[-1],), weight, bias, eps)
+    compute = torch.promote_types(summed.dtype, torch.float32)
+    values = summed.to(compute).contiguous()
+    largest = values.detach().abs().amax(dim=-1, keepdim=True)
+    exponent = torch.frexp(largest).exponent
+    shift = torch.where(largest > _SCALE_ABOVE, exponent, torch.zeros_like(exponent))
+    values = torch.ldexp(values, -shift.to(compute))
+    row_eps = torch.ldexp(torch.full_like(largest, eps), -2.0 * shift.to(compute))
+    row_eps = row_eps.clamp_min(torch.finfo(compute).tiny)
+    var, mean = torch.var_mean(values, dim=-1, unbiased=False, keepdim=True)
+    out = (values - mean) * torch.rsqrt(var + row_eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out.to(summed.dtype)
 
 
 def add_layer_norm_backward_reference(
@@ -70,7 +91,7 @@ def add_layer_norm_backward_reference(
 # --- Triton backend, wrapped as custom ops ------------------------------------------------------
 
 
-@torch.library.custom_op("fastvision::add_layer_norm_triton_forward", mutates_args=())
+@triton_launch("add_layer_norm_triton_forward")
 def add_layer_norm_triton_forward(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -83,7 +104,7 @@ def add_layer_norm_triton_forward(
     return add_layer_norm_forward(x, residual, weight, bias, eps)
 
 
-@torch.library.custom_op("fastvision::add_layer_norm_triton_backward", mutates_args=())
+@triton_launch("add_layer_norm_triton_backward")
 def add_layer_norm_triton_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -117,36 +138,54 @@ def _fake_backward(grad_out, x, residual, weight, bias, mean, rstd):
     return x.new_empty(x.shape), _param_grad_like(weight, x), _param_grad_like(bias, x)
 
 
-def _register(forward: str, backward: str) -> None:
-    backward_op = getattr(torch.ops.fastvision, backward).default
-
-    torch.library.register_fake(f"fastvision::{forward}")(_fake_forward)
-    torch.library.register_fake(f"fastvision::{backward}")(_fake_backward)
-
-    def setup_context(ctx, inputs, output):
-        x, residual, weight, bias, _eps = inputs
-        _out, mean, rstd = output
-        ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
-        ctx.mark_non_differentiable(mean, rstd)
-
-    def backward_fn(ctx, grad_out, _grad_mean, _grad_rstd):
-        x, residual, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = backward_op(grad_out, x, residual, weight, bias, mean, rstd)
-        return (
-            dx,
-            dx,
-            None if weight is None else dweight,
-            None if bias is None else dbias,
-            None,
-        )
-
-    torch.library.register_autograd(f"fastvision::{forward}", backward_fn, setup_context=setup_context)
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, _eps = inputs
+    _out, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
 
 
-_register("add_layer_norm_triton_forward", "add_layer_norm_triton_backward")
-CPP_OPS_BUILT = has_kernel("add_layer_norm_forward", "CPU")
-if CPP_OPS_BUILT:
-    _register("add_layer_norm_forward", "add_layer_norm_backward")
+def _backward(ctx, backward_op, grad_out, _grad_mean, _grad_rstd):
+    x, residual, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = backward_op(grad_out, x, residual, weight, bias, mean, rstd)
+    return dx, dx, None if weight is None else dweight, None if bias is None else dbias, None
+
+
+def _backward_op_reference(grad_out, x, residual, weight, bias, mean, rstd):
+    """The backward ops' definition, differentiable in every input (the higher-order rule).
+
+    ``eps`` is not an input of the backward ops; ``rstd = (var + eps)^-1/2`` carries it, and
+    ``d rstd / d var = -rstd^3 / 2`` needs only ``rstd``: the saved value enters with that gradient.
+    """
+    compute = torch.promote_types(x.dtype, torch.float32)
+    with torch.enable_grad():
+        summed = x.to(compute) + residual.to(compute)
+        if not summed.requires_grad:
+            summed = summed.detach().requires_grad_(True)
+        scale = None if weight is None else weight.to(compute)
+        if scale is not None and not scale.requires_grad:
+            scale = scale.detach().requires_grad_(True)
+        var, mean = torch.var_mean(summed, dim=-1, unbiased=False, keepdim=True)
+        saved = rstd.to(compute).unsqueeze(-1)
+        out = (summed - mean) * (saved + (-0.5 * saved**3) * (var - var.detach()))
+        if scale is not None:
+            out = out * scale
+        inputs = [summed] if scale is None else [summed, scale]
+        grads = torch.autograd.grad(out, inputs, grad_out.to(compute), create_graph=True)
+    leading = tuple(range(x.dim() - 1))
+    dweight = grads[1] if weight is not None else x.new_empty((0,))
+    dbias = grad_out.to(compute).sum(dim=leading) if bias is not None else x.new_empty((0,))
+    return grads[0].to(x.dtype), dweight, dbias
+
+
+AUTOGRAD = AutogradRule(
+    forward_fake=_fake_forward,
+    backward_fake=_fake_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+    backward_reference=_backward_op_reference,
+    backward_differentiable=(0, 1, 2, 3),
+)
 
 
 def _check_param(name: str, param: object, x: torch.Tensor) -> torch.Tensor | None:
@@ -163,6 +202,70 @@ def _check_param(name: str, param: object, x: torch.Tensor) -> torch.Tensor | No
             f"got {str(param.dtype).removeprefix('torch.')}"
         )
     return param.contiguous()
+
+
+def _check(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple:
+    check_tensor("x", x)
+    check_tensor("residual", residual)
+    check_dtype("x", x)
+    check_dtype("residual", residual)
+    if residual.dtype != x.dtype:
+        # As eager `x + residual` would (autocast gives bf16 sublayer outputs beside fp32 streams).
+        common = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(common), residual.to(common)
+    if x.dim() == 0:
+        raise ValueError(
+            "x must have at least one dimension (the normalized last dimension), got a 0-d tensor"
+        )
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
+    weight = _check_param("weight", weight, x)
+    bias = _check_param("bias", bias, x)
+    present = {"x": x, "residual": residual, "weight": weight, "bias": bias}
+    check_same_device(**{name: t for name, t in present.items() if t is not None})
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    return x, residual, weight, bias, float(eps)
+
+
+def _triton_supports(x, residual, weight, bias, eps):
+    if x.shape[-1] > TRITON_MAX_DIM:
+        return f"the triton backend takes a last dimension up to {TRITON_MAX_DIM}, got {x.shape[-1]}"
+    return None
+
+
+ADD_LAYER_NORM = define_op(
+    OpSpec(
+        name="add_layer_norm",
+        reference=add_layer_norm_reference,
+        check=_check,
+        device=lambda x, *_: x.device,
+        kernels={
+            "cpu": KernelBackend(
+                "add_layer_norm_forward", "add_layer_norm_backward", AUTOGRAD, native=True,
+                call=lambda op, *args: op(*args)[0],
+            ),
+            "triton": KernelBackend(
+                "add_layer_norm_triton_forward", "add_layer_norm_triton_backward", AUTOGRAD,
+                supports=_triton_supports, call=lambda op, *args: op(*args)[0],
+            ),
+        },
+        gpu_order=("triton",),
+        # The reference on CPU tensors (ATen's add, then its vectorized layer_norm): the at::vec C++
+        # kernel measured 0.7-0.75x of it at 256x1000 on a 2-core machine, where the custom-op call
+        # overhead is a large part of the time (bench/results/cpu-20261122/add_layer_norm_vectorized.txt),
+        # and within noise of it at larger sizes; fastvision.use_backend("cpu") runs it.
+        cpu_order=(),
+        triton_module="fastvision.triton_kernels.add_layer_norm",
+        benchmark_module="fastvision.benchmark.add_layer_norm",
+    )
+)
 
 
 def add_layer_norm(
@@ -184,38 +287,4 @@ def add_layer_norm(
     Returns:
         A new tensor of ``x``'s shape and of the promoted dtype; the inputs are never written.
     """
-    check_tensor("x", x)
-    check_tensor("residual", residual)
-    check_dtype("x", x)
-    check_dtype("residual", residual)
-    if residual.dtype != x.dtype:
-        # As eager `x + residual` would (autocast gives bf16 sublayer outputs beside fp32 streams).
-        common = torch.promote_types(x.dtype, residual.dtype)
-        x, residual = x.to(common), residual.to(common)
-    if x.dim() == 0:
-        raise ValueError(
-            "x must have at least one dimension (the normalized last dimension), got a 0-d tensor"
-        )
-    if residual.shape != x.shape:
-        raise ValueError(f"residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
-    weight = _check_param("weight", weight, x)
-    bias = _check_param("bias", bias, x)
-    present = {"x": x, "residual": residual, "weight": weight, "bias": bias}
-    check_same_device(**{name: t for name, t in present.items() if t is not None})
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
-    eps = float(eps)
-
-    backend = select_backend("add_layer_norm", x.device, IMPLEMENTED_BACKENDS, GPU_ORDER, CPU_ORDER)
-    if backend == "triton" and x.shape[-1] > TRITON_MAX_DIM:
-        if forced_backend() == "triton":
-            raise BackendUnavailableError(
-                f"add_layer_norm: the triton backend takes a last dimension up to {TRITON_MAX_DIM}, "
-                f"got {x.shape[-1]}"
-            )
-        backend = "reference"
-    if backend == "reference":
-        return add_layer_norm_reference(x, residual, weight, bias, eps)
-    if backend == "triton":
-        return torch.ops.fastvision.add_layer_norm_triton_forward(x, residual, weight, bias, eps)[0]
-    return torch.ops.fastvision.add_layer_norm_forward(x, residual, weight, bias, eps)[0]
+    return ADD_LAYER_NORM(x, residual, weight, bias, eps)
