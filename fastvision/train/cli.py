@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from fastvision.train.config import AMP_MODES, OPTIMIZERS, SCHEDULERS
 
@@ -132,7 +133,31 @@ def config_from_args(args: argparse.Namespace):
     return resolve_config(args.model, args.config, **{name: getattr(args, name) for name in CONFIG_FLAGS})
 
 
+# Errors in what the user gave (config values, data and checkpoint files, a diverging run, a missing
+# optional dependency): the CLI prints their message, which names the field or file, and exits 1.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError)
+
+
+def _report(command: str, error: BaseException) -> int:
+    print(f"fastvision {command}: error: {error}", file=sys.stderr)
+    return 1
+
+
 def run_train(args: argparse.Namespace) -> int:
+    try:
+        return _run_train(args)
+    except USER_ERRORS as error:
+        return _report("train", error)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    try:
+        return _run_evaluate(args)
+    except USER_ERRORS as error:
+        return _report("evaluate", error)
+
+
+def _run_train(args: argparse.Namespace) -> int:
     from fastvision.train.trainer import train
 
     cfg = config_from_args(args)
@@ -152,7 +177,7 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
+def _run_evaluate(args: argparse.Namespace) -> int:
     from fastvision.train.trainer import evaluate_checkpoint
 
     result = evaluate_checkpoint(

@@ -1,8 +1,13 @@
 """The training loop: ``train(model_name, cfg, ...)`` and ``evaluate_checkpoint(...)``.
 
 A run directory holds ``metrics.jsonl`` (one line per epoch, also as the table ``metrics.csv``),
-``last.pt`` / ``best.pt`` (written atomically every epoch) and ``summary.json`` (final test
-metrics). Only rank 0 writes.
+``last.pt`` / ``best.pt`` and ``summary.json`` (final test metrics). Only rank 0 writes.
+
+Checkpoints are written atomically with a SHA-256 digest (``fastvision.train.checkpoint``). On an
+improving epoch ``last.pt`` is written first and records ``best_epoch``; ``best.pt`` is then a
+byte-identical copy. A kill between the two leaves a ``last.pt`` whose ``best_epoch`` is its own
+epoch, and resuming rewrites ``best.pt`` from it, so the pair always agrees: ``best.pt`` holds the
+epoch ``last.pt`` names as best.
 """
 
 from __future__ import annotations
@@ -25,7 +30,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sequential
 from tqdm.auto import tqdm
 
 from fastvision.models import create_model, get_model_spec
-from fastvision.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from fastvision.train.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    copy_checkpoint,
+    encode_checkpoint,
+    load_checkpoint,
+    remove_stale_temporaries,
+    restore_rng_state,
+    write_atomic,
+)
 from fastvision.train.config import TrainConfig
 from fastvision.train.distributed import DistContext, resolve_device, setup_distributed
 from fastvision.train.ema import ModelEMA
@@ -46,6 +60,16 @@ BEST_CHECKPOINT = "best.pt"
 METRICS_FILE = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"  # rewritten from METRICS_FILE after every change, for spreadsheets
 SUMMARY_FILE = "summary.json"
+# Keys a checkpoint must hold to resume a run, and to evaluate its weights.
+RESUME_KEYS = (
+    "model_name", "task", "epoch", "global_step", "model", "ema", "optimizer", "scheduler", "scaler",
+    "best_score", "best_epoch", "rng", "config", "wall_time_s",
+)  # fmt: skip
+WEIGHTS_KEYS = ("model_name", "epoch", "model", "ema", "config")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the run stops instead of training on garbage."""
 
 
 def describe(dataset: Dataset) -> str:
@@ -295,7 +319,7 @@ class Trainer:
         }
 
     def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
+        state = load_checkpoint(path, map_location=self.device, required=RESUME_KEYS)
         if state["model_name"] != self.model_name:
             raise ValueError(f"{path} is a checkpoint of {state['model_name']!r}, not {self.model_name!r}")
         changed = {k for k, v in state["config"].items() if getattr(self.cfg, k, None) != v}
@@ -316,7 +340,40 @@ class Trainer:
         if self.ctx.rank > 0:  # rank 0's streams were saved; keep the other ranks' noise distinct
             torch.manual_seed(self.cfg.seed + self.ctx.rank + 7919 * self.start_epoch)
         self._truncate_metrics(self.start_epoch)
+        if self.ctx.is_main:
+            self._reconcile_best(path)
         self.log(f"resumed {path} after epoch {self.start_epoch}")
+
+    def _reconcile_best(self, last_path: Path) -> None:
+        """Make ``best.pt`` hold the epoch ``last.pt`` records as best (see the module docstring)."""
+        best_path = self.run_dir / BEST_CHECKPOINT
+        remove_stale_temporaries(best_path)
+        if self.best_epoch is None:  # no epoch has scored yet: a best.pt is from elsewhere
+            best_path.unlink(missing_ok=True)
+            return
+        problem = None
+        if not best_path.exists():
+            problem = "is missing"
+        else:
+            try:
+                held = load_checkpoint(best_path, required=("epoch", "model_name"))["epoch"]
+            except CheckpointError as error:
+                problem = f"is unusable ({error.problem})"
+            else:
+                if held != self.best_epoch:
+                    problem = f"holds epoch {held}"
+        if problem is None:
+            return
+        if self.best_epoch == self.start_epoch:  # last.pt holds the best weights: copy it
+            copy_checkpoint(last_path, best_path)
+            self.log(f"note: {best_path} {problem}; rewrote it from {last_path} (epoch {self.best_epoch})")
+            return
+        raise CheckpointError(
+            best_path,
+            f"{problem}, but {last_path} records epoch {self.best_epoch} as the best, whose weights only "
+            "best.pt held; they cannot be recovered. Restore best.pt, or start the run again with "
+            "overwrite=True (--overwrite)",
+        )
 
     def _truncate_metrics(self, completed_epochs: int) -> None:
         """Drop metric lines of epochs the checkpoint does not include (they will be re-run)."""
@@ -358,6 +415,7 @@ class Trainer:
             leave=False,
             disable=not (self.progress and self.ctx.is_main),
         )
+        group_finite = torch.tensor(True)
         for i, batch in enumerate(bar):
             # Batches form groups of `accum`; the epoch's last group may be shorter ("leftover").
             # Dividing by the group's real size makes every step use the mean gradient of its batches.
@@ -372,12 +430,28 @@ class Trainer:
                     result = self.task.train_step(model, batch, cfg)
                 self.scaler.scale(result.loss / group_size).backward()
             tracker.update(result.sums, result.count)
+            loss = result.loss.detach()
+            finite = torch.isfinite(loss)
+            group_finite = finite if i == group_start else group_finite & finite
             if is_step:
+                # One host sync per optimizer step, before the step can spread NaN into the weights.
+                if not bool(group_finite):
+                    self._raise_non_finite(epoch, i, n_batches, loss)
                 self._optimizer_step()
             if i % 20 == 0 and bar.disable is False:
                 bar.set_postfix(loss=f"{result.loss.item():.4f}", lr=f"{self._current_lr():.2e}")
         tracker.all_reduce()
         return tracker.compute()
+
+    def _raise_non_finite(self, epoch: int, batch_index: int, n_batches: int, loss: torch.Tensor) -> None:
+        value = float(loss)
+        shown = f"{value}" if not math.isfinite(value) else "non-finite in this gradient-accumulation group"
+        raise NonFiniteLossError(
+            f"training stopped: the loss became {shown} at epoch {epoch + 1} (of {self.cfg.epochs}), "
+            f"optimizer step {self.global_step + 1} (batch {batch_index + 1} of {n_batches} in the epoch). "
+            "Check the data, lower lr, or set grad_clip; the last completed epoch is in "
+            f"{self.run_dir / LAST_CHECKPOINT}"
+        )
 
     def _optimizer_step(self) -> None:
         if self.cfg.grad_clip > 0:
@@ -413,11 +487,15 @@ class Trainer:
         cfg = self.cfg
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.ctx.is_main:
+            for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):  # left by a killed save
+                remove_stale_temporaries(self.run_dir / name)
         if self.resume and (self.run_dir / LAST_CHECKPOINT).exists():
             self._restore(self.run_dir / LAST_CHECKPOINT)
         elif self.ctx.is_main:
             (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
             (self.run_dir / METRICS_CSV).unlink(missing_ok=True)
+            (self.run_dir / BEST_CHECKPOINT).unlink(missing_ok=True)  # an earlier run's best weights
         ranks = f" x{self.ctx.world_size}" if self.ctx.enabled else ""
         self.log(
             f"{self.model_name} ({self.num_parameters:,} params, task {self.spec.task}) "
@@ -448,9 +526,12 @@ class Trainer:
                     f.write(json.dumps(record) + "\n")
                 self._write_metrics_csv()
                 state = self._state(epoch + 1, self.elapsed_before + time.perf_counter() - session_start)
-                save_checkpoint(state, self.run_dir / LAST_CHECKPOINT)
+                # last.pt first: it names the best epoch, so a kill before best.pt is written is
+                # repaired on resume by copying last.pt (see _reconcile_best).
+                data = encode_checkpoint(state)
+                write_atomic(data, self.run_dir / LAST_CHECKPOINT)
                 if improved:
-                    save_checkpoint(state, self.run_dir / BEST_CHECKPOINT)
+                    write_atomic(data, self.run_dir / BEST_CHECKPOINT)
             self.log(
                 f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_metrics['loss']:.4f}  "
                 + "  ".join(f"val {k} {v:.4f}" for k, v in val_metrics.items())
@@ -468,7 +549,11 @@ class Trainer:
         best_path = self.run_dir / BEST_CHECKPOINT
         model = self.eval_model
         if best_path.exists():
-            state = load_checkpoint(best_path, map_location=self.device)
+            state = load_checkpoint(best_path, map_location=self.device, required=WEIGHTS_KEYS)
+            if state["epoch"] != self.best_epoch:
+                raise CheckpointError(
+                    best_path, f"holds epoch {state['epoch']}, but this run's best epoch is {self.best_epoch}"
+                )
             model.load_state_dict(state["ema"]["module"] if state["ema"] is not None else state["model"])
         elif self.schedule_free:
             self.optimizer.eval()
@@ -532,7 +617,7 @@ def evaluate_checkpoint(
     spec = get_model_spec(model_name)
     task = get_task(spec.task)
     resolved = resolve_device(device)
-    state = load_checkpoint(checkpoint, map_location=resolved)
+    state = load_checkpoint(checkpoint, map_location=resolved, required=WEIGHTS_KEYS)
     if state["model_name"] != model_name:
         raise ValueError(f"{checkpoint} is a checkpoint of {state['model_name']!r}, not {model_name!r}")
     cfg = TrainConfig.from_dict(state["config"])
