@@ -333,6 +333,15 @@ def triton_launch(name: str, schema: str | None = None):
     return wrap
 
 
+def leaf(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` if autograd tracks it, else a detached copy that requires grad.
+
+    Backward references differentiate their inputs: tracked inputs keep their graph (so a
+    higher-order gradient flows through), untracked ones become leaves.
+    """
+    return tensor if tensor.requires_grad else tensor.detach().requires_grad_(True)
+
+
 def only_dtypes(backend: str, dtypes: tuple[torch.dtype, ...], index: int = 0) -> Callable[..., Reason]:
     """A ``supports`` that takes the listed dtypes of checked argument ``index``."""
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
-from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, triton_launch
+from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, leaf, triton_launch
 
 # Longest row the Triton kernels take: MAX_DIM in triton_kernels/add_layer_norm.py.
 TRITON_MAX_DIM = 65536
@@ -159,12 +159,8 @@ def _backward_op_reference(grad_out, x, residual, weight, bias, mean, rstd):
     """
     compute = torch.promote_types(x.dtype, torch.float32)
     with torch.enable_grad():
-        summed = x.to(compute) + residual.to(compute)
-        if not summed.requires_grad:
-            summed = summed.detach().requires_grad_(True)
-        scale = None if weight is None else weight.to(compute)
-        if scale is not None and not scale.requires_grad:
-            scale = scale.detach().requires_grad_(True)
+        summed = leaf(x.to(compute) + residual.to(compute))
+        scale = None if weight is None else leaf(weight.to(compute))
         var, mean = torch.var_mean(summed, dim=-1, unbiased=False, keepdim=True)
         saved = rstd.to(compute).unsqueeze(-1)
         out = (summed - mean) * (saved + (-0.5 * saved**3) * (var - var.detach()))

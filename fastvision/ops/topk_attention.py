@@ -7,11 +7,13 @@ Ties: keys are ordered by ``(score, -index)``, so among equal scores the lower k
 first. The reference and the Triton kernels both follow this rule, which makes the selection (and
 so the output) deterministic. Inputs holding NaN give unspecified results.
 
-Backends: ``reference`` (below: dense scores, a mask, a softmax; O(Nq * Nk) memory) and ``triton``
-(triton_kernels/topk_attention.py: selection, forward and backward fused without an Nq x Nk score
-matrix; memory O(B * H * N * (D + topk)); see that module for the design and its costs). The
-Triton launches are wrapped here as ``fastvision::topk_attention_triton_forward`` / ``_backward``
-with fake kernels and autograd, so torch.compile and torch.export see one opaque op.
+Backends: ``reference`` (below: dense scores, a mask, a softmax, in float32; O(Nq * Nk) memory) and
+``triton`` (triton_kernels/topk_attention.py: selection, forward and backward fused without an
+Nq x Nk score matrix; memory O(B * H * N * (D + topk)); see that module for the design and its
+costs). The Triton launches are the ops ``fastvision::topk_attention_triton_forward`` /
+``_backward`` below; the op contract (``fastvision/ops/_contract.py``) registers their fake kernels
+and autograd. ``topk >= Nk`` selects every key: kernel backends then run
+``scaled_dot_product_attention`` (float32 math on CPU tensors).
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from fastvision._backend import select_backend
 from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
+from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, leaf, triton_launch
 
-IMPLEMENTED_BACKENDS = ("reference", "triton")
-GPU_ORDER = ("triton",)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
@@ -45,19 +46,44 @@ def _selection_mask(scores: torch.Tensor, topk: int) -> torch.Tensor:
 def topk_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale: float | None = None
 ) -> torch.Tensor:
-    """The definition, in plain PyTorch (differentiable; memory O(Nq * Nk) per head)."""
+    """The definition, in plain PyTorch with float32 math (differentiable; memory O(Nq * Nk) per head)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    scores = (q @ k.transpose(-2, -1)) * scale
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(compute) @ k.to(compute).transpose(-2, -1)) * scale
     selected = _selection_mask(scores.detach(), topk)
     weights = torch.softmax(scores.masked_fill(~selected, float("-inf")), dim=-1)
-    return weights @ v
+    return (weights @ v.to(compute)).to(q.dtype)
+
+
+def _attend_selected(q, k, v, indices, scale):
+    """Attention of each query over its saved key ``indices`` (all keys when there are none)."""
+    if indices.shape[-1] == 0:
+        weights = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+        return weights @ v
+    batch, heads = q.shape[:2]
+    b = torch.arange(batch, device=q.device).view(batch, 1, 1, 1)
+    h = torch.arange(heads, device=q.device).view(1, heads, 1, 1)
+    rows = indices.long()
+    keys, values = k[b, h, rows], v[b, h, rows]  # [B, H, Nq, topk, D]
+    weights = torch.softmax((q.unsqueeze(-2) * keys).sum(-1) * scale, dim=-1)
+    return (weights.unsqueeze(-1) * values).sum(-2)
+
+
+def _backward_op_reference(grad_out, q, k, v, out, lse, indices, scale):
+    """The backward ops' definition over the saved selection, differentiable (the higher-order rule)."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    with torch.enable_grad():
+        inputs = [leaf(t.to(compute)) for t in (q, k, v)]
+        attended = _attend_selected(*inputs, indices, scale)
+        grads = torch.autograd.grad(attended, inputs, grad_out.to(compute), create_graph=True)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True))
 
 
 # --- Triton backend, wrapped as custom ops ------------------------------------------------------
 
 
-@torch.library.custom_op("fastvision::topk_attention_triton_forward", mutates_args=())
+@triton_launch("topk_attention_triton_forward")
 def topk_attention_triton_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,7 +94,7 @@ def topk_attention_triton_forward(
     return topk_attention_forward(q, k, v, topk, scale)
 
 
-@torch.library.custom_op("fastvision::topk_attention_triton_backward", mutates_args=())
+@triton_launch("topk_attention_triton_backward")
 def topk_attention_triton_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -84,7 +110,6 @@ def topk_attention_triton_backward(
     return topk_attention_backward(grad_out, q, k, v, out, lse, indices, scale)
 
 
-@torch.library.register_fake("fastvision::topk_attention_triton_forward")
 def _forward_fake(q, k, v, topk, scale):
     batch, heads, num_queries, _ = q.shape
     num_selected = topk if topk < k.shape[2] else 0
@@ -95,7 +120,6 @@ def _forward_fake(q, k, v, topk, scale):
     )
 
 
-@torch.library.register_fake("fastvision::topk_attention_triton_backward")
 def _backward_fake(grad_out, q, k, v, out, lse, indices, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -108,16 +132,19 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, indices)
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_indices):
+def _backward(ctx, backward_op, grad_out, _grad_lse, _grad_indices):
     q, k, v, out, lse, indices = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fastvision.topk_attention_triton_backward(
-        grad_out, q, k, v, out, lse, indices, ctx.scale
-    )
+    dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, indices, ctx.scale)
     return dq, dk, dv, None, None
 
 
-torch.library.register_autograd(
-    "fastvision::topk_attention_triton_forward", _backward, setup_context=_setup_context
+AUTOGRAD = AutogradRule(
+    forward_fake=_forward_fake,
+    backward_fake=_backward_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    backward_reference=_backward_op_reference,
+    backward_differentiable=(0, 1, 2, 3),
 )
 
 
@@ -158,6 +185,46 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, 
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
 
 
+def _check(q, k, v, topk, scale=None):
+    _check_inputs(q, k, v, topk, scale)
+    return q, k, v, topk, float(q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def _dense(q, k, v, scale):
+    """Every key selected: SDPA, in float32 on CPU tensors (the op promises float32 math)."""
+    if q.device.type == "cuda":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    out = F.scaled_dot_product_attention(q.to(compute), k.to(compute), v.to(compute), scale=scale)
+    return out.to(q.dtype)
+
+
+def _run_selection(forward_op, q, k, v, topk, scale):
+    if topk >= k.shape[2]:
+        return _dense(q, k, v, scale)
+    return forward_op(q, k, v, topk, scale)[0]
+
+
+TOPK_ATTENTION = define_op(
+    OpSpec(
+        name="topk_attention",
+        reference=topk_attention_reference,
+        check=_check,
+        device=lambda q, *_: q.device,
+        kernels={
+            "triton": KernelBackend(
+                "topk_attention_triton_forward", "topk_attention_triton_backward", AUTOGRAD,
+                call=_run_selection,
+            ),
+        },
+        gpu_order=("triton",),
+        cpu_order=(),
+        triton_module="fastvision.triton_kernels.topk_attention",
+        benchmark_module="fastvision.benchmark.topk_attention",
+    )
+)
+
+
 def topk_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale: float | None = None
 ) -> torch.Tensor:
@@ -168,17 +235,11 @@ def topk_attention(
             (16, 32, 64, 128).
         k: ``[B, H, Nk, D]`` keys, same dtype and device as ``q``; ``Nk >= 1``.
         v: ``[B, H, Nk, D]`` values.
-        topk: keys per query, ``>= 1``; ``topk >= Nk`` gives dense attention.
+        topk: keys per query, ``>= 1``; ``topk >= Nk`` gives dense attention (SDPA).
         scale: score scale, default ``D ** -0.5``.
 
     Returns:
         ``[B, H, Nq, D]`` tensor of ``q``'s dtype. Among equal scores the lower key index is
         selected first. Math in float32.
     """
-    _check_inputs(q, k, v, topk, scale)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    backend = select_backend("topk_attention", q.device, IMPLEMENTED_BACKENDS, GPU_ORDER)
-    if backend == "reference":
-        return topk_attention_reference(q, k, v, topk, scale)
-    out, _lse, _indices = torch.ops.fastvision.topk_attention_triton_forward(q, k, v, topk, scale)
-    return out
+    return TOPK_ATTENTION(q, k, v, topk, scale)
