@@ -21,22 +21,29 @@ def _gelu_and_grad(g, APPROX_TANH: tl.constexpr, NEED_GRAD: tl.constexpr):
     SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2/pi)
     TANH_CUBIC = 0.044715
     if APPROX_TANH:
-        # 0.5 * (1 + tanh(u)) = sigmoid(2u) = s, and 1 - s = e * s with e = exp(-2u): written this way
-        # nothing cancels where tanh(u) is near -1 or 1 (1 - tanh^2 would lose most of its digits).
+        # 0.5 * (1 + tanh(u)) = sigmoid(2u) = s and 1 - s = sigmoid(-2u) = 1 / (1 + 1/e), e = exp(-2u):
+        # neither 1 + tanh(u) nor 1 - tanh^2 is formed, so nothing cancels where tanh(u) is near -1 or
+        # 1. e is not clamped: it reaches inf for very negative gates (u is -inf once g^3 overflows),
+        # where s is 0 and 1 - s is 1, the exact limits.
         u = SQRT_2_OVER_PI * (g + TANH_CUBIC * g * g * g)
-        e = tl.exp(tl.minimum(-2.0 * u, 80.0))  # clamped: e * s stays finite
+        e = tl.exp(-2.0 * u)
         s = 1.0 / (1.0 + e)
-        gelu = g * s
+        # g * s is inf * 0 at g = -inf: the limit there is 0 (and NaN gates still give NaN).
+        gelu = tl.where(s == 0.0, 0.0, g * s)
         if NEED_GRAD:
+            one_minus_s = 1.0 / (1.0 + 1.0 / e)
+            ss = s * one_minus_s
+            # du grows like g^2 and overflows for huge |g|, where s * (1 - s) is 0: the term is 0 there.
             du = SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_CUBIC * g * g)
-            grad = s + 2.0 * g * s * (e * s) * du
+            grad = s + tl.where(ss == 0.0, 0.0, 2.0 * g * ss * du)
         else:
             grad = gelu
     else:
         cdf = 0.5 * (1.0 + tl.erf(g * SQRT_HALF))
-        gelu = g * cdf
+        gelu = tl.where(cdf == 0.0, 0.0, g * cdf)  # the limit 0 at g = -inf (not inf * 0)
         if NEED_GRAD:
-            grad = cdf + g * INV_SQRT_2PI * tl.exp(-0.5 * g * g)
+            pdf = tl.exp(-0.5 * g * g)
+            grad = cdf + tl.where(pdf == 0.0, 0.0, g * INV_SQRT_2PI * pdf)  # 0, not inf * 0, at +-inf
         else:
             grad = gelu
     return gelu, grad

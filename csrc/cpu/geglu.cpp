@@ -21,12 +21,20 @@ namespace {
 using FloatVec = at::vec::Vectorized<float>;
 
 // erf and exp come from ATen's vector headers (SLEEF-backed exp, 1 ulp). The tanh form is written with
-// sigmoids, as in geglu_math.h, so that it does not cancel where tanh is near +-1.
+// sigmoids, as in geglu_math.h, so that it does not cancel where tanh is near +-1, and with the same
+// limits at infinite or overflowing gates: e = exp(-2u) is not clamped, 1 - s = 1 / (1 + 1/e), and
+// the products that would be inf * 0 there take their limit 0 (NaN gates stay NaN: == is false).
 void tanh_gate_vec(const FloatVec& g, FloatVec& s, FloatVec& one_minus_s) {
+  const FloatVec one(1.0f);
   const FloatVec u = FloatVec(kSqrt2OverPi) * (g + FloatVec(kTanhCubic) * g * g * g);
-  const FloatVec e = at::vec::minimum(FloatVec(-2.0f) * u, FloatVec(80.0f)).exp();
-  s = FloatVec(1.0f) / (FloatVec(1.0f) + e);
-  one_minus_s = e * s;
+  const FloatVec e = (FloatVec(-2.0f) * u).exp();
+  s = one / (one + e);
+  one_minus_s = one / (one + one / e);
+}
+
+// `product` where `factor` is not 0, else 0.
+FloatVec zero_where_zero(const FloatVec& factor, const FloatVec& product) {
+  return FloatVec::blendv(product, FloatVec(0.0f), factor == FloatVec(0.0f));
 }
 
 template <bool kTanh>
@@ -34,9 +42,10 @@ FloatVec gelu_vec(const FloatVec& g) {
   if constexpr (kTanh) {
     FloatVec s, one_minus_s;
     tanh_gate_vec(g, s, one_minus_s);
-    return g * s;
+    return zero_where_zero(s, g * s);
   } else {
-    return FloatVec(0.5f) * g * (FloatVec(1.0f) + (g * FloatVec(kSqrtHalf)).erf());
+    const FloatVec cdf = FloatVec(0.5f) * (FloatVec(1.0f) + (g * FloatVec(kSqrtHalf)).erf());
+    return zero_where_zero(cdf, g * cdf);
   }
 }
 
@@ -45,13 +54,15 @@ void gelu_and_grad_vec(const FloatVec& g, FloatVec& gelu_out, FloatVec& grad_out
   if constexpr (kTanh) {
     FloatVec s, one_minus_s;
     tanh_gate_vec(g, s, one_minus_s);
+    const FloatVec ss = s * one_minus_s;
     const FloatVec du = FloatVec(kSqrt2OverPi) * (FloatVec(1.0f) + FloatVec(3.0f * kTanhCubic) * g * g);
-    gelu_out = g * s;
-    grad_out = s + FloatVec(2.0f) * g * s * one_minus_s * du;
+    gelu_out = zero_where_zero(s, g * s);
+    grad_out = s + zero_where_zero(ss, FloatVec(2.0f) * g * ss * du);
   } else {
     const FloatVec cdf = FloatVec(0.5f) * (FloatVec(1.0f) + (g * FloatVec(kSqrtHalf)).erf());
-    gelu_out = g * cdf;
-    grad_out = cdf + g * FloatVec(kInvSqrt2Pi) * (FloatVec(-0.5f) * g * g).exp();
+    const FloatVec pdf = (FloatVec(-0.5f) * g * g).exp();
+    gelu_out = zero_where_zero(cdf, g * cdf);
+    grad_out = cdf + zero_where_zero(pdf, g * FloatVec(kInvSqrt2Pi) * pdf);
   }
 }
 
