@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import yaml
 OPTIMIZERS = ("adamw", "schedulefree")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
 AMP_MODES = ("none", "bf16", "fp16")
+MAX_SEED = 2**32  # seeds also derive others (seed * 1_000_003 + epoch) that must stay below 2**63
 
 
 def _coerce(key: str, value: Any, annotation: str) -> Any:
@@ -72,9 +75,31 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Check the type and range of every field; a ``ValueError`` names the field and the rule."""
+
         def check(condition: bool, message: str) -> None:
             if not condition:
                 raise ValueError(f"invalid training config: {message}")
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and "None" in f.type:
+                continue
+            if f.type.startswith("bool"):
+                check(isinstance(value, bool), f"{f.name} must be true or false, got {value!r}")
+            elif f.type.startswith("int"):
+                check(
+                    isinstance(value, numbers.Integral) and not isinstance(value, bool),
+                    f"{f.name} must be an integer, got {value!r}",
+                )
+            elif f.type.startswith("float"):
+                check(
+                    isinstance(value, numbers.Real) and not isinstance(value, bool),
+                    f"{f.name} must be a number, got {value!r}",
+                )
+                check(math.isfinite(value), f"{f.name} must be finite, got {value}")
+            elif f.type.startswith("str"):
+                check(isinstance(value, str), f"{f.name} must be a string, got {value!r}")
 
         check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         check(self.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
@@ -83,41 +108,80 @@ class TrainConfig:
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        check(0.0 < self.pct_start < 1.0, f"pct_start must be in (0, 1), got {self.pct_start}")
-        check(0.0 < self.lr_factor < 1.0, f"lr_factor must be in (0, 1), got {self.lr_factor}")
-        check(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        check(
+            self.warmup_epochs <= self.epochs,
+            f"warmup_epochs must be <= epochs ({self.epochs}), got {self.warmup_epochs}",
+        )
+        check(self.lr_min >= 0, f"lr_min must be >= 0, got {self.lr_min}")
+        check(self.max_lr is None or self.max_lr > 0, f"max_lr must be > 0 (or unset), got {self.max_lr}")
+        check(0.0 < self.pct_start < 1.0, f"pct_start must be in (0, 1), got {self.pct_start}")
+        check(self.lr_patience >= 0, f"lr_patience must be >= 0, got {self.lr_patience}")
+        check(0.0 < self.lr_factor < 1.0, f"lr_factor must be in (0, 1), got {self.lr_factor}")
+        check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        check(0 <= self.seed < MAX_SEED, f"seed must be in [0, 2**32), got {self.seed}")
+        check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        check(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("train_samples", "val_samples", "test_samples"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"{name} must be >= 1 (or unset for all), got {value}")
         check(self.shift_augment >= 0, f"shift_augment must be >= 0, got {self.shift_augment}")
         check(self.shift_tiles >= 1, f"shift_tiles must be >= 1, got {self.shift_tiles}")
         check(self.noise_sigma >= 0, f"noise_sigma must be >= 0, got {self.noise_sigma}")
+        check(self.aux_loss_weight >= 0, f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
         check(
             self.optimizer != "schedulefree" or self.scheduler == "none",
             "the schedulefree optimizer replaces the LR schedule; set scheduler: none",
         )
+
+    def validate_for_images(self, height: int, width: int) -> None:
+        """Checks that need the training images' size: the shift augmentation must fit in them."""
+        if self.shift_augment == 0:
+            return
+        if height % self.shift_tiles or width % self.shift_tiles:
+            raise ValueError(
+                f"invalid training config: shift_tiles ({self.shift_tiles}) must divide the training "
+                f"image size {height}x{width}"
+            )
+        cell = min(height, width) // self.shift_tiles
+        if self.shift_augment >= cell:
+            where = f"{height}x{width} images" if self.shift_tiles == 1 else f"{cell}-pixel cells"
+            raise ValueError(
+                f"invalid training config: shift_augment must be < {cell} for {where} (a shift of "
+                f"{self.shift_augment} pixels can move the whole image out of view), got {self.shift_augment}"
+            )
 
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
-        """``base`` (or the defaults) overridden by ``values``; unknown keys raise a ValueError."""
+    def coerce_values(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` converted to the fields' types; unknown keys and wrong types raise a ValueError.
+
+        Ranges are not checked here: that happens once, on the merged config (``validate``).
+        """
         unknown = sorted(set(values) - cls.field_names())
         if unknown:
             raise ValueError(
                 f"unknown training config key(s): {', '.join(unknown)}; "
                 f"valid keys: {', '.join(sorted(cls.field_names()))}"
             )
-        merged = dataclasses.asdict(base) if base is not None else {}
         types = {f.name: f.type for f in fields(cls)}
-        merged.update({key: _coerce(key, value, types[key]) for key, value in values.items()})
+        return {key: _coerce(key, value, types[key]) for key, value in values.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+        """``base`` (or the defaults) overridden by ``values``; unknown keys raise a ValueError."""
+        merged = dataclasses.asdict(base) if base is not None else {}
+        merged.update(cls.coerce_values(values))
         return cls(**merged)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
-        """Load a YAML file, either flat or with the keys under a top-level ``training:`` section."""
+    def read_yaml(cls, path: str | Path) -> dict[str, Any]:
+        """The options of a YAML file (flat or under a top-level ``training:``), type-checked."""
         path = Path(path)
         with path.open() as f:
             data = yaml.safe_load(f) or {}
@@ -126,7 +190,16 @@ class TrainConfig:
         if set(data) == {"training"} and isinstance(data["training"], dict):
             data = data["training"]
         try:
-            return cls.from_dict(data, base=base)
+            return cls.coerce_values(data)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path}: {error}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+        """Load a YAML file, either flat or with the keys under a top-level ``training:`` section."""
+        values = cls.read_yaml(path)
+        try:
+            return cls.from_dict(values, base=base)
         except (ValueError, TypeError) as error:
             raise ValueError(f"{path}: {error}") from None
 

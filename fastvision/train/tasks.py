@@ -50,6 +50,7 @@ class Task:
     name = ""
     monitor = "loss"  # validation metric that selects the best checkpoint
     monitor_mode = "min"
+    shifts_images = False  # train_step applies cfg.shift_augment / shift_tiles to the images
 
     def train_step(self, model: nn.Module, batch, cfg: TrainConfig) -> StepResult:
         raise NotImplementedError
@@ -61,6 +62,7 @@ class Task:
 class ClassificationTask(Task):
     name = "classification"
     monitor, monitor_mode = "accuracy", "max"
+    shifts_images = True
 
     def _step(self, model: nn.Module, batch) -> StepResult:
         images, labels = batch
@@ -80,6 +82,7 @@ class ClassificationTask(Task):
 class DigitSequenceTask(Task):
     name = "digit_sequence"
     monitor, monitor_mode = "grid_accuracy", "max"
+    shifts_images = True
 
     def _teacher_forced(self, model: nn.Module, batch):
         images, targets = batch

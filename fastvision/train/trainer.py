@@ -81,11 +81,11 @@ def describe(dataset: Dataset) -> str:
 
 def resolve_config(model_name: str, config_file: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Defaults ← the model's ``train_defaults`` ← YAML file ← explicit overrides (None = not given)."""
-    cfg = TrainConfig.from_dict(get_model_spec(model_name).train_defaults)
+    values = TrainConfig.coerce_values(get_model_spec(model_name).train_defaults)
     if config_file is not None:
-        cfg = TrainConfig.from_yaml(config_file, base=cfg)
-    given = {key: value for key, value in overrides.items() if value is not None}
-    return cfg.replace(**given) if given else cfg
+        values.update(TrainConfig.read_yaml(config_file))
+    values.update(TrainConfig.coerce_values({k: v for k, v in overrides.items() if v is not None}))
+    return TrainConfig(**values)  # validated once, as a whole
 
 
 def split_train_val(
@@ -242,6 +242,9 @@ class Trainer:
                 build_dataset(self.spec.dataset, "test", data_dir, seed=cfg.seed),
             )
         self.train_set, self.val_set, self.test_set = split_train_val(*datasets, cfg)
+        if cfg.shift_augment > 0 and self.task.shifts_images:
+            image = self.train_set[0][0]
+            cfg.validate_for_images(image.shape[-2], image.shape[-1])
         self.redraw_source = _composition_source(self.train_set) if cfg.redraw_each_epoch else None
         self.dataset_description = {
             "train": describe(self.train_set) + (", redrawn every epoch" if cfg.redraw_each_epoch else ""),
