@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, assert_close, backend_params
+from conftest import DEVICE, assert_close, backend_params, stable_seed
 
 import fastvision
+from fastvision.ops import OPS
 from fastvision.ops.sparse_max_pool2d import (
-    CPP_OPS_BUILT,
-    IMPLEMENTED_BACKENDS,
     sparse_max_pool2d,
     sparse_max_pool2d_output_shape,
     sparse_max_pool2d_reference,
 )
 
-BACKENDS = backend_params(IMPLEMENTED_BACKENDS)
+BACKENDS = backend_params(OPS["sparse_max_pool2d"].backends)
+CPP_OPS_BUILT = OPS["sparse_max_pool2d"].built("cpu") is None
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (kernel_size, stride): non-overlapping, overlapping (k > s), gapped (k < s), rectangular.
 GEOMETRIES = [(2, 2), (3, 3), (2, 1), (3, 1), (3, 2), (2, 3), ((2, 3), (1, 2))]
@@ -100,7 +100,7 @@ def _check(coords, feats, kernel, stride, backend, spatial_shape=None, seed=0):
 @pytest.mark.parametrize("bounded", [True, False], ids=["spatial_shape", "unbounded"])
 def test_matches_dense(backend, geometry, bounded):
     kernel, stride = geometry
-    coords, feats = _random_map(3, 11, 13, 5, 0.35, seed=hash(str(geometry)) % 1000)
+    coords, feats = _random_map(3, 11, 13, 5, 0.35, seed=stable_seed(geometry) % 1000)
     _check(coords, feats, kernel, stride, backend, (11, 13) if bounded else None)
 
 
@@ -380,3 +380,39 @@ def test_export(backend):
                 want = _Pool()(*args)
         torch.testing.assert_close(got[0], want[0])
         torch.testing.assert_close(got[1], want[1])
+
+
+# --- bounds: no integer overflow anywhere, a clear error instead --------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rejects_coords_near_int64_limit(backend):
+    coords = torch.tensor([[0, 2**63 - 10, 0], [0, 2**63 - 9, 0], [0, 2**63 - 8, 0]], device=DEVICE)
+    feats = torch.randn(3, 2, device=DEVICE)
+    with fastvision.use_backend(backend), pytest.raises(ValueError, match=r"coords must be below 2\*\*62"):
+        sparse_max_pool2d(coords, feats, 3, 1)
+
+
+@pytest.mark.parametrize("name", ["kernel_size", "stride"])
+@pytest.mark.parametrize("value", [2**31, 3 * 2**61, 2**63, 2**70])
+@pytest.mark.parametrize("rows", [0, 3])
+def test_rejects_huge_geometry(name, value, rows):
+    coords = torch.tensor([[0, 0, 0], [0, 1, 1], [0, 2, 3]])[:rows]
+    feats = torch.randn(rows, 2)
+    with pytest.raises(ValueError, match=rf"{name} must be at most 2147483647"):
+        sparse_max_pool2d(coords, feats, **{"kernel_size": 2, name: value})
+
+
+def test_rejects_window_count_past_int32_even_when_empty():
+    with pytest.raises(ValueError, match="must fit int32"):
+        sparse_max_pool2d(torch.empty(0, 3, dtype=torch.int64), torch.empty(0, 2), 2**31 - 1, 1)
+
+
+def test_reference_refuses_tracing_with_a_clear_error():
+    coords, feats = _random_map(1, 6, 6, 2, 0.5, seed=15)
+    message = "the reference backend cannot be traced"
+    with fastvision.use_backend("reference"):
+        with pytest.raises(Exception, match=message):
+            torch.compile(_Pool(), fullgraph=True, backend="aot_eager")(coords, feats)
+        with pytest.raises(NotImplementedError, match=message):
+            torch.export.export(_Pool(), (coords, feats))

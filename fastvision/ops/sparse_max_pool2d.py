@@ -18,8 +18,9 @@ input sums the gradients of every output it is the max of.
 
 Backends: ``reference`` (below: unique + scatter_reduce), ``cpu`` (csrc/cpu/sparse_max_pool2d.cpp),
 ``cuda`` (csrc/cuda/sparse_max_pool2d.cu). The C++ ops ``fastvision::sparse_max_pool2d_forward`` /
-``sparse_max_pool2d_backward`` (schema in csrc/sparse_max_pool2d.cpp) get a fake kernel with a
-data-dependent output size and autograd here, so torch.compile / torch.export see one opaque op.
+``sparse_max_pool2d_backward`` (schema in csrc/sparse_max_pool2d.cpp) get, through the op contract
+(``fastvision/ops/_contract.py``), a fake kernel with a data-dependent output size and autograd, so
+torch.compile / torch.export see one opaque op.
 The forward returns, besides the pooled map, the argmax ``[M, C]`` int32 and a ``window_map [N, P]``
 int32 (for each input, the output row of each of the ``P = ceil(ky/sy) * ceil(kx/sx)`` windows that can
 hold it, or -1); the backward gathers with them: no atomics, deterministic, no host synchronization.
@@ -34,6 +35,9 @@ outside ``spatial_shape`` (no window inside the map holds them).
 
 Host synchronizations: the C++ forward syncs once (for the output count, which sizes the outputs); the
 backward never does.
+
+Bounds: ``kernel_size`` and ``stride`` are at most ``2**31 - 1``, and int64 coordinates below
+``2**62`` (checked with ``check_coords``), so that window arithmetic never overflows int64.
 """
 
 from __future__ import annotations
@@ -42,17 +46,15 @@ from collections.abc import Sequence
 
 import torch
 
-from fastvision._backend import select_backend
-from fastvision._extension import has_kernel
 from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
+from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op
 
 COORD_DTYPES = (torch.int32, torch.int64)
 # Max pooling does no arithmetic, so float64 costs nothing extra (and makes gradcheck possible).
 FEAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-CPP_OPS_BUILT = has_kernel("sparse_max_pool2d_forward", "CPU")
-IMPLEMENTED_BACKENDS = ("reference", "cpu", "cuda") if CPP_OPS_BUILT else ("reference",)
-GPU_ORDER = ("cuda",)
 _INT32_MAX = 2**31 - 1
+# Coordinates past this could overflow int64 in window arithmetic (oy * sy + ky).
+COORD_LIMIT = 2**62
 
 IntPair = int | Sequence[int]
 
@@ -70,6 +72,8 @@ def _pair(name: str, value: IntPair) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
     if pair[0] <= 0 or pair[1] <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
+    if max(pair) > _INT32_MAX:
+        raise ValueError(f"{name} must be at most {_INT32_MAX} (2**31 - 1), got {value!r}")
     return pair
 
 
@@ -148,10 +152,15 @@ def sparse_max_pool2d_reference(
 
 
 def _check_coords(coords: torch.Tensor, spatial_shape: tuple[int, int] | None, order_and_sign: bool) -> None:
-    """Inside spatial_shape, and (order_and_sign) non-negative, sorted and unique: at most one host sync."""
-    if spatial_shape is None and not order_and_sign:
+    """Inside spatial_shape, below COORD_LIMIT, and (order_and_sign) non-negative, sorted and unique:
+    at most one host sync."""
+    wide = coords.dtype == torch.int64
+    if spatial_shape is None and not order_and_sign and not wide:
         return
     bad = torch.zeros((), dtype=torch.bool, device=coords.device)
+    if wide:
+        bad_limit = coords >= COORD_LIMIT
+        bad = bad | bad_limit.any()
     if spatial_shape is not None:
         # Python-scalar comparisons: a limits tensor would cost a host-to-device copy (and a stream sync).
         bad_range = torch.stack([coords[:, 1] >= spatial_shape[0], coords[:, 2] >= spatial_shape[1]], 1)
@@ -168,6 +177,11 @@ def _check_coords(coords: torch.Tensor, spatial_shape: tuple[int, int] | None, o
     if not bool(bad):
         return
     c = coords.long()
+    if wide and bad_limit.any():
+        row = int(bad_limit.any(1).nonzero()[0])
+        raise ValueError(
+            f"coords must be below 2**62 (window arithmetic is int64), row {row} is {c[row].tolist()}"
+        )
     if order_and_sign and bad_sign.any():
         row = int(bad_sign.any(1).nonzero()[0])
         raise ValueError(f"coords must be non-negative, row {row} is {c[row].tolist()}")
@@ -183,42 +197,117 @@ def _check_coords(coords: torch.Tensor, spatial_shape: tuple[int, int] | None, o
     )
 
 
-# --- fake kernels and autograd for the C++ ops ----------------------------------------------------
+# --- the C++ ops' fake kernels and autograd, registered by the op contract ---------------------------
 
 
-def _register() -> None:
-    backward_op = torch.ops.fastvision.sparse_max_pool2d_backward.default
-
-    @torch.library.register_fake("fastvision::sparse_max_pool2d_forward")
-    def _forward_fake(coords, feats, kernel_size, stride, window_limit):
-        m = torch.library.get_ctx().new_dynamic_size()
-        slots = _windows_per_input(tuple(kernel_size), tuple(stride))
-        return (
-            coords.new_empty((m, 3)),
-            feats.new_empty((m, feats.shape[1])),
-            feats.new_empty((m, feats.shape[1]), dtype=torch.int32),
-            feats.new_empty((feats.shape[0], slots), dtype=torch.int32),
-        )
-
-    @torch.library.register_fake("fastvision::sparse_max_pool2d_backward")
-    def _backward_fake(grad_out_feats, argmax, window_map):
-        return grad_out_feats.new_empty((window_map.shape[0], grad_out_feats.shape[1]))
-
-    def setup_context(ctx, inputs, output):
-        _, _, argmax, window_map = output
-        ctx.save_for_backward(argmax, window_map)
-
-    def backward_fn(ctx, grad_coords, grad_feats, grad_argmax, grad_window_map):
-        argmax, window_map = ctx.saved_tensors
-        return None, backward_op(grad_feats, argmax, window_map), None, None, None
-
-    torch.library.register_autograd(
-        "fastvision::sparse_max_pool2d_forward", backward_fn, setup_context=setup_context
+def _forward_fake(coords, feats, kernel_size, stride, window_limit):
+    m = torch.library.get_ctx().new_dynamic_size()
+    slots = _windows_per_input(tuple(kernel_size), tuple(stride))
+    return (
+        coords.new_empty((m, 3)),
+        feats.new_empty((m, feats.shape[1])),
+        feats.new_empty((m, feats.shape[1]), dtype=torch.int32),
+        feats.new_empty((feats.shape[0], slots), dtype=torch.int32),
     )
 
 
-if CPP_OPS_BUILT:
-    _register()
+def _setup_context(ctx, inputs, output):
+    _, _, argmax, window_map = output
+    ctx.save_for_backward(argmax, window_map)
+    ctx.mark_non_differentiable(output[0], argmax, window_map)
+
+
+def _backward(ctx, backward_op, grad_coords, grad_feats, grad_argmax, grad_window_map):
+    argmax, window_map = ctx.saved_tensors
+    return None, backward_op(grad_feats, argmax, window_map), None, None, None
+
+
+def _backward_op_reference(grad_out_feats, argmax, window_map):
+    """The backward ops' definition: each input sums the gradients of the outputs it is the max of.
+    Linear in ``grad_out_feats``, so differentiable through the scatter (the higher-order rule)."""
+    grad = grad_out_feats.new_zeros((window_map.shape[0], grad_out_feats.shape[1]))
+    return grad.scatter_add(0, argmax.long(), grad_out_feats)
+
+
+AUTOGRAD = AutogradRule(
+    forward_fake=_forward_fake,
+    backward_fake=lambda grad_out_feats, argmax, window_map: grad_out_feats.new_empty(
+        (window_map.shape[0], grad_out_feats.shape[1])
+    ),
+    setup_context=_setup_context,
+    backward=_backward,
+    backward_reference=_backward_op_reference,
+    backward_differentiable=(0,),
+)
+
+
+def _check(
+    coords: torch.Tensor,
+    feats: torch.Tensor,
+    kernel_size: IntPair = 2,
+    stride: IntPair | None = None,
+    spatial_shape: IntPair | None = None,
+    check_coords: bool = True,
+) -> tuple:
+    check_tensor("coords", coords)
+    check_tensor("feats", feats)
+    check_dtype("coords", coords, COORD_DTYPES)
+    check_dtype("feats", feats, FEAT_DTYPES)
+    if coords.dim() != 2 or coords.shape[1] != 3:
+        raise ValueError(f"coords must have shape [N, 3] (batch, y, x), got {list(coords.shape)}")
+    if feats.dim() != 2 or feats.shape[0] != coords.shape[0]:
+        raise ValueError(
+            f"feats must have shape [N, C] with N = {coords.shape[0]} (coords' rows), got {list(feats.shape)}"
+        )
+    check_same_device(coords=coords, feats=feats)
+    kernel, step, _ = _geometry(kernel_size, stride, spatial_shape)
+    shape = None if spatial_shape is None else _pair("spatial_shape", spatial_shape)
+    slots = _windows_per_input(kernel, step)
+    if slots > _INT32_MAX or coords.shape[0] * slots > _INT32_MAX:
+        raise ValueError("N * ceil(ky/sy) * ceil(kx/sx) must fit int32 (the argmax and window map are int32)")
+    return coords, feats, kernel, step, shape, bool(check_coords)
+
+
+def _validate(coords, shape, check_coords, order_and_sign):
+    if check_coords and not torch.compiler.is_compiling():
+        _check_coords(coords, shape, order_and_sign)
+
+
+def _run_reference(coords, feats, kernel, step, shape, check_coords):
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(
+            "sparse_max_pool2d: the reference backend cannot be traced by torch.compile or torch.export "
+            "(its output size depends on the data at every step); the cpu and cuda backends (C++ "
+            "extension) can. Build the extension, or run this op eagerly"
+        )
+    _validate(coords, shape, check_coords, order_and_sign=True)
+    return sparse_max_pool2d_reference(coords, feats, kernel, step, shape)
+
+
+def _run_kernel(forward_op, coords, feats, kernel, step, shape, check_coords):
+    # The C++ kernels check sign and order themselves, without a sync of their own.
+    _validate(coords, shape, check_coords, order_and_sign=False)
+    limit = _geometry(kernel, step, shape)[2]
+    out_coords, out_feats, _, _ = forward_op(coords, feats, list(kernel), list(step), list(limit))
+    return out_coords, out_feats
+
+
+_native = KernelBackend(
+    "sparse_max_pool2d_forward", "sparse_max_pool2d_backward", AUTOGRAD, native=True, call=_run_kernel
+)
+SPARSE_MAX_POOL2D = define_op(
+    OpSpec(
+        name="sparse_max_pool2d",
+        reference=_run_reference,
+        check=_check,
+        device=lambda coords, feats, *_: feats.device,
+        kernels={"cpu": _native, "cuda": _native},
+        gpu_order=("cuda",),
+        cpu_order=("cpu",),
+        dtypes=FEAT_DTYPES,
+        benchmark_module="fastvision.benchmark.sparse_max_pool2d",
+    )
+)
 
 
 def sparse_max_pool2d(
@@ -245,28 +334,4 @@ def sparse_max_pool2d(
     Returns:
         ``(out_coords [M, 3], out_feats [M, C])``: ``coords``' and ``feats``' dtypes, canonical order.
     """
-    check_tensor("coords", coords)
-    check_tensor("feats", feats)
-    check_dtype("coords", coords, COORD_DTYPES)
-    check_dtype("feats", feats, FEAT_DTYPES)
-    if coords.dim() != 2 or coords.shape[1] != 3:
-        raise ValueError(f"coords must have shape [N, 3] (batch, y, x), got {list(coords.shape)}")
-    if feats.dim() != 2 or feats.shape[0] != coords.shape[0]:
-        raise ValueError(
-            f"feats must have shape [N, C] with N = {coords.shape[0]} (coords' rows), got {list(feats.shape)}"
-        )
-    check_same_device(coords=coords, feats=feats)
-    kernel, step, limit = _geometry(kernel_size, stride, spatial_shape)
-    if coords.shape[0] * _windows_per_input(kernel, step) > _INT32_MAX:
-        raise ValueError("N * ceil(ky/sy) * ceil(kx/sx) must fit int32 (the argmax and window map are int32)")
-    backend = select_backend("sparse_max_pool2d", feats.device, IMPLEMENTED_BACKENDS, GPU_ORDER)
-    if check_coords and not torch.compiler.is_compiling():
-        shape = None if spatial_shape is None else _pair("spatial_shape", spatial_shape)
-        # The C++ kernels check sign and order themselves, without a sync of their own.
-        _check_coords(coords, shape, order_and_sign=backend == "reference")
-    if backend == "reference":
-        return sparse_max_pool2d_reference(coords, feats, kernel, step, spatial_shape)
-    out_coords, out_feats, _, _ = torch.ops.fastvision.sparse_max_pool2d_forward(
-        coords, feats, list(kernel), list(step), list(limit)
-    )
-    return out_coords, out_feats
+    return SPARSE_MAX_POOL2D(coords, feats, kernel_size, stride, spatial_shape, check_coords)
