@@ -39,7 +39,7 @@ from fastvision.data.digits import (
     load_idx_dataset,
     resolve_data_root,
 )
-from fastvision.data.idx import read_idx
+from fastvision.data.idx import IDXFormatError, read_idx
 from fastvision.data.stacked import GRID_POSITIONS, StackedDigits
 
 DATASETS = ("mnist", "fashion_mnist", "stacked_mnist", "cifar10")
@@ -82,6 +82,7 @@ __all__ = [
     "DATASETS",
     "DATA_ENV_VAR",
     "GRID_POSITIONS",
+    "IDXFormatError",
     "ImageTensorDataset",
     "StackedDigits",
     "build_dataset",

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvision.data.base import ImageTensorDataset
-from fastvision.data.idx import read_idx
+from fastvision.data.idx import IDXFormatError, read_idx
 
 DATA_ENV_VAR = "FASTVISION_DATA"
 
@@ -84,18 +84,42 @@ def find_idx_pair(name: str, split: str, root: Path | None) -> tuple[Path, Path]
 
 def load_idx_dataset(name: str, split: str, root: Path | None, normalize: bool = False) -> ImageTensorDataset:
     images_path, labels_path = find_idx_pair(name, split, root)
-    images = torch.from_numpy(read_idx(images_path))
-    labels = torch.from_numpy(read_idx(labels_path).astype(np.int64))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        shapes = f"{tuple(images.shape)} / {tuple(labels.shape)}"
-        raise ValueError(f"unexpected IDX shapes {shapes} in {images_path.parent}")
+    image_array, label_array = read_idx(images_path), read_idx(labels_path)
+    if image_array.ndim != 3 or image_array.dtype != np.uint8:
+        raise IDXFormatError(
+            images_path,
+            f"expected uint8 images [N, H, W], found {image_array.dtype} with shape {image_array.shape}",
+        )
+    if label_array.ndim != 1 or label_array.dtype.kind not in "iu":
+        raise IDXFormatError(
+            labels_path,
+            f"expected integer labels [N], found {label_array.dtype} with shape {label_array.shape}",
+        )
+    if len(image_array) != len(label_array):
+        raise IDXFormatError(
+            labels_path,
+            f"holds {len(label_array)} labels but {images_path.name} holds {len(image_array)} images",
+        )
+    if len(image_array) == 0:
+        raise IDXFormatError(images_path, "holds no images")
+    classes = DIGIT_CLASSES if name == "mnist" else FASHION_CLASSES
+    out_of_range = (label_array < 0) | (label_array >= len(classes))
+    if out_of_range.any():
+        first = int(np.flatnonzero(out_of_range)[0])
+        raise IDXFormatError(
+            labels_path,
+            f"{int(out_of_range.sum())} labels outside 0-{len(classes) - 1} "
+            f"(the first is {int(label_array[first])} at index {first})",
+        )
+    images = torch.from_numpy(image_array)
+    labels = torch.from_numpy(label_array.astype(np.int64))
     title = "MNIST" if name == "mnist" else "Fashion-MNIST"
     mean, std = (0.1307, 0.3081) if name == "mnist" else (0.2860, 0.3530)
     return ImageTensorDataset(
         images.unsqueeze(1).contiguous(),
         labels,
         describe=f"{title} {split} ({len(labels)} images, IDX files from {images_path.parent})",
-        classes=DIGIT_CLASSES if name == "mnist" else FASHION_CLASSES,
+        classes=classes,
         mean=mean if normalize else None,
         std=std if normalize else None,
     )
