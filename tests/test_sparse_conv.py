@@ -11,8 +11,8 @@ from conftest import DEVICE, assert_close, backend_params
 
 import fastvision
 from fastvision._backend import BackendUnavailableError
+from fastvision.ops import OPS
 from fastvision.ops.sparse_conv2d import (
-    IMPLEMENTED_BACKENDS,
     dense_weight,
     sparse_conv2d,
     sparse_conv2d_reference,
@@ -21,7 +21,7 @@ from fastvision.ops.sparse_conv2d import (
 from fastvision.sparse import KernelMap, SparseTensor, build_kernel_map, coords_to_keys
 from fastvision.sparse.kernel_map import brute_force_kernel_map
 
-BACKENDS = backend_params(IMPLEMENTED_BACKENDS)
+BACKENDS = backend_params(OPS["sparse_conv2d"].backends)
 HAS_MAX_POOL = importlib.util.find_spec("fastvision.ops.sparse_max_pool2d") is not None
 needs_max_pool = pytest.mark.skipif(
     not HAS_MAX_POOL, reason="fastvision.ops.sparse_max_pool2d is not present"
@@ -297,7 +297,7 @@ def test_sparse_conv2d_forced_missing_backend_raises():
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] == "triton"])
 def test_triton_rejects_float64(backend):
     x, weight, _, _, _ = _conv_inputs((1, 2, 2, 4, 4, 3, 0.5, 1), torch.float64, seed=18)
-    with fastvision.use_backend(backend), pytest.raises(TypeError, match="triton backend"):
+    with fastvision.use_backend(backend), pytest.raises(BackendUnavailableError, match="triton backend"):
         sparse_conv2d(x.feats, x.kernel_map(3), weight)
 
 

@@ -18,7 +18,9 @@ Backends:
 * ``triton``: triton_kernels/sparse_conv2d.py, a fused output-stationary gather-GEMM over the map's
   neighbour table (no scatter, no atomics in the forward); float32/float16/bfloat16.
 
-There is no C++ (``cpu``) or CUDA C++ kernel.
+There is no C++ (``cpu``) or CUDA C++ kernel. The op contract (``fastvision/ops/_contract.py``)
+registers both pairs' fake kernels and autograd; ``torch.func`` transforms and forward-mode AD run
+``sparse_conv2d_pairs_reference``, the same gather -> GEMM -> scatter in differentiable torch ops.
 """
 
 from __future__ import annotations
@@ -26,15 +28,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastvision._backend import forced_backend, select_backend
 from fastvision.ops._checks import FLOAT_DTYPES, check_dtype, check_tensor
+from fastvision.ops._contract import (
+    AutogradRule,
+    KernelBackend,
+    OpSpec,
+    define_op,
+    leaf,
+    only_dtypes,
+    triton_launch,
+)
 from fastvision.sparse.kernel_map import KernelMap
 from fastvision.sparse.tensor import SparseTensor
 
-IMPLEMENTED_BACKENDS = ("reference", "triton")
-# Not yet measured on a GPU: Triton is the only GPU kernel, and it fuses what the reference does
-# in 3 launches per offset.
-GPU_ORDER = ("triton",)
 # float64 too: the torch-ops path supports it, and gradcheck needs it.
 SUPPORTED_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
@@ -136,13 +142,12 @@ def sparse_conv2d_gather_gemm_backward(
     )
 
 
-@sparse_conv2d_gather_gemm.register_fake
-def _(feats, in_indices, out_indices, offset_starts, weight):
+def _pairs_forward_fake(feats, in_indices, out_indices, offset_starts, weight):
     return feats.new_empty((feats.shape[0], weight.shape[2]))
 
 
-@sparse_conv2d_gather_gemm_backward.register_fake
-def _(grad_out, feats, in_indices, out_indices, offset_starts, weight, need_feats_grad, need_weight_grad):
+def _pairs_backward_fake(grad_out, feats, in_indices, out_indices, offset_starts, weight, need_feats_grad,
+                         need_weight_grad):  # fmt: skip
     return (
         feats.new_empty(feats.shape if need_feats_grad else (0,)),
         weight.new_empty(weight.shape if need_weight_grad else (0,)),
@@ -154,10 +159,10 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(feats, in_indices, out_indices, offset_starts, weight)
 
 
-def _backward(ctx, grad_out):
+def _backward(ctx, backward_op, grad_out):
     feats, in_indices, out_indices, offset_starts, weight = ctx.saved_tensors
     need_feats, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
-    grad_feats, grad_weight = torch.ops.fastvision.sparse_conv2d_gather_gemm_backward(
+    grad_feats, grad_weight = backward_op(
         grad_out, feats, in_indices, out_indices, offset_starts, weight, need_feats, need_weight
     )
     return (
@@ -169,13 +174,48 @@ def _backward(ctx, grad_out):
     )
 
 
-sparse_conv2d_gather_gemm.register_autograd(_backward, setup_context=_setup_context)
+def sparse_conv2d_pairs_reference(feats, in_indices, out_indices, offset_starts, weight):
+    """The gather -> GEMM -> scatter-add of the pair ops in differentiable torch ops."""
+    out = _accumulator(feats.shape[0], weight.shape[2], feats)
+    for k, start, end, _ in _offset_ranges(offset_starts, feats.shape[0]):
+        rows = feats.index_select(0, in_indices[start:end])
+        out = out.index_add(0, out_indices[start:end], torch.mm(rows, weight[k]).to(out.dtype))
+    return out.to(feats.dtype)
+
+
+def _vjp(forward, grad_out, inputs, needs):
+    """``(grad_feats, grad_weight)`` of ``forward`` by autograd, ``[0]`` where not needed."""
+    with torch.enable_grad():
+        leaves = [leaf(t) for t in inputs]
+        out = forward(*leaves)
+        wanted = [t for t, need in zip(leaves, needs, strict=True) if need]
+        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True) if wanted else ())
+    return tuple(next(found) if need else t.new_empty(0) for t, need in zip(inputs, needs, strict=True))
+
+
+def _pairs_backward_reference(
+    grad_out, feats, in_indices, out_indices, offset_starts, weight, need_feats_grad, need_weight_grad
+):
+    def forward(f, w):
+        return sparse_conv2d_pairs_reference(f, in_indices, out_indices, offset_starts, w)
+
+    return _vjp(forward, grad_out, (feats, weight), (need_feats_grad, need_weight_grad))
+
+
+PAIRS_AUTOGRAD = AutogradRule(
+    forward_fake=_pairs_forward_fake,
+    backward_fake=_pairs_backward_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    backward_reference=_pairs_backward_reference,
+    backward_differentiable=(0, 1, 5),
+)
 
 
 # --- Triton backend, wrapped as custom ops ----------------------------------------------------------
 
 
-@torch.library.custom_op("fastvision::sparse_conv2d_triton_forward", mutates_args=())
+@triton_launch("sparse_conv2d_triton_forward")
 def sparse_conv2d_triton_forward(
     feats: torch.Tensor, neighbors: torch.Tensor, weight: torch.Tensor
 ) -> torch.Tensor:
@@ -184,7 +224,7 @@ def sparse_conv2d_triton_forward(
     return gather_gemm(feats, neighbors, weight)
 
 
-@torch.library.custom_op("fastvision::sparse_conv2d_triton_backward", mutates_args=())
+@triton_launch("sparse_conv2d_triton_backward")
 def sparse_conv2d_triton_backward(
     grad_out: torch.Tensor,
     feats: torch.Tensor,
@@ -203,13 +243,11 @@ def sparse_conv2d_triton_backward(
     )
 
 
-@sparse_conv2d_triton_forward.register_fake
-def _(feats, neighbors, weight):
+def _neighbors_forward_fake(feats, neighbors, weight):
     return feats.new_empty((feats.shape[0], weight.shape[2]))
 
 
-@sparse_conv2d_triton_backward.register_fake
-def _(grad_out, feats, neighbors, weight, need_feats_grad, need_weight_grad):
+def _neighbors_backward_fake(grad_out, feats, neighbors, weight, need_feats_grad, need_weight_grad):
     return (
         feats.new_empty(feats.shape if need_feats_grad else (0,)),
         weight.new_empty(weight.shape if need_weight_grad else (0,)),
@@ -220,36 +258,46 @@ def _triton_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _triton_backward(ctx, grad_out):
+def _triton_backward(ctx, backward_op, grad_out):
     feats, neighbors, weight = ctx.saved_tensors
     need_feats, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    grad_feats, grad_weight = torch.ops.fastvision.sparse_conv2d_triton_backward(
+    grad_feats, grad_weight = backward_op(
         grad_out, feats, neighbors, weight, need_feats, need_weight
     )
     return (grad_feats if need_feats else None, None, grad_weight if need_weight else None)
 
 
-sparse_conv2d_triton_forward.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+def _neighbors_reference(feats, neighbors, weight):
+    """``out[o] = sum_k feats[neighbors[o, k]] @ weight[k]`` (``-1``: no input) in torch ops."""
+    present = neighbors >= 0
+    rows = feats[neighbors.clamp_min(0).long()] * present.unsqueeze(-1).to(feats.dtype)  # [N, K*K, Cin]
+    compute = torch.promote_types(feats.dtype, torch.float32)
+    return torch.einsum("nki,kio->no", rows.to(compute), weight.to(compute)).to(feats.dtype)
 
 
-def sparse_conv2d(
+def _neighbors_backward_reference(grad_out, feats, neighbors, weight, need_feats_grad, need_weight_grad):
+    def forward(f, w):
+        return _neighbors_reference(f, neighbors, w)
+
+    return _vjp(forward, grad_out, (feats, weight), (need_feats_grad, need_weight_grad))
+
+
+NEIGHBORS_AUTOGRAD = AutogradRule(
+    forward_fake=_neighbors_forward_fake,
+    backward_fake=_neighbors_backward_fake,
+    setup_context=_triton_setup_context,
+    backward=_triton_backward,
+    backward_reference=_neighbors_backward_reference,
+    backward_differentiable=(0, 1, 3),
+)
+
+
+def _check(
     feats: torch.Tensor,
     kernel_map: KernelMap,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Submanifold sparse convolution of the features of one :class:`~fastvision.sparse.SparseTensor`.
-
-    Args:
-        feats: ``[N, Cin]`` float32/float16/bfloat16/float64 features at the active sites (canonical order).
-        kernel_map: ``x.kernel_map(K, dilation)`` of the tensor the features belong to.
-        weight: ``[K*K, Cin, Cout]`` of ``feats``' dtype; offset ``k = (dy + K//2) * K + (dx + K//2)``
-            (``sparse_weight`` converts an ``nn.Conv2d`` weight).
-        bias: optional ``[Cout]``.
-
-    Returns:
-        ``[N, Cout]`` output features at the same sites, ``feats``' dtype.
-    """
+) -> tuple:
     check_tensor("feats", feats)
     check_tensor("weight", weight)
     if not isinstance(kernel_map, KernelMap):
@@ -284,15 +332,71 @@ def sparse_conv2d(
                 f"bias must be a [{weight.shape[2]}] tensor of dtype {feats.dtype} on {feats.device}, "
                 f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}"
             )
-    backend = select_backend("sparse_conv2d", feats.device, IMPLEMENTED_BACKENDS, GPU_ORDER)
-    if backend == "triton" and feats.dtype not in FLOAT_DTYPES:
-        if forced_backend() == "triton":
-            raise TypeError(f"the triton backend of sparse_conv2d supports {FLOAT_DTYPES}, got {feats.dtype}")
-        backend = "reference"
-    if backend == "triton":
-        out = torch.ops.fastvision.sparse_conv2d_triton_forward(feats, kernel_map.neighbors, weight)
-    else:
-        out = torch.ops.fastvision.sparse_conv2d_gather_gemm(
-            feats, kernel_map.in_indices, kernel_map.out_indices, kernel_map.offset_starts, weight
-        )
+    return feats, kernel_map, weight, bias
+
+
+def _with_bias(out, bias):
     return out if bias is None else out + bias
+
+
+def _run_pairs(forward_op, feats, kernel_map, weight, bias):
+    km = kernel_map
+    return _with_bias(forward_op(feats, km.in_indices, km.out_indices, km.offset_starts, weight), bias)
+
+
+def _run_neighbors(forward_op, feats, kernel_map, weight, bias):
+    return _with_bias(forward_op(feats, kernel_map.neighbors, weight), bias)
+
+
+def _transform_reference(feats, kernel_map, weight, bias):
+    km = kernel_map
+    out = sparse_conv2d_pairs_reference(feats, km.in_indices, km.out_indices, km.offset_starts, weight)
+    return _with_bias(out, bias)
+
+
+SPARSE_CONV2D = define_op(
+    OpSpec(
+        name="sparse_conv2d",
+        reference=_transform_reference,
+        check=_check,
+        device=lambda feats, *_: feats.device,
+        kernels={
+            "reference": KernelBackend(
+                "sparse_conv2d_gather_gemm", "sparse_conv2d_gather_gemm_backward", PAIRS_AUTOGRAD,
+                call=_run_pairs,
+            ),
+            "triton": KernelBackend(
+                "sparse_conv2d_triton_forward", "sparse_conv2d_triton_backward", NEIGHBORS_AUTOGRAD,
+                supports=only_dtypes("triton", FLOAT_DTYPES), call=_run_neighbors,
+            ),
+        },
+        # Not yet measured on a GPU: Triton is the only GPU kernel, and it fuses what the reference
+        # does in 3 launches per offset.
+        gpu_order=("triton",),
+        cpu_order=(),
+        dtypes=SUPPORTED_DTYPES,
+        triton_module="fastvision.triton_kernels.sparse_conv2d",
+        benchmark_module="fastvision.benchmark.sparse_conv2d",
+    )
+)
+
+
+def sparse_conv2d(
+    feats: torch.Tensor,
+    kernel_map: KernelMap,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Submanifold sparse convolution of the features of one :class:`~fastvision.sparse.SparseTensor`.
+
+    Args:
+        feats: ``[N, Cin]`` float32/float16/bfloat16/float64 features at the active sites (canonical order).
+        kernel_map: ``x.kernel_map(K, dilation)`` of the tensor the features belong to.
+        weight: ``[K*K, Cin, Cout]`` of ``feats``' dtype; offset ``k = (dy + K//2) * K + (dx + K//2)``
+            (``sparse_weight`` converts an ``nn.Conv2d`` weight).
+        bias: optional ``[Cout]``.
+
+    Returns:
+        ``[N, Cout]`` output features at the same sites, ``feats``' dtype.
+    """
+    return SPARSE_CONV2D(feats, kernel_map, weight, bias)
