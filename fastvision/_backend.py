@@ -1,17 +1,17 @@
-"""Backends and dispatch.
+"""Backends: which can run here, and the forced choice.
 
 Every op has some of four backends: ``reference`` (plain PyTorch), ``cpu`` (C++ kernel),
 ``triton`` and ``cuda`` (CUDA C++ kernel). By default CUDA tensors go to the op's fastest GPU
 backend (the order each op declares, from measurement) and CPU tensors to the C++ kernel when it
 is built, else to the reference. ``use_backend(name)`` forces one backend for every op; an op that
-lacks it, or cannot run it on the given tensor, raises :class:`BackendUnavailableError` instead
+lacks it, or cannot run it on the given input, raises :class:`BackendUnavailableError` instead
 of silently falling back. Under ``TRITON_INTERPRET=1`` the triton backend runs on CPU tensors.
+Dispatch itself is the op contract's (``fastvision/ops/_contract.py``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
 
@@ -117,38 +117,3 @@ def why_unusable(backend: str, device: torch.device) -> str | None:
             return f"the cuda backend runs on CUDA tensors, got a {device.type} tensor"
         return None if cuda_kernels_built() else "fastvision._C was built without CUDA kernels"
     raise ValueError(f"unknown backend {backend!r}")
-
-
-def select_backend(
-    op: str,
-    device: torch.device,
-    implemented: Sequence[str],
-    gpu_order: Sequence[str],
-    cpu_order: Sequence[str] = ("cpu",),
-) -> str:
-    """The backend that runs ``op`` on tensors of ``device``.
-
-    ``implemented`` lists the op's backends; ``gpu_order`` its GPU backends fastest first;
-    ``cpu_order`` the CPU backends to try before the reference (empty where the reference measured
-    faster than the op's C++ kernel).
-    """
-    forced = _forced[0]
-    if forced is not None:
-        if forced not in implemented:
-            raise BackendUnavailableError(
-                f"{op} has no {forced!r} backend (it has: {', '.join(implemented)}); "
-                "choose another with fastvision.use_backend(...)"
-            )
-        reason = why_unusable(forced, device)
-        if reason is not None:
-            raise BackendUnavailableError(f"{op}: cannot use the forced {forced!r} backend: {reason}")
-        return forced
-    if device.type == "cuda":
-        for backend in gpu_order:
-            if backend in implemented and why_unusable(backend, device) is None:
-                return backend
-        return "reference"
-    for backend in cpu_order:
-        if backend in implemented and why_unusable(backend, device) is None:
-            return backend
-    return "reference"

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import fastvision
-from fastvision._backend import select_backend
 from fastvision.cli import main
+from fastvision.ops import OPS
 from fastvision.profiling import nvtx_range
 
 
@@ -33,14 +33,15 @@ def test_use_backend_sets_globally_until_reset():
 
 
 def test_automatic_choice_on_cpu_prefers_the_cpp_kernel():
-    chosen = select_backend("geglu", torch.device("cpu"), ("reference", "cpu", "triton"), ("triton",))
+    chosen = OPS["geglu"].select((torch.randn(2, 4), "none"))
     assert chosen == ("cpu" if fastvision.available_backends()["cpu"] else "reference")
 
 
 def test_op_without_forced_backend_raises():
     error = fastvision.BackendUnavailableError
+    q = torch.randn(1, 1, 3, 16)
     with fastvision.use_backend("cuda"), pytest.raises(error, match="has no 'cuda'"):
-        select_backend("some_op", torch.device("cpu"), ("reference", "triton"), ("triton",))
+        fastvision.ops.topk_attention(q, q, q, 2)
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -105,8 +106,11 @@ def test_cli_bench_quick_geglu(tmp_path, capsys):
 
 
 def test_an_op_may_prefer_the_reference_on_cpu():
-    chosen = select_backend("op", torch.device("cpu"), ("reference", "cpu"), (), cpu_order=())
-    assert chosen == "reference"
+    spec = OPS["add_layer_norm"]
+    assert spec.cpu_order == () and "cpu" in spec.backends
+    x = torch.randn(2, 4)
+    args = spec.check(x, x)
+    assert spec.select(args) == "reference"
     if fastvision.available_backends()["cpu"]:  # forcing still reaches the C++ kernel
         with fastvision.use_backend("cpu"):
-            assert select_backend("op", torch.device("cpu"), ("reference", "cpu"), (), cpu_order=()) == "cpu"
+            assert spec.select(args) == "cpu"

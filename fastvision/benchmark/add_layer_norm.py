@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from fastvision._backend import why_unusable
 from fastvision.benchmark.case import BenchCase, backend_impl
-from fastvision.ops.add_layer_norm import IMPLEMENTED_BACKENDS, add_layer_norm, add_layer_norm_reference
+from fastvision.ops import OPS
+from fastvision.ops.add_layer_norm import add_layer_norm, add_layer_norm_reference
 
 # The reference rounds x + residual to the storage dtype before normalizing; the kernels do not.
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 6e-2)}
@@ -50,9 +50,8 @@ def _forward_case(x, residual, weight, bias, device: torch.device) -> BenchCase:
             torch.compile(add_layer_norm_reference)
         ),
     }
-    for backend in IMPLEMENTED_BACKENDS[1:]:
-        if why_unusable(backend, device) is None:
-            impls[backend] = backend_impl(backend, lambda: add_layer_norm(x, residual, weight, bias, EPS))
+    for backend in OPS["add_layer_norm"].runnable(device)[1:]:
+        impls[backend] = backend_impl(backend, lambda: add_layer_norm(x, residual, weight, bias, EPS))
     notes = {}
     liger = _liger_layer_norm()
     if liger is not None and device.type == "cuda":
@@ -95,9 +94,8 @@ def _forward_backward_case(x, residual, weight, bias, device: torch.device) -> B
         "reference": step(lambda *a: add_layer_norm_reference(*a, EPS)),
         "compile": step(lambda *a: compiled(*a, EPS)),
     }
-    for backend in IMPLEMENTED_BACKENDS[1:]:
-        if why_unusable(backend, device) is None:
-            impls[backend] = backend_impl(backend, step(fused))
+    for backend in OPS["add_layer_norm"].runnable(device)[1:]:
+        impls[backend] = backend_impl(backend, step(fused))
     notes = {}
     liger = _liger_layer_norm()
     if liger is not None and device.type == "cuda":

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from fastvision._backend import why_unusable
 from fastvision.benchmark.case import BenchCase, backend_impl
+from fastvision.ops import OPS
 from fastvision.ops.geglu import geglu, geglu_backward_reference, geglu_reference
 
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
@@ -26,9 +26,7 @@ def _liger_gelu_mul():
 
 
 def _backward_ops(backend: str):
-    if backend == "triton":
-        return torch.ops.fastvision.geglu_triton_backward
-    return torch.ops.fastvision.geglu_backward
+    return OPS["geglu"].kernels[backend].backward_op()
 
 
 def _forward_case(x: torch.Tensor, approximate: str, device: torch.device) -> BenchCase:
@@ -37,9 +35,8 @@ def _forward_case(x: torch.Tensor, approximate: str, device: torch.device) -> Be
         "reference": lambda: geglu_reference(x, approximate),
         "compile": (lambda f: lambda: f(x, approximate))(torch.compile(geglu_reference)),
     }
-    for backend in ("cpu", "triton", "cuda"):
-        if why_unusable(backend, device) is None:
-            impls[backend] = backend_impl(backend, lambda: geglu(x, approximate))
+    for backend in OPS["geglu"].runnable(device)[1:]:
+        impls[backend] = backend_impl(backend, lambda: geglu(x, approximate))
     notes = {}
     liger = _liger_gelu_mul()
     if liger is not None and approximate == "tanh" and device.type == "cuda":
@@ -69,9 +66,8 @@ def _backward_case(x: torch.Tensor, approximate: str, device: torch.device) -> B
         # Inductor's fusion of the closed-form backward.
         "compile": (lambda f: lambda: f(grad_out, x, approximate))(torch.compile(geglu_backward_reference)),
     }
-    for backend in ("cpu", "triton", "cuda"):
-        if why_unusable(backend, device) is None:
-            impls[backend] = (lambda op: lambda: op(grad_out, x, approximate))(_backward_ops(backend))
+    for backend in OPS["geglu"].runnable(device)[1:]:
+        impls[backend] = (lambda op: lambda: op(grad_out, x, approximate))(_backward_ops(backend))
     notes = {}
     liger = _liger_gelu_mul()
     if liger is not None and approximate == "tanh" and device.type == "cuda":

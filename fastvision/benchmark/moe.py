@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 
-from fastvision._backend import why_unusable
 from fastvision.benchmark.case import BenchCase, backend_impl
 from fastvision.nn.moe import AdaptiveSparseAttentionMoE
-from fastvision.ops.topk_attention import IMPLEMENTED_BACKENDS
+from fastvision.ops import OPS
 
 TOLERANCE = (1e-4, 1e-4)  # float32: the same math, gathered rows vs full matmuls
 EXPERT_TOPK = (32, 64, 128)
@@ -85,7 +84,7 @@ def _runner(
 
 
 def _gpu_backends(device: torch.device) -> list[str]:
-    return [b for b in IMPLEMENTED_BACKENDS if b != "reference" and why_unusable(b, device) is None]
+    return list(OPS["topk_attention"].runnable(device)[1:])
 
 
 def build_module(dim: int, heads: int, expert_topk, routing: str, device: torch.device, seed: int = 0):

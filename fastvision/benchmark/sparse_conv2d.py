@@ -25,8 +25,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from fastvision._backend import why_unusable
 from fastvision.benchmark.case import BenchCase, backend_impl
+from fastvision.ops import OPS
 from fastvision.ops.sparse_conv2d import dense_weight, sparse_conv2d, sparse_conv2d_reference
 from fastvision.sparse import SparseTensor
 
@@ -162,7 +162,7 @@ def _layer_case(images: torch.Tensor, channels: int, device: torch.device) -> Be
     density = x.num_sites / (images.shape[0] * images.shape[2] * images.shape[3])
 
     triton = {}
-    if why_unusable("triton", device) is None:
+    if "triton" in OPS["sparse_conv2d"].runnable(device):
         triton["triton"] = backend_impl("triton", lambda: sparse_conv2d(x.feats, kernel_map, weight))
 
     def with_fresh_map():

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from fastvision._backend import why_unusable
 from fastvision.benchmark.case import BenchCase, backend_impl
+from fastvision.ops import OPS
 from fastvision.ops.sparse_max_pool2d import (
-    IMPLEMENTED_BACKENDS,
     sparse_max_pool2d,
     sparse_max_pool2d_reference,
 )
@@ -42,9 +41,8 @@ def random_sparse_map(sites: int, channels: int, dtype: torch.dtype, device: tor
 
 def _impls(fn, device: torch.device) -> dict:
     impls = {}
-    for backend in IMPLEMENTED_BACKENDS:
-        if backend != "reference" and why_unusable(backend, device) is None:
-            impls[backend] = backend_impl(backend, fn)
+    for backend in OPS["sparse_max_pool2d"].runnable(device)[1:]:
+        impls[backend] = backend_impl(backend, fn)
     return impls
 
 

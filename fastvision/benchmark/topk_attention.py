@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastvision._backend import why_unusable
 from fastvision.benchmark.case import BenchCase, backend_impl
+from fastvision.ops import OPS
 from fastvision.ops.topk_attention import topk_attention, topk_attention_reference
 
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 3e-2)}
@@ -150,11 +150,10 @@ def _topk_case(q, k, v, topk, grad_out, device) -> BenchCase:
     notes = {"reference": "float32 math" + ("" if dense_fits else ", over query chunks")}
     if dense_fits:
         impls["compile"] = _compiled_fn(q, k, v, topk, grad_out)
-    for backend in ("triton",):
-        if why_unusable(backend, device) is None:
-            impls[backend] = backend_impl(
-                backend, _op_fn(lambda a, b, c: topk_attention(a, b, c, topk), q, k, v, grad_out)
-            )
+    for backend in OPS["topk_attention"].runnable(device)[1:]:
+        impls[backend] = backend_impl(
+            backend, _op_fn(lambda a, b, c: topk_attention(a, b, c, topk), q, k, v, grad_out)
+        )
     flops = 4 * batch * heads * num_queries * min(topk, num_keys) * head_dim
     backward = grad_out is not None
     return BenchCase(

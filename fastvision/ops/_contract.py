@@ -137,6 +137,12 @@ class OpSpec:
                 absent[backend] = f"fastvision._C was built without the {backend} kernel of {self.name}"
         return absent
 
+    def runnable(self, device: torch.device) -> tuple[str, ...]:
+        """The backends built here that can run on tensors of ``device`` (input limits aside)."""
+        return tuple(
+            b for b in self.backends if why_unusable(b, device) is None and self.built(b) is None
+        )
+
     def why_not(self, backend: str, args: tuple, device: torch.device, transform: str | None) -> Reason:
         """Why ``backend`` cannot run these checked arguments, or ``None``."""
         if backend != "reference":
