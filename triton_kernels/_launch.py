@@ -60,3 +60,28 @@ class SpillAllowance:
 
     bytes: int
     reason: str
+
+
+def kernel_signature(
+    kernel: Any, constexprs: dict[str, Any], pointers: dict[str, str], scalars: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The Triton signature of ``kernel``: ``"constexpr"`` for the keys of ``constexprs``, the type in
+    ``pointers`` for every pointer argument (each must be listed: pointer dtypes are never guessed),
+    the type in ``scalars`` for other arguments, ``"i32"`` for integers not listed there. Entries of
+    ``pointers`` and ``scalars`` that name no argument of ``kernel`` are ignored (one table can serve
+    several kernels); constexprs must all be arguments."""
+    names = kernel.arg_names if hasattr(kernel, "arg_names") else kernel.fn.__code__.co_varnames
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        elif name.endswith("_ptr"):
+            raise KeyError(f"{name}: the pointer type of every pointer argument must be given")
+        else:
+            signature[name] = (scalars or {}).get(name, "i32")
+    unknown = set(constexprs) - set(names)
+    if unknown:
+        raise KeyError(f"not arguments of the kernel: {sorted(unknown)}")
+    return signature

@@ -2,7 +2,8 @@
 // 16- or 8-wide (AVX-512 or AVX2, chosen at build time) math through at::vec::Vectorized in the op
 // math type (float for float/half/bfloat16, double for double), half/bfloat16 widened per chunk.
 // Each row's sum x + residual is formed once in a per-thread buffer and its statistics are two-pass
-// over that buffer. dweight/dbias are summed per block of rows into a [blocks, D] buffer and reduced
+// over that buffer (mean shifted by the row's first element; variance mean-subtracted, and scaled by
+// the largest deviation where its squares would overflow). dweight/dbias are summed per block of rows into a [blocks, D] buffer and reduced
 // afterwards: no atomics, and the result does not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -13,6 +14,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -79,6 +81,57 @@ C10_ALWAYS_INLINE acc_t reduce_row(int64_t n, const Term& term) {
   return reduce_lanes<acc_t>((acc0 + acc1) + (acc2 + acc3));
 }
 
+// Largest |row[j] - center| over a row.
+template <typename acc_t>
+acc_t max_abs_deviation(const acc_t* row, int64_t n, acc_t center) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t width = Vec::size();
+  Vec largest(0);
+  for (int64_t j = 0; j < n; j += width) {
+    const int64_t count = std::min(width, n - j);
+    const Vec deviation = Vec::set(Vec(0), (Vec::loadu(row + j, count) - Vec(center)).abs(), count);
+    largest = at::vec::maximum(largest, deviation);
+  }
+  alignas(64) acc_t lanes[Vec::size()];
+  largest.store(lanes);
+  acc_t result = 0;
+  for (const acc_t lane : lanes) result = std::isnan(lane) ? lane : std::max(result, lane);
+  return result;
+}
+
+// The row's mean as shift + mean(row - shift), shift = row[0]: a row of identical values has exactly
+// that value as its mean (and normalizes to exactly 0), which a plain sum / n does not guarantee.
+template <typename acc_t>
+acc_t row_mean(const acc_t* row, int64_t dim) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const acc_t shift = row[0];
+  return shift + reduce_row<acc_t>(dim, [&](int64_t j, int64_t count) {
+                   return Vec::set(Vec(0), Vec::loadu(row + j, count) - Vec(shift), count);
+                 }) / static_cast<acc_t>(dim);
+}
+
+// 1 / sqrt(var + eps) with the mean-subtracted variance. Where the squares overflow (|row - mean|
+// near 1e19 and above in float), they are taken of (row - mean) / scale, scale = max|row - mean|,
+// and the result is formed without overflow.
+template <typename acc_t>
+acc_t row_rstd(const acc_t* row, int64_t dim, acc_t mean, acc_t eps) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const acc_t n = static_cast<acc_t>(dim);
+  const acc_t var = reduce_row<acc_t>(dim, [&](int64_t j, int64_t count) {
+                      const Vec centered = Vec::set(Vec(0), Vec::loadu(row + j, count) - Vec(mean), count);
+                      return centered * centered;
+                    }) / n;
+  if (std::isfinite(var) || std::isnan(var)) return acc_t(1) / std::sqrt(var + eps);
+  const acc_t scale = max_abs_deviation<acc_t>(row, dim, mean);  // > 1 here: some square overflowed
+  const Vec inv(acc_t(1) / scale);
+  const acc_t var_scaled = reduce_row<acc_t>(dim, [&](int64_t j, int64_t count) {
+                             const Vec scaled =
+                                 Vec::set(Vec(0), (Vec::loadu(row + j, count) - Vec(mean)) * inv, count);
+                             return scaled * scaled;
+                           }) / n;
+  return acc_t(1) / (scale * std::sqrt(var_scaled + eps / scale / scale));
+}
+
 int64_t grain_rows(int64_t dim) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1)); }
 
 template <typename scalar_t>
@@ -102,15 +155,8 @@ void forward_rows(const scalar_t* x, const scalar_t* residual, const at::opmath_
       }
       // Two-pass statistics over the row buffer, which stays in L1/L2 for these row lengths.
       const acc_t* row = summed.data();
-      const acc_t mean =
-          reduce_row<acc_t>(dim, [&](int64_t j, int64_t count) { return Vec::loadu(row + j, count); }) /
-          static_cast<acc_t>(dim);
-      const acc_t var = reduce_row<acc_t>(dim, [&](int64_t j, int64_t count) {
-                          const Vec centered = Vec::set(Vec(0), Vec::loadu(row + j, count) - Vec(mean), count);
-                          return centered * centered;
-                        }) /
-                        static_cast<acc_t>(dim);
-      const acc_t rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+      const acc_t mean = row_mean<acc_t>(row, dim);
+      const acc_t rstd = row_rstd<acc_t>(row, dim, mean, static_cast<acc_t>(eps));
       scalar_t* out_row = out + r * dim;
       for (int64_t j = 0; j < dim; j += chunk) {
         const int64_t count = std::min(chunk, dim - j);
