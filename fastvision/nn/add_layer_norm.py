@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastvision.nn import _checks
 from fastvision.ops.add_layer_norm import add_layer_norm
 from fastvision.profiling import nvtx_range
 
@@ -18,6 +19,8 @@ class AddLayerNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
+        dim = _checks.positive_int("dim", dim)
+        _checks.positive_float("eps", eps)
         self.dim, self.eps = dim, eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))

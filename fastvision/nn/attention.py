@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvision.nn import _checks
 from fastvision.profiling import nvtx_range
 
 
@@ -30,10 +31,10 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        if dim < 1 or heads < 1 or dim % heads != 0:
-            raise ValueError(f"dim must be a positive multiple of heads, got dim={dim}, heads={heads}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        dim, heads = _checks.positive_int("dim", dim), _checks.positive_int("heads", heads)
+        _checks.heads_divide(dim, heads)
+        _checks.dropout("dropout", dropout)
+        _checks.boolean("bias", bias)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)

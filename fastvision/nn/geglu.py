@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastvision.nn import _checks
 from fastvision.ops.geglu import APPROXIMATIONS, geglu
 from fastvision.profiling import nvtx_range
 
@@ -16,9 +17,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, approximate: str = "none"):
         super().__init__()
-        if approximate not in APPROXIMATIONS:
-            raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
-        self.approximate = approximate
+        self.approximate = _checks.choice("approximate", approximate, APPROXIMATIONS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with nvtx_range("fastvision.GEGLU"):
@@ -44,10 +43,10 @@ class FeedForward(nn.Module):
         approximate: str = "none",
     ):
         super().__init__()
-        if activation not in FEEDFORWARD_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {FEEDFORWARD_ACTIVATIONS}, got {activation!r}")
-        if dim < 1 or mult < 1:
-            raise ValueError(f"dim and mult must be positive, got dim={dim}, mult={mult}")
+        _checks.choice("activation", activation, FEEDFORWARD_ACTIVATIONS)
+        dim, mult = _checks.positive_int("dim", dim), _checks.positive_int("mult", mult)
+        _checks.dropout("dropout", dropout)
+        _checks.choice("approximate", approximate, APPROXIMATIONS)
         hidden = dim * mult
         self.activation_name = activation
         self.proj_in = nn.Linear(dim, 2 * hidden if activation == "geglu" else hidden)

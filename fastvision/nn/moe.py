@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvision.nn import _checks
 from fastvision.ops.topk_attention import SUPPORTED_HEAD_DIMS, topk_attention
 from fastvision.profiling import nvtx_range
 
@@ -31,8 +32,8 @@ class TopKSparseAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, topk: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        if dim < 1 or heads < 1 or dim % heads != 0:
-            raise ValueError(f"dim must be a positive multiple of heads, got dim={dim}, heads={heads}")
+        dim, heads = _checks.positive_int("dim", dim), _checks.positive_int("heads", heads)
+        _checks.heads_divide(dim, heads)
         if dim // heads not in SUPPORTED_HEAD_DIMS:
             raise ValueError(
                 f"head dim dim // heads must be one of {SUPPORTED_HEAD_DIMS} (topk_attention), "
@@ -40,8 +41,8 @@ class TopKSparseAttention(nn.Module):
             )
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk must be a positive int, got {topk!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _checks.dropout("dropout", dropout)
+        _checks.boolean("bias", bias)
         self.dim, self.heads, self.head_dim, self.topk = dim, heads, dim // heads, topk
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias)
@@ -90,6 +91,9 @@ class TokenRouter(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, hidden: int):
         super().__init__()
+        dim = _checks.positive_int("dim", dim)
+        num_experts = _checks.positive_int("num_experts", num_experts)
+        hidden = _checks.positive_int("hidden", hidden)
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, num_experts)
@@ -147,8 +151,10 @@ class AdaptiveSparseAttentionMoE(nn.Module):
         output_projection: bool = False,
     ):
         super().__init__()
-        if dim < 1 or heads < 1 or dim % heads != 0:
-            raise ValueError(f"dim must be a positive multiple of heads, got dim={dim}, heads={heads}")
+        dim, heads = _checks.positive_int("dim", dim), _checks.positive_int("heads", heads)
+        _checks.heads_divide(dim, heads)
+        if isinstance(expert_topk, (str, bytes)) or not hasattr(expert_topk, "__iter__"):
+            raise TypeError(f"expert_topk must be a sequence of ints, got {type(expert_topk).__name__}")
         expert_topk = tuple(expert_topk)
         if not expert_topk:
             raise ValueError("expert_topk must name at least one expert's topk")
@@ -156,11 +162,14 @@ class AdaptiveSparseAttentionMoE(nn.Module):
             raise ValueError(f"expert_topk must hold positive ints, got {expert_topk!r}")
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
-        if not balance_weight >= 0.0:
-            raise ValueError(f"balance_weight must be >= 0, got {balance_weight}")
-        router_hidden = dim // 2 if router_hidden is None else router_hidden
-        if router_hidden < 1:
-            raise ValueError(f"router_hidden must be >= 1, got {router_hidden}")
+        _checks.non_negative_float("balance_weight", balance_weight)
+        _checks.dropout("dropout", dropout)
+        _checks.boolean("output_projection", output_projection)
+        if router_hidden is None:
+            router_hidden = dim // 2
+            if router_hidden < 1:
+                raise ValueError(f"router_hidden must be >= 1: pass one for dim={dim} (dim // 2 is 0)")
+        router_hidden = _checks.positive_int("router_hidden", router_hidden)
         self.dim, self.heads, self.expert_topk = dim, heads, expert_topk
         self.routing = routing
         self.balance_weight = float(balance_weight)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from fastvision.nn import _checks
 from fastvision.ops.sparse_conv2d import sparse_conv2d
 from fastvision.ops.sparse_max_pool2d import sparse_max_pool2d, sparse_max_pool2d_output_shape
 from fastvision.profiling import nvtx_range
@@ -31,11 +32,10 @@ class SparseConv2d(nn.Module):
         self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True, dilation: int = 1
     ):
         super().__init__()
-        if in_channels < 1 or out_channels < 1:
-            raise ValueError(
-                f"in_channels and out_channels must be positive, got {in_channels} and {out_channels}"
-            )
+        in_channels = _checks.positive_int("in_channels", in_channels)
+        out_channels = _checks.positive_int("out_channels", out_channels)
         check_kernel_size(kernel_size, dilation)
+        _checks.boolean("bias", bias)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.dilation = kernel_size, dilation
         self.weight = nn.Parameter(torch.empty(kernel_size * kernel_size, in_channels, out_channels))
