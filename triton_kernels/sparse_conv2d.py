@@ -17,16 +17,25 @@ uses IEEE products, not TF32, so results match the reference to float32 rounding
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import triton
 import triton.language as tl
-
-from fastvision._backend import triton_interpreting
+from fastvision.triton_kernels._launch import KernelLaunch, SpillAllowance, interpreting, kernel_signature
 
 BLOCK_M = 32
 BLOCK_N = 32
 BLOCK_K = 32
 MAX_SPLITS = 64  # programs per weight tile in the weight-gradient kernel
+NUM_WARPS = 4
+# Programs on grid axis 0 (CUDA's limit); axis 1 of the weight-gradient grid holds at most MAX_SPLITS.
+MAX_PROGRAMS = 2**31 - 1
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# sm_90: nothing spills at any configuration these launchers choose (checked by compiling
+# launch_configs()).
+SPILL_ALLOWANCE: dict[str, SpillAllowance] = {}
 
 
 @triton.jit
@@ -52,9 +61,13 @@ def gather_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``out[o] = sum_k feats[neighbors[o, k]] @ weight[k]`` for a tile of sites and output channels."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """``out[o] = sum_k feats[neighbors[o, k]] @ weight[k]`` for a tile of sites and output channels.
+
+    One-axis grid: program ``p`` takes site block ``p // tiles_n`` and channel block ``p % tiles_n``
+    (the channel blocks of one site block are adjacent, so its gathered rows are reused from L2)."""
+    tiles_n = tl.cdiv(c_out, BLOCK_N)
+    rows = (tl.program_id(0) // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tl.program_id(0) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_sites
     col_ok = cols < c_out
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -101,14 +114,16 @@ def weight_grad_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """``grad_weight[k, cin tile, cout tile] += feats[neighbors[rows, k]]^T @ grad_out[rows]`` over one
-    chunk of sites (float32 atomics across chunks)."""
-    k = tl.program_id(0)
+    chunk of sites (float32 atomics across chunks). Grid: (offsets x weight tiles, site chunks)."""
     tiles_n = tl.cdiv(c_out, BLOCK_N)
-    chans = (tl.program_id(1) // tiles_n) * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = (tl.program_id(1) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tiles = tl.cdiv(c_in, BLOCK_K) * tiles_n
+    k = tl.program_id(0) // tiles
+    tile = tl.program_id(0) % tiles
+    chans = (tile // tiles_n) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     chan_ok = chans < c_in
     col_ok = cols < c_out
-    start = tl.program_id(2) * rows_per_split
+    start = tl.program_id(1) * rows_per_split
     end = tl.minimum(start + rows_per_split, n_sites)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
@@ -134,9 +149,42 @@ def weight_grad_kernel(
     tl.atomic_add(target, acc, mask=chan_ok[:, None] & col_ok[None, :])
 
 
-def _flags(dtype: torch.dtype) -> dict:
+def _flags(dtype: torch.dtype, interpret: bool) -> dict:
     # The interpreter gives wrong bf16 dot products: upcast there (and for float32 inputs, a no-op).
-    return {"UPCAST": triton_interpreting() or dtype == torch.float32, "IEEE": dtype == torch.float32}
+    return {"UPCAST": interpret or dtype == torch.float32, "IEEE": dtype == torch.float32}
+
+
+def _check_programs(programs: int, what: str) -> None:
+    if programs > MAX_PROGRAMS:
+        raise ValueError(
+            f"sparse_conv2d: {what} needs {programs} programs, over the grid limit {MAX_PROGRAMS}"
+        )
+
+
+def gather_gemm_grid(n_sites: int, c_out: int) -> tuple[int]:
+    """Grid of the gather-GEMM kernel (forward and input gradient): site blocks x channel blocks on axis 0."""
+    programs = triton.cdiv(n_sites, BLOCK_M) * triton.cdiv(c_out, BLOCK_N)
+    _check_programs(programs, "the gather-GEMM")
+    return (programs,)
+
+
+def weight_grad_split(n_sites: int) -> tuple[int, int]:
+    """(splits, rows per split) of the weight-gradient kernel: site chunks summed with atomics."""
+    splits = min(MAX_SPLITS, triton.cdiv(n_sites, 4 * BLOCK_M))
+    rows_per_split = triton.cdiv(triton.cdiv(n_sites, splits), BLOCK_M) * BLOCK_M
+    return triton.cdiv(n_sites, rows_per_split), rows_per_split
+
+
+def weight_grad_grid(n_sites: int, c_in: int, c_out: int, num_offsets: int) -> tuple[int, int]:
+    """Grid of the weight-gradient kernel: (offsets x weight tiles on axis 0, at most MAX_SPLITS site
+    chunks on axis 1)."""
+    programs = num_offsets * triton.cdiv(c_in, BLOCK_K) * triton.cdiv(c_out, BLOCK_N)
+    _check_programs(programs, "the weight gradient")
+    return (programs, weight_grad_split(n_sites)[0])
+
+
+def _interpret(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda" and interpreting()
 
 
 def gather_gemm(feats: torch.Tensor, neighbors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -147,10 +195,10 @@ def gather_gemm(feats: torch.Tensor, neighbors: torch.Tensor, weight: torch.Tens
     out = feats.new_empty((n_sites, c_out))
     if n_sites == 0 or c_out == 0:
         return out
-    grid = (triton.cdiv(n_sites, BLOCK_M), triton.cdiv(c_out, BLOCK_N))
-    gather_gemm_kernel[grid](
+    gather_gemm_kernel[gather_gemm_grid(n_sites, c_out)](
         feats, neighbors, weight, out, n_sites, c_in, c_out,
-        NUM_OFFSETS=num_offsets, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **_flags(feats.dtype),
+        NUM_OFFSETS=num_offsets, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        **_flags(feats.dtype, _interpret(feats)), num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
@@ -170,12 +218,40 @@ def weight_grad(
     grad_weight = torch.zeros((num_offsets, c_in, c_out), dtype=torch.float32, device=feats.device)
     if n_sites == 0:
         return grad_weight
-    splits = min(MAX_SPLITS, triton.cdiv(n_sites, 4 * BLOCK_M))
-    rows_per_split = triton.cdiv(triton.cdiv(n_sites, splits), BLOCK_M) * BLOCK_M
-    splits = triton.cdiv(n_sites, rows_per_split)
-    grid = (num_offsets, triton.cdiv(c_in, BLOCK_K) * triton.cdiv(c_out, BLOCK_N), splits)
-    weight_grad_kernel[grid](
+    if c_in == 0 or c_out == 0:
+        return grad_weight
+    _splits, rows_per_split = weight_grad_split(n_sites)
+    weight_grad_kernel[weight_grad_grid(n_sites, c_in, c_out, num_offsets)](
         feats, neighbors, grad_out, grad_weight, n_sites, c_in, c_out, rows_per_split,
-        NUM_OFFSETS=num_offsets, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **_flags(feats.dtype),
+        NUM_OFFSETS=num_offsets, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        **_flags(feats.dtype, _interpret(feats)), num_warps=NUM_WARPS,
     )  # fmt: skip
     return grad_weight
+
+
+# --- every configuration the launchers can choose on a GPU (for the sm_90 budget check) ------------
+
+# Kernel sizes enumerated: each odd kernel size is its own NUM_OFFSETS = K*K variant (the offset loop
+# is not unrolled, so registers and shared memory do not depend on it).
+KERNEL_SIZES = (1, 3, 5, 7)
+
+
+def launch_configs() -> Iterator[KernelLaunch]:
+    """Every (kernel, signature, constexprs, warps) the launchers can choose on a GPU: every dtype and
+    the kernel sizes of KERNEL_SIZES, with the fixed tile BLOCK_M x BLOCK_N x BLOCK_K."""
+    for dtype, name in _DTYPES.items():
+        data = f"*{name}"
+        pointers = {"feats_ptr": data, "neighbors_ptr": "*i32", "weight_ptr": data, "out_ptr": data,
+                    "grad_out_ptr": data, "grad_weight_ptr": "*fp32"}  # fmt: skip
+        for kernel_size in KERNEL_SIZES:
+            constexprs = {"NUM_OFFSETS": kernel_size * kernel_size, **_flags(dtype, interpret=False),
+                          "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}  # fmt: skip
+            for kernel in (gather_gemm_kernel, weight_grad_kernel):
+                yield KernelLaunch(
+                    kernel,
+                    kernel_signature(kernel, constexprs, pointers),
+                    constexprs,
+                    NUM_WARPS,
+                    label=f"{kernel.fn.__name__} {name} K={kernel_size}",
+                    tags={"dtype": name, "kernel_size": kernel_size},
+                )
