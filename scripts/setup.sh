@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${FASTVISION_VENV:-.venv}"
 TORCH_SPEC="${FASTVISION_TORCH:-torch==2.14.1}"  # the CUDA 13.0 build: its nvcc matches /usr/local/cuda
-EXTRAS="${FASTVISION_EXTRAS:-test,onnx}"
+# train: scikit-learn, scikit-image and matplotlib for the training and visualisation tools.
+EXTRAS="${FASTVISION_EXTRAS:-train,test,onnx}"
 
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

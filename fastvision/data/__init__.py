@@ -39,6 +39,7 @@ from fastvision.data.digits import (
     load_idx_dataset,
     resolve_data_root,
 )
+from fastvision.data.extras import MissingExtraError
 from fastvision.data.idx import IDXFormatError, read_idx
 from fastvision.data.stacked import GRID_POSITIONS, StackedDigits
 
@@ -84,6 +85,7 @@ __all__ = [
     "GRID_POSITIONS",
     "IDXFormatError",
     "ImageTensorDataset",
+    "MissingExtraError",
     "StackedDigits",
     "build_dataset",
     "load_cifar10",

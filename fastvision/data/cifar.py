@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvision.data.base import ImageTensorDataset
+from fastvision.data.extras import require
 
 CIFAR_DIRNAME = "cifar-10-batches-py"
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -66,14 +67,15 @@ def load_cifar10(split: str, root: Path) -> ImageTensorDataset:
 
 def _load_photos() -> tuple[list[str], list[torch.Tensor]]:
     """The available sample photos as uint8 ``[3, H, W]``, shorter side resized to ``PHOTO_SHORT_SIDE``."""
-    import skimage.data
-
+    skimage_data = require(
+        "skimage.data", "the embedded stand-in photographs (used when no CIFAR-10 data_dir is given)"
+    )
     names, photos = [], []
     for name in SKIMAGE_PHOTOS:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                image = getattr(skimage.data, name)()
+                image = getattr(skimage_data, name)()
         except Exception:  # missing optional data file on this install: skip it, never download
             continue
         if isinstance(image, tuple):  # stereo pairs: keep the left view

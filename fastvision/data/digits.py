@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvision.data.base import ImageTensorDataset
+from fastvision.data.extras import require
 from fastvision.data.idx import IDXFormatError, read_idx
 
 DATA_ENV_VAR = "FASTVISION_DATA"
@@ -131,9 +132,10 @@ def load_embedded_digits(split: str, size: int = 28, normalize: bool = False) ->
     A stand-in for MNIST when no data is available: same shape and value range, far fewer and
     much blurrier digits. Train/test are a fixed-seed 80/20 split, identical on every machine.
     """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    datasets = require(
+        "sklearn.datasets", "the embedded stand-in digits (used when no MNIST data_dir is given)"
+    )
+    digits = datasets.load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     images = (images.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)

@@ -118,10 +118,10 @@ def _validation_display(model_name: str, run_dir: str | None):
 
     task = get_model_spec(model_name).task
     if task == "denoise":
-        from fastvision.denoise_viz import denoising_figure_hook
+        from fastvision.viz.denoise import denoising_figure_hook
 
         return denoising_figure_hook(Path(run_dir or Path("runs") / model_name) / "figures")
-    from fastvision.viz import show_validation_samples
+    from fastvision.viz.digits import show_validation_samples
 
     return show_validation_samples
 

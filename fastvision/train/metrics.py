@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from fastvision.data.extras import require
+
+
+def _skimage_metrics():
+    return require("skimage.metrics", "the PSNR/SSIM image-quality metrics")
 
 
 def psnr(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB for each image of a ``[B, C, H, W]`` batch (scikit-image)."""
+    peak_signal_noise_ratio = _skimage_metrics().peak_signal_noise_ratio
     pred, ref = _as_numpy(prediction), _as_numpy(target)
     values = [peak_signal_noise_ratio(r, p, data_range=data_range) for p, r in zip(pred, ref, strict=True)]
     return torch.tensor(values, dtype=torch.float32, device=prediction.device)
@@ -20,6 +26,7 @@ def ssim(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 1.0
     scikit-image's ``structural_similarity`` with the Gaussian 11x11 window, sigma 1.5 and population
     covariance of Wang et al. (2004), the convention image-restoration papers report.
     """
+    structural_similarity = _skimage_metrics().structural_similarity
     pred, ref = _as_numpy(prediction), _as_numpy(target)
     values = [
         structural_similarity(

@@ -649,7 +649,7 @@ def evaluate_checkpoint(
         "test_metrics": metrics,
     }
     if figures_dir is not None:
-        from fastvision.viz import save_model_figures
+        from fastvision.viz.digits import save_model_figures
 
         paths = save_model_figures(model, dataset, figures_dir, device=resolved)
         result["figures"] = [str(path) for path in paths]

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvision.data.extras import require
+
 BRAILLE_BASE = 0x2800
 # Bit of each dot in a braille cell, indexed [row][column] (Unicode's dot numbering 1-8).
 BRAILLE_DOTS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
@@ -200,11 +202,10 @@ def show_validation_samples(model: nn.Module, batch: Any, outputs: Any, epoch: i
 
 # ------------------------------------------------------------------------------------------ figures
 def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(figure)
+    backend_agg = require("matplotlib.backends.backend_agg", "figures (fastvision.viz)")
+    figure_module = require("matplotlib.figure", "figures (fastvision.viz)")
+    figure = figure_module.Figure(figsize=(width, height), dpi=100)
+    backend_agg.FigureCanvasAgg(figure)
     return figure
 
 
@@ -294,11 +295,11 @@ def embedding_features(
 def project_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
     """``[M, D] -> [M, 2]`` with scikit-learn's PCA or t-SNE."""
     if method == "pca":
-        from sklearn.decomposition import PCA
+        PCA = require("sklearn.decomposition", "PCA embedding plots").PCA
 
         return PCA(n_components=2, random_state=seed).fit_transform(features)
     if method == "tsne":
-        from sklearn.manifold import TSNE
+        TSNE = require("sklearn.manifold", "t-SNE embedding plots").TSNE
 
         perplexity = float(min(30.0, max(2.0, (len(features) - 1) / 3)))
         return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
@@ -327,9 +328,7 @@ def save_embedding_plot(
     points = project_2d(features, method, seed)
     figure = _figure(6.5, 5.5)
     ax = figure.subplots()
-    from matplotlib import colormaps
-
-    colormap = colormaps["tab10"]
+    colormap = require("matplotlib", "figures (fastvision.viz)").colormaps["tab10"]
     for digit in np.unique(labels):
         chosen = labels == digit
         ax.scatter(
