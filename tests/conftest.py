@@ -18,6 +18,7 @@ TOLERANCES = {
     torch.float32: (1e-5, 1e-5),
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
+    torch.float64: (1e-9, 1e-9),
 }
 
 # CI names the backends it built (e.g. "cpu,triton"): for those a missing backend fails rather than skips.

@@ -103,6 +103,8 @@ class OpSpec:
         triton_module, benchmark_module: dotted module names of its Triton kernels and benchmark
             cases (``None`` where there are none).
         onnx: forward op name -> function emitting standard ONNX operators (onnxscript).
+        reference_traceable: whether torch.compile / torch.export can trace the reference (an op
+            whose reference cannot says so with a clear error).
     """
 
     name: str
@@ -117,6 +119,7 @@ class OpSpec:
     triton_module: str | None = None
     benchmark_module: str | None = None
     onnx: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    reference_traceable: bool = True
     _absent: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     @property

@@ -154,16 +154,17 @@ def _backward(ctx, backward_op, grad_out, _grad_mean, _grad_rstd):
 def _backward_op_reference(grad_out, x, residual, weight, bias, mean, rstd):
     """The backward ops' definition, differentiable in every input (the higher-order rule).
 
-    ``eps`` is not an input of the backward ops; ``rstd = (var + eps)^-1/2`` carries it, and
-    ``d rstd / d var = -rstd^3 / 2`` needs only ``rstd``: the saved value enters with that gradient.
+    ``eps`` is not an input of the backward ops; ``rstd = (var + eps)^-1/2`` carries it.
     """
     compute = torch.promote_types(x.dtype, torch.float32)
     with torch.enable_grad():
         summed = leaf(x.to(compute) + residual.to(compute))
         scale = None if weight is None else leaf(weight.to(compute))
         var, mean = torch.var_mean(summed, dim=-1, unbiased=False, keepdim=True)
-        saved = rstd.to(compute).unsqueeze(-1)
-        out = (summed - mean) * (saved + (-0.5 * saved**3) * (var - var.detach()))
+        # The eps that makes (var + eps)^-1/2 equal the saved rstd: a constant, so that rstd is an
+        # exact function of var to every order.
+        eps = rstd.to(compute).unsqueeze(-1).pow(-2) - var.detach()
+        out = (summed - mean) * torch.rsqrt(var + eps)
         if scale is not None:
             out = out * scale
         inputs = [summed] if scale is None else [summed, scale]

@@ -305,6 +305,7 @@ SPARSE_MAX_POOL2D = define_op(
         gpu_order=("cuda",),
         cpu_order=("cpu",),
         dtypes=FEAT_DTYPES,
+        reference_traceable=False,
         benchmark_module="fastvision.benchmark.sparse_max_pool2d",
     )
 )

@@ -1,0 +1,132 @@
+"""Sample inputs of every op in ``fastvision.ops.OPS``, for the shared harness (test_op_contract.py).
+
+Each op lists, per dtype, samples with an odd shape, a non-contiguous input and an empty input;
+inputs are fresh random values from seeds that are the same in every process. An op declared in
+``OPS`` without samples here fails the harness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from conftest import DEVICE
+
+from fastvision.sparse import SparseTensor
+
+
+@dataclass
+class Sample:
+    """Arguments of the public op; ``grad`` names the positions of the floating inputs to
+    differentiate; ``scale`` and ``grad_scale`` multiply the per-dtype tolerances."""
+
+    label: str
+    args: tuple
+    grad: tuple[int, ...]
+    scale: float = 1.0
+    grad_scale: float = 2.0
+    kwargs: dict = field(default_factory=dict)
+
+
+def random(shape, dtype, seed, scale=1.0, shift=0.0) -> torch.Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return (torch.randn(shape, generator=generator) * scale + shift).to(device=DEVICE, dtype=dtype)
+
+
+def _geglu(dtype):
+    wide = random((6, 5, 64), dtype, 2, scale=2.0)
+    return [
+        Sample("odd-erf", (random((5, 3, 26), dtype, 1, scale=2.0), "none"), (0,)),
+        Sample("odd-tanh", (random((5, 3, 26), dtype, 1, scale=2.0), "tanh"), (0,)),
+        Sample("strided", (wide[:, :, ::2], "tanh"), (0,)),
+        Sample("empty", (random((0, 8), dtype, 3), "none"), (0,)),
+    ]
+
+
+def _add_layer_norm(dtype):
+    def args(shape, seed, params=True):
+        x, residual = random(shape, dtype, seed), random(shape, dtype, seed + 1, shift=3.0)
+        if not params:
+            return x, residual
+        weight = random(shape[-1:], dtype, seed + 2, scale=0.5, shift=1.0)
+        return x, residual, weight, random(shape[-1:], dtype, seed + 3, scale=0.5)
+
+    x, residual, weight, bias = args((6, 5, 33), 20)
+    # The reference rounds x + residual to the storage dtype before normalizing; allow for it.
+    scale = 1.0 if dtype == torch.float32 else 4.0
+    return [
+        Sample("odd", args((5, 3, 7), 10), (0, 1, 2, 3), scale, 4 * scale),
+        Sample("no-params", args((4, 129), 12, params=False), (0, 1), scale, 4 * scale),
+        Sample(
+            "transposed",
+            (x.transpose(0, 1), residual.transpose(0, 1).contiguous(), weight, bias),
+            (0, 1, 2, 3), scale, 4 * scale,
+        ),
+        Sample("empty", args((0, 16), 14), (0, 1, 2, 3)),
+    ]
+
+
+def _topk_attention(dtype):
+    def qkv(batch, heads, nq, nk, dim, seed):
+        return (
+            random((batch, heads, nq, dim), dtype, seed),
+            random((batch, heads, nk, dim), dtype, seed + 1),
+            random((batch, heads, nk, dim), dtype, seed + 2),
+        )
+
+    q, k, v = qkv(2, 3, 11, 11, 16, 40)
+    return [
+        Sample("odd", (*qkv(1, 2, 13, 21, 16, 30), 5), (0, 1, 2), 2.0, 4.0),
+        Sample("dense", (*qkv(1, 2, 9, 7, 32, 33), 7), (0, 1, 2), 2.0, 4.0),
+        Sample("transposed", (*(t.transpose(1, 2) for t in (q, k, v)), 4), (0, 1, 2), 2.0, 4.0),
+        Sample("empty", (*qkv(1, 2, 0, 5, 16, 36), 3), (0, 1, 2)),
+    ]
+
+
+def _sparse_map(batch, height, width, channels, density, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    coords = (torch.rand(batch, height, width, generator=generator) < density).nonzero()
+    return coords.to(DEVICE), random((coords.shape[0], channels), dtype, seed + 1, scale=3.0)
+
+
+def _sparse_max_pool2d(dtype):
+    coords, feats = _sparse_map(2, 9, 11, 5, 0.4, dtype, 50)
+    wide_coords, wide = _sparse_map(2, 7, 8, 12, 0.5, dtype, 52)
+    return [
+        Sample("odd-k2s2", (coords, feats, 2), (1,)),
+        Sample("overlap-k3s2", (coords, feats, 3, 2), (1,)),
+        Sample("strided", (wide_coords, wide[:, ::2], (2, 3), (1, 2), (7, 8)), (1,)),
+        Sample("empty", (coords[:0], feats[:0], 2), (1,)),
+    ]
+
+
+def _sparse_conv2d(dtype):
+    def conv(batch, cin, cout, height, width, density, seed, strided=False):
+        generator = torch.Generator().manual_seed(seed)
+        active = torch.rand(batch, 1, height, width, generator=generator) < density
+        dense = torch.randn(batch, cin, height, width, generator=generator) * active
+        x = SparseTensor.from_dense(dense.to(device=DEVICE, dtype=dtype))
+        feats = x.feats
+        if strided:
+            feats = random((x.num_sites, 2 * cin), dtype, seed + 3)[:, ::2]
+        weight = random((9, cin, cout), dtype, seed + 1, scale=(9 * cin) ** -0.5)
+        return feats, x.kernel_map(3), weight, random((cout,), dtype, seed + 2)
+
+    half = dtype in (torch.float16, torch.bfloat16)
+    # Half precision rounds each offset's GEMM output once before the float32 sum over offsets.
+    scale = 6.0 if half else 1.0
+    return [
+        Sample("odd", conv(2, 3, 5, 9, 11, 0.4, 60), (0, 2, 3), scale, 4 * scale),
+        Sample("strided", conv(1, 6, 4, 7, 9, 0.5, 64, strided=True), (0, 2, 3), scale, 4 * scale),
+        Sample("empty", conv(1, 3, 4, 5, 5, 0.0, 68), (0, 2, 3)),
+    ]
+
+
+SAMPLES: dict[str, Callable[[torch.dtype], list[Sample]]] = {
+    "geglu": _geglu,
+    "add_layer_norm": _add_layer_norm,
+    "topk_attention": _topk_attention,
+    "sparse_max_pool2d": _sparse_max_pool2d,
+    "sparse_conv2d": _sparse_conv2d,
+}
