@@ -114,3 +114,20 @@ def test_an_op_may_prefer_the_reference_on_cpu():
     if fastvision.available_backends()["cpu"]:  # forcing still reaches the C++ kernel
         with fastvision.use_backend("cpu"):
             assert spec.select(args) == "cpu"
+
+
+def test_import_is_light_and_subpackages_load_on_use():
+    code = (
+        "import sys, fastvision\n"
+        "heavy = [m for m in ('sklearn', 'skimage', 'matplotlib', 'onnx', 'fastvision.models') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert fastvision.nn.GEGLU is not None and callable(fastvision.models.create_model)\n"
+        "assert 'nn' in dir(fastvision)\n"
+        "try:\n"
+        "    fastvision.no_such_thing\n"
+        "except AttributeError as e:\n"
+        "    print('missing:', e)\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "missing: module 'fastvision' has no attribute 'no_such_thing'" in result.stdout
