@@ -171,6 +171,20 @@ def test_nan_loss_inside_an_accumulation_group(tmp_path):
         run.fit()
 
 
+def test_nan_loss_under_ddp(tmp_path):
+    """The ranks combine their flags before raising (one gloo rank here), so none waits forever."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        run = trainer("test_rel_nan_at_5", quick(), tiny_data(), tmp_path)
+        assert run.ctx.enabled
+        with pytest.raises(NonFiniteLossError, match=r"epoch 2 \(of 2\), optimizer step 5"):
+            run.fit()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_nan_inputs_stop_the_run(tmp_path):
     with pytest.raises(NonFiniteLossError, match="epoch 1"):
         trainer("test_rel_linear", quick(), tiny_data(nan_images=True), tmp_path).fit()

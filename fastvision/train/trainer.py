@@ -438,6 +438,11 @@ class Trainer:
             group_finite = finite if i == group_start else group_finite & finite
             if is_step:
                 # One host sync per optimizer step, before the step can spread NaN into the weights.
+                # Across ranks the flags are combined, so that every rank stops at the same step.
+                if self.ctx.enabled:
+                    flag = group_finite.to(self.device, torch.float32)
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                    group_finite = flag > 0
                 if not bool(group_finite):
                     self._raise_non_finite(epoch, i, n_batches, loss)
                 self._optimizer_step()
@@ -448,7 +453,7 @@ class Trainer:
 
     def _raise_non_finite(self, epoch: int, batch_index: int, n_batches: int, loss: torch.Tensor) -> None:
         value = float(loss)
-        shown = f"{value}" if not math.isfinite(value) else "non-finite in this gradient-accumulation group"
+        shown = str(value) if not math.isfinite(value) else "non-finite (another batch of this step or rank)"
         raise NonFiniteLossError(
             f"training stopped: the loss became {shown} at epoch {epoch + 1} (of {self.cfg.epochs}), "
             f"optimizer step {self.global_step + 1} (batch {batch_index + 1} of {n_batches} in the epoch). "
