@@ -119,7 +119,8 @@ def test_an_op_may_prefer_the_reference_on_cpu():
 def test_import_is_light_and_subpackages_load_on_use():
     code = (
         "import sys, fastvision\n"
-        "heavy = [m for m in ('sklearn', 'skimage', 'matplotlib', 'onnx', 'fastvision.models') if m in sys.modules]\n"
+        "names = ('sklearn', 'skimage', 'matplotlib', 'onnx', 'fastvision.models')\n"
+        "heavy = [m for m in names if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "assert fastvision.nn.GEGLU is not None and callable(fastvision.models.create_model)\n"
         "assert 'nn' in dir(fastvision)\n"
