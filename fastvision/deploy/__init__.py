@@ -1,7 +1,8 @@
 """Deployment: torch.export programs, ONNX and TensorRT.
 
 fastvision ops appear in exported graphs as single ``fastvision::*`` nodes. ONNX export maps each
-op that has a translation (``ONNX_TRANSLATIONS``) to standard ONNX operators; TensorRT compiles
+op that has a translation (declared with its backend in ``fastvision.ops.OPS``) to standard ONNX
+operators; TensorRT compiles
 the graph with the reference lowering of each op (plain aten ops, which TensorRT fuses itself),
 because a TensorRT engine cannot call the package's own CUDA or Triton kernels without plugins.
 """
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from fastvision._backend import use_backend
+from fastvision.ops._contract import onnx_translation_table
 
 
 def export_program(module: torch.nn.Module, example_inputs: Sequence[Any], **kwargs: Any):
@@ -29,42 +31,6 @@ def save_program(module: torch.nn.Module, example_inputs: Sequence[Any], path: s
     return path
 
 
-def _onnx_translations() -> dict:
-    """fastvision op overload -> function emitting standard ONNX operators (traced by onnxscript)."""
-    from onnxscript import opset18 as op
-
-    def geglu(x, approximate: str = "none"):
-        value, gate = op.Split(x, axis=-1, num_outputs=2)
-        if approximate == "tanh":
-            cubic = op.Mul(op.CastLike(0.044715, gate), op.Mul(gate, op.Mul(gate, gate)))
-            inner = op.Mul(op.CastLike(0.7978845608028654, gate), op.Add(gate, cubic))
-            phi = op.Mul(op.CastLike(0.5, gate), op.Add(op.CastLike(1.0, gate), op.Tanh(inner)))
-        else:
-            erf = op.Erf(op.Mul(gate, op.CastLike(0.7071067811865476, gate)))
-            phi = op.Mul(op.CastLike(0.5, gate), op.Add(op.CastLike(1.0, gate), erf))
-        return op.Mul(value, op.Mul(gate, phi))
-
-    def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5):
-        summed = op.Add(x, residual)
-        if weight is None:  # LayerNormalization needs a scale
-            weight = op.Expand(op.CastLike(1.0, summed), op.Shape(summed, start=-1))
-        out, mean, rstd = op.LayerNormalization(summed, weight, bias, axis=-1, epsilon=eps, stash_type=1)
-        return out, op.Squeeze(mean, [-1]), op.Squeeze(rstd, [-1])
-
-    translations = {
-        "geglu_forward": geglu,
-        "geglu_triton_forward": geglu,
-        "add_layer_norm_forward": add_layer_norm,
-        "add_layer_norm_triton_forward": add_layer_norm,
-    }
-    table = {}
-    for name, translation in translations.items():
-        overload = getattr(getattr(torch.ops.fastvision, name, None), "default", None)
-        if overload is not None:
-            table[overload] = translation
-    return table
-
-
 def export_onnx(
     module: torch.nn.Module, example_inputs: Sequence[Any], path: str | Path, **kwargs: Any
 ) -> Path:
@@ -73,7 +39,7 @@ def export_onnx(
     Ops without a translation are exported through their reference lowering.
     """
     path = Path(path)
-    table = _onnx_translations()
+    table = onnx_translation_table()
     program = torch.onnx.export(
         module.eval(), tuple(example_inputs), dynamo=True, custom_translation_table=table, **kwargs
     )

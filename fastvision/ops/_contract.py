@@ -67,7 +67,8 @@ class KernelBackend:
 
     ``call(forward_op, *args)`` runs the forward op on the op's checked arguments and returns the
     public result (default: ``forward_op(*args)``); ``supports(*args)`` returns why this backend
-    cannot take these arguments, or ``None``.
+    cannot take these arguments, or ``None``; ``onnx()`` returns a function that writes the forward
+    op in standard ONNX operators (onnxscript, imported only when exporting), or is ``None``.
     """
 
     forward: str
@@ -76,6 +77,7 @@ class KernelBackend:
     supports: Callable[..., Reason] = _never
     call: Callable[..., Any] | None = None
     native: bool = False  # declared in csrc/ (present only when the extension is built)
+    onnx: Callable[[], Callable[..., Any]] | None = None
 
     def forward_op(self):
         return getattr(torch.ops.fastvision, self.forward).default
@@ -102,7 +104,6 @@ class OpSpec:
         dtypes: the floating dtypes the op takes.
         triton_module, benchmark_module: dotted module names of its Triton kernels and benchmark
             cases (``None`` where there are none).
-        onnx: forward op name -> function emitting standard ONNX operators (onnxscript).
         reference_traceable: whether torch.compile / torch.export can trace the reference (an op
             whose reference cannot says so with a clear error).
     """
@@ -118,7 +119,6 @@ class OpSpec:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     triton_module: str | None = None
     benchmark_module: str | None = None
-    onnx: dict[str, Callable[..., Any]] = field(default_factory=dict)
     reference_traceable: bool = True
     _absent: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
@@ -196,6 +196,17 @@ class OpSpec:
 
 
 OPS: dict[str, OpSpec] = {}
+
+
+def onnx_translation_table() -> dict:
+    """Forward op overload -> its standard-ONNX translation, for every built backend that has one
+    (the ``custom_translation_table`` of ``torch.onnx.export``)."""
+    table = {}
+    for spec in OPS.values():
+        for backend, kernel in spec.kernels.items():
+            if kernel.onnx is not None and spec.built(backend) is None:
+                table[kernel.forward_op()] = kernel.onnx()
+    return table
 
 
 def define_op(spec: OpSpec) -> OpSpec:

@@ -231,6 +231,20 @@ def _check(
     return x, residual, weight, bias, float(eps)
 
 
+def add_layer_norm_onnx():
+    """The forward ops ``(out, mean, rstd)`` in standard ONNX operators (onnxscript)."""
+    from onnxscript import opset18 as op
+
+    def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5):
+        summed = op.Add(x, residual)
+        if weight is None:  # LayerNormalization needs a scale
+            weight = op.Expand(op.CastLike(1.0, summed), op.Shape(summed, start=-1))
+        out, mean, rstd = op.LayerNormalization(summed, weight, bias, axis=-1, epsilon=eps, stash_type=1)
+        return out, op.Squeeze(mean, [-1]), op.Squeeze(rstd, [-1])
+
+    return add_layer_norm
+
+
 def _triton_supports(x, residual, weight, bias, eps):
     if x.shape[-1] > TRITON_MAX_DIM:
         return f"the triton backend takes a last dimension up to {TRITON_MAX_DIM}, got {x.shape[-1]}"
@@ -246,11 +260,11 @@ ADD_LAYER_NORM = define_op(
         kernels={
             "cpu": KernelBackend(
                 "add_layer_norm_forward", "add_layer_norm_backward", AUTOGRAD, native=True,
-                call=lambda op, *args: op(*args)[0],
+                call=lambda op, *args: op(*args)[0], onnx=add_layer_norm_onnx,
             ),
             "triton": KernelBackend(
                 "add_layer_norm_triton_forward", "add_layer_norm_triton_backward", AUTOGRAD,
-                supports=_triton_supports, call=lambda op, *args: op(*args)[0],
+                supports=_triton_supports, call=lambda op, *args: op(*args)[0], onnx=add_layer_norm_onnx,
             ),
         },
         gpu_order=("triton",),

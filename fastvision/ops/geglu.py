@@ -79,6 +79,24 @@ AUTOGRAD = AutogradRule(
 )
 
 
+def geglu_onnx():
+    """geglu in standard ONNX operators (onnxscript), for ``torch.onnx.export``."""
+    from onnxscript import opset18 as op
+
+    def geglu(x, approximate: str = "none"):
+        value, gate = op.Split(x, axis=-1, num_outputs=2)
+        if approximate == "tanh":
+            cubic = op.Mul(op.CastLike(0.044715, gate), op.Mul(gate, op.Mul(gate, gate)))
+            inner = op.Mul(op.CastLike(0.7978845608028654, gate), op.Add(gate, cubic))
+            phi = op.Mul(op.CastLike(0.5, gate), op.Add(op.CastLike(1.0, gate), op.Tanh(inner)))
+        else:
+            erf = op.Erf(op.Mul(gate, op.CastLike(0.7071067811865476, gate)))
+            phi = op.Mul(op.CastLike(0.5, gate), op.Add(op.CastLike(1.0, gate), erf))
+        return op.Mul(value, op.Mul(gate, phi))
+
+    return geglu
+
+
 def _check(x: torch.Tensor, approximate: str = "none") -> tuple[torch.Tensor, str]:
     check_tensor("x", x)
     check_choice("approximate", approximate, APPROXIMATIONS)
@@ -89,7 +107,7 @@ def _check(x: torch.Tensor, approximate: str = "none") -> tuple[torch.Tensor, st
     return x, approximate
 
 
-_native = KernelBackend("geglu_forward", "geglu_backward", AUTOGRAD, native=True)
+_native = KernelBackend("geglu_forward", "geglu_backward", AUTOGRAD, native=True, onnx=geglu_onnx)
 GEGLU = define_op(
     OpSpec(
         name="geglu",
@@ -99,7 +117,9 @@ GEGLU = define_op(
         kernels={
             "cpu": _native,
             "cuda": _native,
-            "triton": KernelBackend("geglu_triton_forward", "geglu_triton_backward", AUTOGRAD),
+            "triton": KernelBackend(
+                "geglu_triton_forward", "geglu_triton_backward", AUTOGRAD, onnx=geglu_onnx
+            ),
         },
         # Expected fastest first: the CUDA kernel moves 16-byte vectors per thread. To be confirmed by
         # the GPU pass (bench/gpu_pass.sh); reorder when its results say otherwise.
