@@ -4,6 +4,8 @@ and its declaration (backends, checks, limits) in ``OPS[<op>]`` (see ``fastvisio
 from fastvision.ops._contract import OPS, AutogradRule, KernelBackend, OpSpec, define_op
 from fastvision.ops.add_layer_norm import add_layer_norm, add_layer_norm_reference
 from fastvision.ops.geglu import geglu, geglu_reference
+from fastvision.ops.grn import grn, grn_reference
+from fastvision.ops.masked_gather import MaskedGather, masked_gather, masked_gather_reference
 from fastvision.ops.sparse_conv2d import sparse_conv2d, sparse_conv2d_reference
 from fastvision.ops.sparse_max_pool2d import (
     sparse_max_pool2d,
@@ -14,6 +16,7 @@ from fastvision.ops.topk_attention import topk_attention, topk_attention_referen
 
 __all__ = [
     "OPS",
+    "MaskedGather",
     "AutogradRule",
     "KernelBackend",
     "OpSpec",
@@ -22,6 +25,10 @@ __all__ = [
     "define_op",
     "geglu",
     "geglu_reference",
+    "grn",
+    "grn_reference",
+    "masked_gather",
+    "masked_gather_reference",
     "sparse_conv2d",
     "sparse_conv2d_reference",
     "sparse_max_pool2d",
