@@ -123,10 +123,52 @@ def _sparse_conv2d(dtype):
     ]
 
 
+def _masked_gather(dtype):
+    def inputs(batch, channels, height, width, ratio, seed):
+        generator = torch.Generator().manual_seed(seed)
+        mask = (torch.rand(batch, height, width, generator=generator) < ratio).to(DEVICE)
+        return random((batch, channels, height, width), dtype, seed + 1), mask
+
+    x, mask = inputs(3, 5, 7, 9, 0.6, 70)
+    channels_last = x.to(memory_format=torch.channels_last)
+    # The first sample gives max_count: the form that compiles and exports without a host sync.
+    return [
+        Sample("max-count", (*inputs(4, 3, 6, 5, 0.5, 72), 9), (0,)),
+        Sample("odd", (*inputs(3, 5, 7, 9, 0.6, 70), None), (0,)),
+        Sample("channels-last", (channels_last, mask, 40), (0,)),
+        Sample("empty", (*inputs(2, 4, 3, 3, 0.0, 74), None), (0,)),
+    ]
+
+
+def _grn(dtype):
+    def inputs(batch, height, width, channels, seed, masked):
+        x = random((batch, height, width, channels), dtype, seed)
+        gamma = random((channels,), dtype, seed + 1, scale=0.5)
+        beta = random((channels,), dtype, seed + 2, scale=0.5)
+        if not masked:
+            return x, gamma, beta
+        generator = torch.Generator().manual_seed(seed + 3)
+        mask = (torch.rand(batch, height, width, generator=generator) < 0.4).to(DEVICE)
+        return x, gamma, beta, 1e-6, mask
+
+    x, gamma, beta = inputs(2, 6, 5, 24, 80, False)
+    # Gx sums squares over every site: allow for the longer reduction in half precision.
+    scale = 1.0 if dtype == torch.float32 else 2.0
+    return [
+        Sample("odd", inputs(2, 5, 7, 13, 82, False), (0, 1, 2), scale, 4 * scale),
+        Sample("masked", inputs(3, 4, 6, 9, 84, True), (0, 1, 2), scale, 4 * scale),
+        Sample("nchw-view", (x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1), gamma, beta),
+               (0, 1, 2), scale, 4 * scale),  # fmt: skip
+        Sample("empty", inputs(0, 3, 3, 8, 86, False), (0, 1, 2)),
+    ]
+
+
 SAMPLES: dict[str, Callable[[torch.dtype], list[Sample]]] = {
     "geglu": _geglu,
     "add_layer_norm": _add_layer_norm,
     "topk_attention": _topk_attention,
     "sparse_max_pool2d": _sparse_max_pool2d,
     "sparse_conv2d": _sparse_conv2d,
+    "masked_gather": _masked_gather,
+    "grn": _grn,
 }

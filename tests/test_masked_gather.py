@@ -1,0 +1,114 @@
+"""masked_gather: what the shared harness does not cover — truncation, the loop baseline, poisoned
+outputs, sync-free slots on a GPU, and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, backend_params
+
+import fastvision
+from fastvision.ops import OPS, masked_gather, masked_gather_reference
+from fastvision.ops.masked_gather import masked_gather_loop_reference
+
+BACKENDS = backend_params(OPS["masked_gather"].backends)
+
+
+def _inputs(batch, channels, height, width, ratio, seed, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, height, width, generator=generator) < ratio
+    x = torch.randn(batch, channels, height, width, generator=generator).to(dtype)
+    return x.to(DEVICE), mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_count", [None, 0, 1, 7, 200])
+def test_matches_the_loop_exactly(backend, max_count):
+    x, mask = _inputs(5, 6, 9, 7, 0.6, seed=1)
+    mask[2] = False  # a sample with no site
+    mask[3] = True  # a sample with every site
+    with fastvision.use_backend(backend):
+        got = masked_gather(x, mask, max_count)
+    want = masked_gather_loop_reference(x, mask, max_count)
+    for name, a, b in zip(got._fields, got, want, strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_truncation_shows_in_counts(backend):
+    x, mask = _inputs(3, 2, 5, 5, 0.7, seed=2)
+    with fastvision.use_backend(backend):
+        out = masked_gather(x, mask, max_count=4)
+    counts = mask.flatten(1).sum(1)
+    assert torch.equal(out.counts, counts) and (out.counts > 4).all()
+    assert out.values.shape == (3, 4, 2) and out.valid.all()
+    first = mask[0].nonzero()[:4]
+    assert torch.equal(out.indices[0], first)
+    assert torch.equal(out.values[0], x[0, :, first[:, 0], first[:, 1]].t())
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id == "triton"])
+def test_triton_writes_every_output(backend):
+    """Every slot of every output is written, padding included: the launchers allocate with
+    torch.empty, so unwritten memory would show as a mismatch on freshly poisoned memory."""
+    from fastvision.triton_kernels.masked_gather import masked_gather_forward
+
+    x, mask = _inputs(4, 3, 6, 6, 0.3, seed=3)
+    torch.empty(1 << 20, device=DEVICE).fill_(float("nan"))  # poison the caching allocator's pool
+    values, sites, valid, counts = masked_gather_forward(x, mask, 20)
+    want = masked_gather_reference(x, mask, 20)
+    assert torch.equal(values, want.values) and torch.equal(valid, want.valid)
+    assert torch.equal(counts, want.counts)
+    assert (sites[~valid] == -1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_lands_at_the_sites_only(backend):
+    x, mask = _inputs(2, 3, 4, 5, 0.5, seed=4)
+    x.requires_grad_(True)
+    with fastvision.use_backend(backend):
+        out = masked_gather(x, mask, max_count=6)
+        out.values.sum().backward()
+    expected = torch.zeros_like(x)
+    for b in range(2):
+        for h, w in mask[b].nonzero()[:6].tolist():
+            expected[b, :, h, w] = 1
+    assert torch.equal(x.grad, expected)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host synchronization is a CUDA notion")
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "reference"])
+def test_max_count_path_never_synchronizes(backend):
+    x, mask = _inputs(8, 16, 32, 32, 0.6, seed=5)
+    x.requires_grad_(True)
+    with fastvision.use_backend(backend):
+        masked_gather(x, mask, max_count=700)  # warm up (compilation may synchronize)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = masked_gather(x, mask, max_count=700)
+            out.values.sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+X = torch.randn(2, 3, 4, 4)
+MASK = torch.ones(2, 4, 4, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        ((X, torch.ones(2, 4, 4)), TypeError, "mask must be a bool tensor"),
+        ((X, torch.ones(2, 4, 5, dtype=torch.bool)), ValueError, r"mask must have shape"),
+        ((torch.randn(3, 4, 4), torch.ones(3, 4, 4, dtype=torch.bool)), ValueError, r"x must have shape"),
+        ((X, MASK, -1), ValueError, "max_count must be"),
+        ((X, MASK, 2.5), TypeError, "max_count must be"),
+        ((X, MASK, 2**63), ValueError, "max_count must be"),
+        ((torch.ones(2, 3, 4, 4, dtype=torch.int32), MASK), TypeError, "x must"),
+        ((X, MASK.to("meta")), ValueError, "device"),
+    ],
+)
+def test_rejects_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
+        masked_gather(*args)

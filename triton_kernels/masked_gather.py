@@ -1,0 +1,219 @@
+"""Masked gather in Triton: a per-sample scan that assigns slots, then a gather of the channels.
+
+1. ``masked_gather_scan_kernel``, one program per sample: walks the ``H * W`` mask in chunks of
+   ``BLOCK`` sites, numbers the True sites with a running prefix sum (``tl.cumsum`` inside the
+   chunk plus the count so far), writes the flat site of each slot below ``M``, then marks the
+   slots past ``min(count, M)`` with -1 and writes ``count``. Reads the mask once; no atomics, no
+   host synchronization (``M`` is an argument).
+2. ``masked_gather_values_kernel``: programs over (slot blocks of all samples, channel blocks)
+   read ``x[b, c, h, w]`` through its strides (any layout, channels-last included) and write
+   ``values[b, m, c]``, zeros for empty slots.
+3. ``masked_gather_scatter_kernel`` (backward): the same tiles, writing each valid slot's gradient
+   at its site of a zero-filled ``[B, C, H, W]``; every site belongs to at most one slot, so plain
+   stores suffice.
+
+Bytes moved, forward: the mask once (``B H W``), the gathered elements once (``B M C e``), the
+outputs once (``B M (C e + 8 + 1)``) and the slot table twice (``16 B M``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from fastvision.triton_kernels._launch import KernelLaunch, SpillAllowance, interpreting, kernel_signature
+
+# Nothing spills at any configuration the launchers choose (checked for sm_90 by launch_configs()).
+SPILL_ALLOWANCE: dict[str, SpillAllowance] = {}
+
+
+@triton.jit
+def masked_gather_scan_kernel(
+    mask_ptr, sites_ptr, valid_ptr, counts_ptr,
+    num_sites, mask_stride_b, max_count,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    offsets = tl.arange(0, BLOCK)
+    mask_row = mask_ptr + b * mask_stride_b
+    sites_row = sites_ptr + b * max_count
+    valid_row = valid_ptr + b * max_count
+    count = 0
+    for start in range(0, num_sites, BLOCK):
+        site = start + offsets
+        active = tl.load(mask_row + site, mask=site < num_sites, other=0).to(tl.int32)
+        slot = count + tl.cumsum(active, 0) - 1
+        keep = (active != 0) & (slot < max_count)
+        tl.store(sites_row + slot, site.to(tl.int64), mask=keep)
+        tl.store(valid_row + slot, 1, mask=keep)
+        count += tl.sum(active, 0)
+    filled = tl.minimum(count, max_count)
+    for start in range(0, max_count, BLOCK):
+        slot = start + offsets
+        empty = (slot >= filled) & (slot < max_count)
+        tl.store(sites_row + slot, -1, mask=empty)
+        tl.store(valid_row + slot, 0, mask=empty)
+    tl.store(counts_ptr + b, count.to(tl.int64))
+
+
+@triton.jit
+def masked_gather_values_kernel(
+    x_ptr, sites_ptr, values_ptr,
+    total_slots, max_count, channels, width,
+    x_stride_b, x_stride_c, x_stride_h, x_stride_w,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    slot_ok = slots < total_slots
+    col_ok = cols < channels
+    site = tl.load(sites_ptr + slots, mask=slot_ok, other=-1)
+    present = site >= 0
+    h, w = site // width, site % width
+    b = slots // max_count
+    source = x_ptr + (b * x_stride_b + h * x_stride_h + w * x_stride_w)[:, None]
+    source += cols[None, :].to(tl.int64) * x_stride_c
+    values = tl.load(source, mask=(present[:, None] & col_ok[None, :]), other=0.0)
+    out = values_ptr + slots[:, None] * channels + cols[None, :]
+    tl.store(out, values, mask=slot_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def masked_gather_scatter_kernel(
+    grad_values_ptr, sites_ptr, grad_x_ptr,
+    total_slots, max_count, channels, num_sites,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    slot_ok = slots < total_slots
+    col_ok = cols < channels
+    site = tl.load(sites_ptr + slots, mask=slot_ok, other=-1)
+    present = (site >= 0)[:, None] & col_ok[None, :]
+    grad = tl.load(grad_values_ptr + slots[:, None] * channels + cols[None, :], mask=present, other=0.0)
+    b = slots // max_count
+    target = grad_x_ptr + (b * channels * num_sites + site)[:, None] + cols[None, :].to(tl.int64) * num_sites
+    tl.store(target, grad, mask=present)
+
+
+# --- tile choice (shared by the launchers and launch_configs) --------------------------------------
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_s: int
+    block_c: int
+    num_warps: int
+
+
+SCAN_BLOCK = 1024
+_MAX_BLOCK_C = 64
+
+
+def scan_block(interpret: bool = False) -> int:
+    # The interpreter runs each program in numpy: larger chunks amortize its per-iteration cost.
+    return 16384 if interpret else SCAN_BLOCK
+
+
+def gather_tile(channels: int, interpret: bool = False) -> Tile:
+    """Slots x channels per program: about 4096 elements on a GPU (16 per thread at 8 warps)."""
+    block_c = min(triton.next_power_of_2(max(channels, 1)), _MAX_BLOCK_C)
+    budget = 65536 if interpret else 4096
+    block_s = max(16, budget // block_c)
+    return Tile(block_s, block_c, 8 if block_s * block_c >= 4096 else 4)
+
+
+def scan_grid(batch: int) -> tuple[int]:
+    return (batch,)
+
+
+def gather_grid(batch: int, max_count: int, channels: int, interpret: bool = False) -> tuple[int, int]:
+    """Slot blocks of all samples on axis 0 (up to 2**31 - 1), channel blocks on axis 1
+    (``ceil(C / 64)``: at most 65,535 for C up to 4,194,240)."""
+    tile = gather_tile(channels, interpret)
+    return (triton.cdiv(batch * max_count, tile.block_s), triton.cdiv(channels, tile.block_c))
+
+
+# --- launchers ---------------------------------------------------------------------------------------
+
+
+def masked_gather_forward(
+    x: torch.Tensor, mask: torch.Tensor, max_count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(values [B, M, C], sites [B, M] int64, valid [B, M] bool, counts [B] int64)``."""
+    batch, channels, height, width = x.shape
+    interpret = interpreting()
+    values = torch.empty((batch, max_count, channels), dtype=x.dtype, device=x.device)
+    sites = torch.empty((batch, max_count), dtype=torch.int64, device=x.device)
+    valid = torch.empty((batch, max_count), dtype=torch.bool, device=x.device)
+    counts = torch.empty((batch,), dtype=torch.int64, device=x.device)
+    if batch == 0:
+        return values, sites, valid, counts
+    flat_mask = mask.reshape(batch, height * width)
+    if flat_mask.stride(1) != 1:
+        flat_mask = flat_mask.contiguous()
+    masked_gather_scan_kernel[scan_grid(batch)](
+        flat_mask, sites, valid, counts, height * width, flat_mask.stride(0), max_count,
+        BLOCK=scan_block(interpret), num_warps=4,
+    )  # fmt: skip
+    if max_count == 0 or channels == 0:
+        return values, sites, valid, counts
+    tile = gather_tile(channels, interpret)
+    masked_gather_values_kernel[gather_grid(batch, max_count, channels, interpret)](
+        x, sites, values, batch * max_count, max_count, channels, width, *x.stride(),
+        BLOCK_S=tile.block_s, BLOCK_C=tile.block_c, num_warps=tile.num_warps,
+    )  # fmt: skip
+    return values, sites, valid, counts
+
+
+def masked_gather_backward(
+    grad_values: torch.Tensor, sites: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """The gradient of ``x``: contiguous ``[B, C, H, W]``, zero except at gathered sites."""
+    batch, max_count, channels = grad_values.shape
+    grad_x = grad_values.new_zeros((batch, channels, height, width))
+    if grad_x.numel() == 0 or max_count == 0:
+        return grad_x
+    grad_values = grad_values.contiguous()
+    interpret = interpreting()
+    tile = gather_tile(channels, interpret)
+    masked_gather_scatter_kernel[gather_grid(batch, max_count, channels, interpret)](
+        grad_values, sites.contiguous(), grad_x, batch * max_count, max_count, channels, height * width,
+        BLOCK_S=tile.block_s, BLOCK_C=tile.block_c, num_warps=tile.num_warps,
+    )  # fmt: skip
+    return grad_x
+
+
+# --- every configuration the launchers can choose on a GPU (for the sm_90 budget check) ------------
+
+_DTYPES = ("fp32", "fp16", "bf16")
+
+
+def launch_configs() -> Iterator[KernelLaunch]:
+    """The scan kernel, and the gather and scatter kernels at the tile of every channel class
+    (powers of two up to the widest channel block), for every dtype."""
+    block = scan_block()
+    yield KernelLaunch(
+        masked_gather_scan_kernel,
+        kernel_signature(
+            masked_gather_scan_kernel, {"BLOCK": block},
+            {"mask_ptr": "*i1", "sites_ptr": "*i64", "valid_ptr": "*i1", "counts_ptr": "*i64"},
+        ),  # fmt: skip
+        {"BLOCK": block}, 4, label=f"scan BLOCK={block}",
+    )  # fmt: skip
+    channels = 1
+    while channels <= _MAX_BLOCK_C:
+        tile = gather_tile(channels)
+        constexprs = {"BLOCK_S": tile.block_s, "BLOCK_C": tile.block_c}
+        for dtype in _DTYPES:
+            pointers = {"x_ptr": f"*{dtype}", "values_ptr": f"*{dtype}", "sites_ptr": "*i64",
+                        "grad_values_ptr": f"*{dtype}", "grad_x_ptr": f"*{dtype}"}  # fmt: skip
+            label = f"{dtype} C<={tile.block_c} slots={tile.block_s}"
+            for kernel in (masked_gather_values_kernel, masked_gather_scatter_kernel):
+                signature = kernel_signature(kernel, constexprs, pointers)
+                yield KernelLaunch(kernel, signature, constexprs, tile.num_warps, label=label,
+                                   tags={"dtype": dtype, "channels": channels})  # fmt: skip
+        channels *= 2
