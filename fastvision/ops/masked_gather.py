@@ -182,6 +182,9 @@ def _run_kernel(forward_op, x, mask, max_count):
     return MaskedGather(values, indices, valid, counts)
 
 
+_native = KernelBackend(
+    "masked_gather_forward", "masked_gather_backward", AUTOGRAD, native=True, call=_run_kernel
+)
 MASKED_GATHER = define_op(
     OpSpec(
         name="masked_gather",
@@ -189,12 +192,16 @@ MASKED_GATHER = define_op(
         check=_check,
         device=lambda x, *_: x.device,
         kernels={
+            "cpu": _native,
+            "cuda": _native,
             "triton": KernelBackend(
                 "masked_gather_triton_forward", "masked_gather_triton_backward", AUTOGRAD, call=_run_kernel
             ),
         },
-        gpu_order=("triton",),
-        cpu_order=(),
+        # Not yet measured on a GPU: the CUDA kernel's scan is one block per sample with warp ballots,
+        # Triton's a tl.cumsum per chunk; the GPU pass decides the order.
+        gpu_order=("cuda", "triton"),
+        cpu_order=("cpu",),
         triton_module="fastvision.triton_kernels.masked_gather",
         benchmark_module="fastvision.benchmark.masked_gather",
     )

@@ -1,0 +1,162 @@
+// masked_gather on CUDA, without host synchronization (M is an argument).
+//   1. scan: one block per sample walks its mask in tiles of kScanThreads sites; each warp numbers its
+//      True sites with a ballot and popcount, warp totals are scanned in shared memory, and the tile's
+//      slots continue from the running count. Slots past min(count, M) get site -1.
+//   2. gather: a 2-D block of (channel lanes x slots) per tile of slots: for channels-last x the lanes
+//      read consecutive channels of one site (coalesced); for NCHW they still read one channel plane
+//      per lane, in site order.
+//   3. backward: the same tiles write each valid slot's gradient at its site of a zero [B, C, H, W].
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "masked_gather_common.h"
+
+namespace fastvision {
+namespace {
+
+constexpr int kScanThreads = 512;
+constexpr int kWarps = kScanThreads / 32;
+constexpr int kChannelLanes = 32;
+constexpr int kSlotsPerBlock = 8;
+
+__global__ void __launch_bounds__(kScanThreads)
+masked_gather_scan_kernel(const bool* __restrict__ mask, int64_t num_sites, int64_t max_count,
+                          int64_t* __restrict__ sites, bool* __restrict__ valid, int64_t* __restrict__ counts) {
+  __shared__ int warp_totals[kWarps];
+  __shared__ int64_t running;
+  const int64_t b = blockIdx.x;
+  const bool* row = mask + b * num_sites;
+  int64_t* slot_site = sites + b * max_count;
+  bool* slot_valid = valid + b * max_count;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0) running = 0;
+  __syncthreads();
+  for (int64_t start = 0; start < num_sites; start += kScanThreads) {
+    const int64_t s = start + threadIdx.x;
+    const bool active = s < num_sites && row[s];
+    const unsigned ballot = __ballot_sync(0xffffffffu, active);
+    const int before_in_warp = __popc(ballot & ((1u << lane) - 1u));
+    if (lane == 0) warp_totals[warp] = __popc(ballot);
+    __syncthreads();
+    int before_warps = 0, tile_total = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      before_warps += w < warp ? warp_totals[w] : 0;
+      tile_total += warp_totals[w];
+    }
+    const int64_t slot = running + before_warps + before_in_warp;
+    if (active && slot < max_count) {
+      slot_site[slot] = s;
+      slot_valid[slot] = true;
+    }
+    __syncthreads();  // every thread has read running and warp_totals
+    if (threadIdx.x == 0) running += tile_total;
+    __syncthreads();
+  }
+  const int64_t filled = running < max_count ? running : max_count;
+  for (int64_t slot = filled + threadIdx.x; slot < max_count; slot += kScanThreads) {
+    slot_site[slot] = -1;
+    slot_valid[slot] = false;
+  }
+  if (threadIdx.x == 0) counts[b] = running;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kChannelLanes * kSlotsPerBlock)
+masked_gather_values_kernel(const T* __restrict__ x, const int64_t* __restrict__ sites, T* __restrict__ values,
+                            int64_t total_slots, int64_t max_count, int64_t channels, int64_t width,
+                            int64_t sb, int64_t sc, int64_t sh, int64_t sw) {
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kSlotsPerBlock + threadIdx.y;
+  if (slot >= total_slots) return;
+  const int64_t site = sites[slot];
+  const int64_t b = slot / max_count;
+  const T* source = x + b * sb + (site >= 0 ? (site / width) * sh + (site % width) * sw : 0);
+  T* out = values + slot * channels;
+  for (int64_t c = threadIdx.x; c < channels; c += kChannelLanes) {
+    out[c] = site >= 0 ? source[c * sc] : T(0);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kChannelLanes * kSlotsPerBlock)
+masked_gather_scatter_kernel(const T* __restrict__ grad_values, const int64_t* __restrict__ sites,
+                             T* __restrict__ grad_x, int64_t total_slots, int64_t max_count, int64_t channels,
+                             int64_t num_sites) {
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kSlotsPerBlock + threadIdx.y;
+  if (slot >= total_slots) return;
+  const int64_t site = sites[slot];
+  if (site < 0 || site >= num_sites) return;
+  const int64_t b = slot / max_count;
+  T* target = grad_x + b * channels * num_sites + site;
+  const T* grad = grad_values + slot * channels;
+  for (int64_t c = threadIdx.x; c < channels; c += kChannelLanes) target[c * num_sites] = grad[c];
+}
+
+unsigned slot_blocks(int64_t total_slots) {
+  return static_cast<unsigned>((total_slots + kSlotsPerBlock - 1) / kSlotsPerBlock);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_gather_forward_cuda(const at::Tensor& x,
+                                                                                     const at::Tensor& mask,
+                                                                                     int64_t max_count) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = masked_gather_check_and_allocate(x, mask, max_count);
+  const int64_t batch = x.size(0), channels = x.size(1), width = x.size(3);
+  const int64_t num_sites = x.size(2) * width;
+  if (batch == 0) return {out.values, out.sites, out.valid, out.counts};
+  TORCH_CHECK(batch <= 2147483647LL, "masked_gather: at most 2**31 - 1 samples");
+  const at::Tensor flat_mask = mask.reshape({batch, num_sites}).contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  masked_gather_scan_kernel<<<static_cast<unsigned>(batch), kScanThreads, 0, stream>>>(
+      flat_mask.const_data_ptr<bool>(), num_sites, max_count, out.sites.data_ptr<int64_t>(),
+      out.valid.data_ptr<bool>(), out.counts.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t total_slots = batch * max_count;
+  if (total_slots == 0 || channels == 0) return {out.values, out.sites, out.valid, out.counts};
+  TORCH_CHECK(total_slots / kSlotsPerBlock < 2147483647LL, "masked_gather: too many slots for one launch");
+  const dim3 block(kChannelLanes, kSlotsPerBlock);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_gather_forward_cuda", [&] {
+    masked_gather_values_kernel<scalar_t><<<slot_blocks(total_slots), block, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), out.sites.const_data_ptr<int64_t>(), out.values.data_ptr<scalar_t>(),
+        total_slots, max_count, channels, width, x.stride(0), x.stride(1), x.stride(2), x.stride(3));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out.values, out.sites, out.valid, out.counts};
+}
+
+at::Tensor masked_gather_backward_cuda(const at::Tensor& grad_values, const at::Tensor& sites, int64_t height,
+                                       int64_t width) {
+  const c10::cuda::CUDAGuard guard(grad_values.device());
+  at::Tensor grad_x = masked_gather_backward_check_and_allocate(grad_values, sites, height, width);
+  const int64_t batch = grad_values.size(0), max_count = grad_values.size(1), channels = grad_values.size(2);
+  const int64_t total_slots = batch * max_count;
+  if (grad_x.numel() == 0 || total_slots == 0) return grad_x;
+  TORCH_CHECK(total_slots / kSlotsPerBlock < 2147483647LL, "masked_gather: too many slots for one launch");
+  const at::Tensor grad = grad_values.contiguous();
+  const at::Tensor slot_sites = sites.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 block(kChannelLanes, kSlotsPerBlock);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "masked_gather_backward_cuda", [&] {
+    masked_gather_scatter_kernel<scalar_t><<<slot_blocks(total_slots), block, 0, stream>>>(
+        grad.const_data_ptr<scalar_t>(), slot_sites.const_data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(),
+        total_slots, max_count, channels, height * width);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastvision, CUDA, m) {
+  m.impl("masked_gather_forward", &masked_gather_forward_cuda);
+  m.impl("masked_gather_backward", &masked_gather_backward_cuda);
+}
+
+}  // namespace fastvision
