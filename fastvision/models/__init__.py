@@ -1,6 +1,7 @@
 """The architectures, registered by name (``create_model``, ``list_models``)."""
 
 from fastvision.models import (  # noqa: F401  (importing registers each architecture)
+    convnext_v2_fcmae,
     digit_seq_transformer,
     sparse_moe_denoiser,
     sparse_unet_mnist,

@@ -2,8 +2,19 @@
 
 from fastvision.nn.add_layer_norm import AddLayerNorm
 from fastvision.nn.attention import MultiHeadAttention
+from fastvision.nn.attention_blocks import CBAM, ChannelAttention, SEBlock, SpatialAttention
+from fastvision.nn.convnext import GRN, ConvNeXtV2Block, DropPath, LayerNorm2d
 from fastvision.nn.geglu import GEGLU, FeedForward
+from fastvision.nn.heads import HeteroscedasticHead, InpaintingPrediction, MaskedInpaintingHead
+from fastvision.nn.losses import beta_nll_loss, faithful_nll_loss
 from fastvision.nn.moe import AdaptiveSparseAttentionMoE, TopKSparseAttention
+from fastvision.nn.positional import (
+    LearnablePositionalEncoding,
+    SinusoidalPositionalEncoding,
+    SinusoidalPositionalEncoding2d,
+    sinusoidal_pos_embed,
+    sinusoidal_pos_embed_2d,
+)
 from fastvision.nn.sparse import ResidualSparseBlock, SparseConv2d, SparseMaxPool2d, SparseReLU, SparseToDense
 
 __all__ = [
@@ -18,4 +29,22 @@ __all__ = [
     "SparseMaxPool2d",
     "SparseReLU",
     "SparseToDense",
+    "CBAM",
+    "ChannelAttention",
+    "ConvNeXtV2Block",
+    "DropPath",
+    "GRN",
+    "HeteroscedasticHead",
+    "InpaintingPrediction",
+    "LayerNorm2d",
+    "LearnablePositionalEncoding",
+    "MaskedInpaintingHead",
+    "SEBlock",
+    "SinusoidalPositionalEncoding",
+    "SinusoidalPositionalEncoding2d",
+    "SpatialAttention",
+    "beta_nll_loss",
+    "faithful_nll_loss",
+    "sinusoidal_pos_embed",
+    "sinusoidal_pos_embed_2d",
 ]

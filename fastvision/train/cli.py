@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from fastvision.train.config import AMP_MODES, OPTIMIZERS, SCHEDULERS
+from fastvision.train.config import AMP_MODES, OPTIMIZERS, SCHEDULERS, TASK_NAMES
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -58,6 +58,19 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         help="draw fresh digit-grid layouts every epoch, from seed and epoch (--no-redraw-each-epoch: fixed)",
     )
     overrides.add_argument("--noise-sigma", type=float, help="denoise task noise level")
+    overrides.add_argument(
+        "--task", choices=TASK_NAMES, help="another task the model serves (fcmae: masked pretraining)"
+    )
+    overrides.add_argument(
+        "--init-from", metavar="CKPT", help="start from a checkpoint's weights (e.g. an fcmae run's best.pt)"
+    )
+    overrides.add_argument("--mask-ratio", type=float, help="fcmae: fraction of the patches masked")
+    overrides.add_argument(
+        "--norm-pix-loss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fcmae: per-patch normalised pixel targets",
+    )
     train.set_defaults(handler=run_train)
 
     evaluate = subparsers.add_parser("evaluate", help="test-split metrics of a checkpoint")
@@ -106,17 +119,23 @@ CONFIG_FLAGS = (
     "shift_tiles",
     "redraw_each_epoch",
     "noise_sigma",
+    "task",
+    "init_from",
+    "mask_ratio",
+    "norm_pix_loss",
 )
 
 
-def _validation_display(model_name: str, run_dir: str | None):
+def _validation_display(model_name: str, run_dir: str | None, task: str | None = None):
     """The per-validation display for a model's task: braille digit samples in the terminal, or
-    noisy/denoised/clean PNGs under RUN_DIR/figures for the denoiser."""
+    noisy/denoised/clean PNGs under RUN_DIR/figures for the denoiser; none for fcmae pretraining."""
     from pathlib import Path
 
     from fastvision.models import get_model_spec
 
-    task = get_model_spec(model_name).task
+    task = task or get_model_spec(model_name).task
+    if task == "fcmae":
+        return None
     if task == "denoise":
         from fastvision.viz.denoise import denoising_figure_hook
 
@@ -170,7 +189,7 @@ def _run_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.no_progress,
-        on_validation=None if args.no_viz else _validation_display(args.model, args.run_dir),
+        on_validation=None if args.no_viz else _validation_display(args.model, args.run_dir, cfg.task),
     )
     shown = ("model", "dataset", "test_metrics", "wall_time_s", "run_dir")
     print(json.dumps({key: summary[key] for key in shown}, indent=2))

@@ -14,6 +14,7 @@ import yaml
 OPTIMIZERS = ("adamw", "schedulefree")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
 AMP_MODES = ("none", "bf16", "fp16")
+TASK_NAMES = ("classification", "digit_sequence", "denoise", "fcmae")  # fastvision.train.tasks.TASKS
 MAX_SEED = 2**32  # seeds also derive others (seed * 1_000_003 + epoch) that must stay below 2**63
 
 
@@ -70,6 +71,10 @@ class TrainConfig:
     redraw_each_epoch: bool = False  # seeded compositions (digit grids) draw a fresh layout each epoch
     noise_sigma: float = 0.2  # denoise task: Gaussian noise std on [0, 1] images
     aux_loss_weight: float = 0.01  # weight of a model's ``aux_loss`` (e.g. MoE load balancing)
+    task: str | None = None  # None: the model's own task; else one its ``tasks`` lists (e.g. fcmae)
+    init_from: str | None = None  # checkpoint whose weights (EMA when saved) start a fresh run
+    mask_ratio: float = 0.6  # fcmae task: fraction of the patch grid masked per image
+    norm_pix_loss: bool = False  # fcmae task: targets normalised per patch (mean 0, variance 1)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -131,6 +136,12 @@ class TrainConfig:
         check(self.shift_tiles >= 1, f"shift_tiles must be >= 1, got {self.shift_tiles}")
         check(self.noise_sigma >= 0, f"noise_sigma must be >= 0, got {self.noise_sigma}")
         check(self.aux_loss_weight >= 0, f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
+        check(
+            self.task is None or self.task in TASK_NAMES,
+            f"task must be one of {TASK_NAMES} (or unset for the model's own), got {self.task!r}",
+        )
+        check(self.init_from != "", "init_from must be a checkpoint path (or unset)")
+        check(0.0 < self.mask_ratio < 1.0, f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         check(
             self.optimizer != "schedulefree" or self.scheduler == "none",
             "the schedulefree optimizer replaces the LR schedule; set scheduler: none",

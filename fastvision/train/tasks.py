@@ -8,6 +8,11 @@
 * ``denoise``: the model maps ``clamp(x + sigma * noise, 0, 1)`` back to ``x``; an optional tensor
   attribute ``model.aux_loss`` (set during forward, e.g. MoE load balancing) is added with
   ``aux_loss_weight``. Metrics include the noisy input's PSNR/SSIM as the do-nothing baseline.
+* ``fcmae``: masked-image pretraining. A random patch mask of ``mask_ratio`` of the model's patch
+  grid (``model.random_mask``) hides part of each image; ``model(images, mask, norm_pix_loss)``
+  returns the loss on the masked pixels. Validation scores fixed masks (a fixed-seed generator)
+  and reports the pixel MSE on masked pixels next to the mean-fill baseline (each masked pixel
+  filled with the mean of its image's visible pixels).
 
 Metrics are returned as per-batch *sums* (see ``MetricTracker``).
 """
@@ -150,7 +155,54 @@ class DenoiseTask(Task):
         return StepResult(loss, sums, n, {"noisy": noisy, "denoised": output})
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (ClassificationTask, DigitSequenceTask, DenoiseTask)}
+def masked_pixel_mse(
+    prediction: torch.Tensor, images: torch.Tensor, pixel_mask: torch.Tensor
+) -> torch.Tensor:
+    """Per-image mean squared error over the masked pixels ``pixel_mask [B, H, W]``: ``[B]``."""
+    hidden = pixel_mask.unsqueeze(1).expand_as(images).to(torch.float32)
+    error = (prediction.float() - images.float()).square() * hidden
+    return error.flatten(1).sum(1) / hidden.flatten(1).sum(1).clamp_min(1.0)
+
+
+def mean_fill(images: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+    """``images`` with every masked pixel set to the mean of its image's (and channel's) visible pixels."""
+    visible = (~pixel_mask).unsqueeze(1).to(images.dtype)
+    mean = (images * visible).sum((2, 3), keepdim=True) / visible.sum((2, 3), keepdim=True).clamp_min(1.0)
+    return images * visible + mean * (1 - visible)
+
+
+class FCMAETask(Task):
+    name = "fcmae"
+    monitor, monitor_mode = "loss", "min"
+
+    @staticmethod
+    def _run(model: nn.Module, images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator | None):
+        net = unwrap(model)
+        if not hasattr(net, "random_mask"):
+            raise ValueError(f"task 'fcmae' needs a model with random_mask(); {type(net).__name__} has none")
+        mask = net.random_mask(images.shape[0], cfg.mask_ratio, generator=generator, device=images.device)
+        return model(images, mask, norm_pix_loss=cfg.norm_pix_loss)
+
+    def train_step(self, model, batch, cfg):
+        out = self._run(model, batch[0], cfg, None)
+        n = batch[0].shape[0]
+        return StepResult(out.loss, {"loss": out.loss.detach() * n}, n)
+
+    def eval_step(self, model, batch, cfg, generator):
+        images = batch[0]
+        out = self._run(model, images, cfg, generator)
+        n, hidden = images.shape[0], out.pixel_mask
+        sums = {
+            "loss": out.loss.detach() * n,
+            "masked_mse": masked_pixel_mse(out.prediction, images, hidden).sum(),
+            "mean_fill_mse": masked_pixel_mse(mean_fill(images, hidden), images, hidden).sum(),
+        }
+        return StepResult(out.loss, sums, n, out)
+
+
+TASKS: dict[str, type[Task]] = {
+    t.name: t for t in (ClassificationTask, DigitSequenceTask, DenoiseTask, FCMAETask)
+}
 
 
 def get_task(name: str) -> Task:

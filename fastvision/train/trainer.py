@@ -68,6 +68,33 @@ RESUME_KEYS = (
 WEIGHTS_KEYS = ("model_name", "epoch", "model", "ema", "config")
 
 
+def check_model_task(model: nn.Module, model_name: str, own_task: str, task: str) -> None:
+    """A task other than the model's own needs the model to list it in its ``tasks`` attribute."""
+    supported = tuple(getattr(model, "tasks", (own_task,)))
+    if task not in supported:
+        raise ValueError(
+            f"model {model_name!r} cannot train on task {task!r}; its tasks: {', '.join(supported)}"
+        )
+
+
+def init_weights(model: nn.Module, path: str | Path, device: torch.device) -> str:
+    """Load the weights of a verified checkpoint of the same architecture into ``model``: the EMA
+    weights when the checkpoint has them (those validation selected), else the live ones.
+    Returns a one-line description of what was loaded."""
+    state = load_checkpoint(path, map_location=device, required=WEIGHTS_KEYS)
+    use_ema = state["ema"] is not None
+    weights = state["ema"]["module"] if use_ema else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise ValueError(
+            f"init_from {path}: its weights ({state['model_name']}) do not fit this model: {error}"
+        ) from None
+    kind = "EMA" if use_ema else "live"
+    task = state.get("task", "?")
+    return f"{path} ({state['model_name']}, task {task}, epoch {state['epoch']}, {kind} weights)"
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the run stops instead of training on garbage."""
 
@@ -219,7 +246,8 @@ class Trainer:
     ):
         self.model_name = model_name
         self.spec = get_model_spec(model_name)
-        self.task = get_task(self.spec.task)
+        self.task_name = cfg.task or self.spec.task
+        self.task = get_task(self.task_name)
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / model_name
         self.resume = resume
@@ -255,6 +283,10 @@ class Trainer:
         # Same seed on every rank for identical initial weights; then per-rank streams for noise/dropout.
         torch.manual_seed(cfg.seed)
         self.model = create_model(model_name).to(self.device)
+        check_model_task(self.model, model_name, self.spec.task, self.task_name)
+        if cfg.init_from is not None and not (resume and (self.run_dir / LAST_CHECKPOINT).exists()):
+            # A resumed run restores its own weights; only a fresh start begins from init_from.
+            self.log(f"initialised from {init_weights(self.model, cfg.init_from, self.device)}")
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         torch.manual_seed(cfg.seed + self.ctx.rank)
 
@@ -305,7 +337,7 @@ class Trainer:
     def _state(self, epoch: int, elapsed: float) -> dict[str, Any]:
         return {
             "model_name": self.model_name,
-            "task": self.spec.task,
+            "task": self.task_name,
             "epoch": epoch,  # number of completed epochs
             "global_step": self.global_step,
             "model": self.model.state_dict(),
@@ -506,7 +538,7 @@ class Trainer:
             (self.run_dir / BEST_CHECKPOINT).unlink(missing_ok=True)  # an earlier run's best weights
         ranks = f" x{self.ctx.world_size}" if self.ctx.enabled else ""
         self.log(
-            f"{self.model_name} ({self.num_parameters:,} params, task {self.spec.task}) "
+            f"{self.model_name} ({self.num_parameters:,} params, task {self.task_name}) "
             f"on {self.device}{ranks}; data: {self.dataset_description['train']}"
         )
         session_start = time.perf_counter()
@@ -571,7 +603,7 @@ class Trainer:
         )
         summary = {
             "model": self.model_name,
-            "task": self.spec.task,
+            "task": self.task_name,
             "dataset": self.dataset_description,
             "samples": {"train": len(self.train_set), "val": len(self.val_set), "test": len(self.test_set)},
             "epochs": self.cfg.epochs,
@@ -623,7 +655,6 @@ def evaluate_checkpoint(
     """Test-split metrics of a checkpoint written by ``train`` (EMA weights unless ``use_ema=False``);
     with ``figures_dir``, also the model's attention and embedding PNGs on the test samples."""
     spec = get_model_spec(model_name)
-    task = get_task(spec.task)
     resolved = resolve_device(device)
     state = load_checkpoint(checkpoint, map_location=resolved, required=WEIGHTS_KEYS)
     if state["model_name"] != model_name:
@@ -631,6 +662,7 @@ def evaluate_checkpoint(
     cfg = TrainConfig.from_dict(state["config"])
     overrides = {"batch_size": batch_size, "test_samples": test_samples}
     cfg = cfg.replace(**{key: value for key, value in overrides.items() if value is not None})
+    task = get_task(cfg.task or spec.task)
     model = create_model(model_name).to(resolved)
     weights = state["ema"]["module"] if use_ema and state["ema"] is not None else state["model"]
     model.load_state_dict(weights)
