@@ -1,6 +1,7 @@
 """Top-k sparse attention in Triton: selection, forward and backward without an Nq x Nk matrix.
 
-Three kernels, each with a grid of (query blocks, B * H):
+Three kernels, each with a one-axis grid of ``B * H * ceil(Nq / BLOCK_M)`` programs (axis 0 takes
+2**31 - 1; axes 1 and 2 only 65,535), query blocks of one (batch, head) adjacent so they share keys in L2:
 
 1. ``_select_topk_kernel`` finds the ``topk`` keys of each query. It streams key blocks of
    ``BLOCK_N`` keys, computes the score tile ``scale * Q K^T`` with ``tl.dot`` and keeps, per query,
@@ -50,11 +51,13 @@ Math in float32 throughout; scores for the selection use ``tl.dot`` with float32
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
-
-from fastvision._backend import triton_interpreting
+from fastvision.triton_kernels._launch import KernelLaunch, SpillAllowance, interpreting, kernel_signature
 
 # Largest topk selected by the Triton kernel (the buffer is BLOCK_N = next_pow2(topk) int64 per query).
 TRITON_MAX_TOPK = 256
@@ -116,35 +119,47 @@ def _select_topk_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, NATIVE_SORT: tl.constexpr, LOG_N: tl.constexpr,
+    DOT_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(1)
-    pid_bh = tl.program_id(0)
+    # Scores are tl.dot over head-dim slices of DOT_CHUNK (float32 IEEE products run on CUDA cores,
+    # and a whole [D, BLOCK_N] float32 operand per step would not fit in registers); the slices
+    # accumulate in order, as one dot over D does.
+    query_blocks = tl.cdiv(num_queries, BLOCK_M)
+    pid_bh = tl.program_id(0) // query_blocks
+    pid_m = tl.program_id(0) % query_blocks
     batch = (pid_bh // heads).to(tl.int64)
     head = (pid_bh % heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, DOT_CHUNK)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < num_queries
 
     q_base = q_ptr + batch * stride_qb + head * stride_qh
     k_base = k_ptr + batch * stride_kb + head * stride_kh
-    q = tl.load(q_base + rows.to(tl.int64)[:, None] * stride_qn + dims[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)  # fmt: skip
-    if UPCAST:
-        q = q.to(tl.float32)
+    q_offsets = rows.to(tl.int64)[:, None] * stride_qn + dims[None, :] * stride_qd
+    if DOT_CHUNK == HEAD_DIM:
+        q = tl.load(q_base + q_offsets, mask=row_ok[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
 
     best = tl.full([BLOCK_M, BLOCK_N], -9223372036854775807, tl.int64)  # sorted descending
     for start in range(0, num_keys, BLOCK_N):
         keys = start + cols
         key_ok = keys < num_keys
-        k_tile = tl.load(k_base + keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd,
-                         mask=key_ok[None, :], other=0.0)  # fmt: skip
-        if UPCAST:
-            k_tile = k_tile.to(tl.float32)
-        if IEEE_FP32:
-            scores = tl.dot(q, k_tile, input_precision="ieee")
-        else:
-            scores = tl.dot(q, k_tile)
+        k_offsets = keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd
+        scores = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for d0 in tl.static_range(0, HEAD_DIM, DOT_CHUNK):
+            if DOT_CHUNK != HEAD_DIM:
+                q = tl.load(q_base + q_offsets + d0 * stride_qd, mask=row_ok[:, None], other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+            k_tile = tl.load(k_base + k_offsets + d0 * stride_kd, mask=key_ok[None, :], other=0.0)
+            if UPCAST:
+                k_tile = k_tile.to(tl.float32)
+            if IEEE_FP32:
+                scores = tl.dot(q, k_tile, scores, input_precision="ieee")
+            else:
+                scores = tl.dot(q, k_tile, scores)
         scores = tl.where(key_ok[None, :], scores * scale, float("-inf"))
         packed = _pack_keys(scores, keys)
         # A key that does not beat the current k-th best can never be selected (the k-th best
@@ -195,8 +210,9 @@ def _sparse_forward_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(1)
-    pid_bh = tl.program_id(0)
+    query_blocks = tl.cdiv(num_queries, BLOCK_M)
+    pid_bh = tl.program_id(0) // query_blocks
+    pid_m = tl.program_id(0) % query_blocks
     batch = (pid_bh // heads).to(tl.int64)
     head = (pid_bh % heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -247,8 +263,9 @@ def _sparse_backward_kernel(
     stride_gb, stride_gh, stride_gn, stride_gd,
     DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(1)
-    pid_bh = tl.program_id(0)
+    query_blocks = tl.cdiv(num_queries, BLOCK_M)
+    pid_bh = tl.program_id(0) // query_blocks
+    pid_m = tl.program_id(0) % query_blocks
     batch = (pid_bh // heads).to(tl.int64)
     head = (pid_bh % heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -292,28 +309,102 @@ def _sparse_backward_kernel(
     tl.store(dq_ptr + row_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-# --- launchers --------------------------------------------------------------------------------------
+# --- tile choice and grids (shared by the launchers and launch_configs) -------------------------------
+
+# Programs on grid axis 0 (CUDA's limit; axes 1 and 2 are not used).
+MAX_PROGRAMS = 2**31 - 1
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# sm_90 (227 KB of shared memory per block, 255 registers per thread): nothing spills at any
+# configuration these launchers choose (checked by compiling launch_configs()).
+SPILL_ALLOWANCE: dict[str, SpillAllowance] = {}
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_m: int  # queries per program
+    block_n: int  # selection: keys per block and buffer width; gather kernels: selected keys per step
+    num_warps: int
+    num_stages: int = 3
+    dot_chunk: int = 1 << 30  # selection: head-dim slice of each tl.dot (capped at D)
+
+
+def selection_tile(topk: int, head_dim: int, dtype: torch.dtype, interpret: bool = False) -> Tile:
+    """Tile of the selection kernel. BLOCK_N (a power of two >= topk) is also the buffer width.
+
+    Float32 scores use IEEE products on CUDA cores, whose tl.dot holds its operands in registers: a
+    whole ``[D, BLOCK_N]`` key tile (128 KB at D = 128, BLOCK_N = 256) spills, so the dot runs over
+    head-dim slices of 16 (16-bit inputs with a 256-wide buffer: 32). Two stages at most: a third
+    prefetched key tile passes sm_90's 227 KB of shared memory at D = 128, BLOCK_N = 256. 8 warps
+    share the sort of a ``[BLOCK_M, BLOCK_N]`` int64 buffer of 4096 entries, so that no thread holds
+    more of it than its registers take.
+    """
+    block_n = max(32, triton.next_power_of_2(topk))
+    if interpret:  # the interpreter's cost grows with the tile; 16 is tl.dot's smallest M on GPU
+        return Tile(16, block_n, 4)
+    block_m = 64 if block_n <= 32 else 32 if block_n <= 128 else 16
+    num_warps = 8 if block_m * block_n >= 4096 else 4
+    if dtype == torch.float32:
+        dot_chunk = 16
+    else:  # tensor cores; the 256-wide buffer leaves room for a 32-deep slice of K only
+        dot_chunk = 32 if block_n >= 256 else head_dim
+    return Tile(block_m, block_n, num_warps, num_stages=2, dot_chunk=dot_chunk)
+
+
+def sparse_tile(head_dim: int, backward: bool = False, interpret: bool = False) -> Tile:
+    """Tile of the gather kernels: ``BLOCK_M`` queries x ``BLOCK_K`` selected keys x ``D`` values per step,
+    about ``budget`` values per ``[M, K, D]`` tile so that each thread holds a few dozen of each."""
+    block_k = 16
+    if interpret:  # the interpreter amortizes its per-program cost on big tiles
+        return Tile(max(1, min(64, 65536 // (block_k * head_dim))), block_k, 4)
+    budget = 2048 if backward else 4096
+    return Tile(max(1, min(64, budget // (block_k * head_dim))), block_k, 4)
+
+
+def topk_attention_grid(batch: int, heads: int, num_queries: int, block_m: int) -> tuple[int]:
+    """The one-axis grid of every top-k kernel: ``B * H * ceil(Nq / BLOCK_M)`` programs on axis 0."""
+    programs = batch * heads * triton.cdiv(num_queries, block_m)
+    if programs > MAX_PROGRAMS:
+        raise ValueError(
+            f"topk_attention: B * H * ceil(Nq / {block_m}) = {programs} programs exceed the grid limit "
+            f"{MAX_PROGRAMS}"
+        )
+    return (programs,)
+
+
+def select_topk_grid(
+    batch: int,
+    heads: int,
+    num_queries: int,
+    head_dim: int,
+    topk: int,
+    dtype: torch.dtype,
+    interpret: bool = False,
+) -> tuple[int]:
+    return topk_attention_grid(
+        batch, heads, num_queries, selection_tile(topk, head_dim, dtype, interpret).block_m
+    )
+
+
+def topk_attention_forward_grid(
+    batch: int, heads: int, num_queries: int, head_dim: int, interpret: bool = False
+) -> tuple[int]:
+    return topk_attention_grid(batch, heads, num_queries, sparse_tile(head_dim, False, interpret).block_m)
+
+
+def topk_attention_backward_grid(
+    batch: int, heads: int, num_queries: int, head_dim: int, interpret: bool = False
+) -> tuple[int]:
+    return topk_attention_grid(batch, heads, num_queries, sparse_tile(head_dim, True, interpret).block_m)
+
+
+def _interpret(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda" and interpreting()
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())  # type: ignore[return-value]
-
-
-def _selection_tile(topk: int, interpreting: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the selection kernel; BLOCK_N is also the buffer width."""
-    block_n = max(32, triton.next_power_of_2(topk))
-    if interpreting:  # the interpreter's cost grows with the tile; 16 is tl.dot's smallest M on GPU
-        return 16, block_n, 4
-    block_m = 64 if block_n <= 64 else 32 if block_n <= 128 else 16
-    return block_m, block_n, 4
-
-
-def _sparse_tile(head_dim: int, interpreting: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps) of the gather kernels: about ``budget`` values per [M, K, D] tile."""
-    block_k = 16
-    budget = 65536 if interpreting else 8192  # the interpreter amortizes its per-program cost on big tiles
-    block_m = max(1, min(64, budget // (block_k * head_dim)))
-    return block_m, block_k, 4
 
 
 def _pack_keys_torch(scores: torch.Tensor) -> torch.Tensor:
@@ -339,6 +430,17 @@ def _select_topk_torch(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float
     return indices
 
 
+def _selection_constexprs(
+    tile: Tile, head_dim: int, dtype: torch.dtype, interpret: bool, native_sort: bool | None = None
+) -> dict:
+    return {
+        "HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "UPCAST": interpret,
+        "IEEE_FP32": dtype == torch.float32,
+        "NATIVE_SORT": not interpret if native_sort is None else native_sort,
+        "LOG_N": tile.block_n.bit_length() - 1, "DOT_CHUNK": min(head_dim, tile.dot_chunk),
+    }  # fmt: skip
+
+
 def select_topk(
     q: torch.Tensor, k: torch.Tensor, topk: int, scale: float, native_sort: bool | None = None
 ) -> torch.Tensor:
@@ -353,15 +455,12 @@ def select_topk(
     indices = torch.empty((batch, heads, num_queries, topk), dtype=torch.int32, device=q.device)
     if indices.numel() == 0:
         return indices
-    interpreting = triton_interpreting()
-    block_m, block_n, num_warps = _selection_tile(topk, interpreting)
-    grid = (batch * heads, triton.cdiv(num_queries, block_m))  # B*H on axis 0: no 65535 limit
-    _select_topk_kernel[grid](
+    interpret = _interpret(q)
+    tile = selection_tile(topk, head_dim, q.dtype, interpret)
+    _select_topk_kernel[select_topk_grid(batch, heads, num_queries, head_dim, topk, q.dtype, interpret)](
         q, k, indices, num_queries, num_keys, topk, heads, scale, *_strides(q), *_strides(k),
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        UPCAST=interpreting, IEEE_FP32=q.dtype == torch.float32,
-        NATIVE_SORT=not interpreting if native_sort is None else native_sort,
-        LOG_N=block_n.bit_length() - 1, num_warps=num_warps,
+        **_selection_constexprs(tile, head_dim, q.dtype, interpret, native_sort),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     return indices
 
@@ -381,12 +480,12 @@ def topk_attention_forward(
         indices = select_topk(q, k, topk, scale)
     if out.numel() == 0:
         return out, lse, indices
-    block_m, block_k, num_warps = _sparse_tile(head_dim, triton_interpreting())
-    grid = (batch * heads, triton.cdiv(num_queries, block_m))  # B*H on axis 0: no 65535 limit
-    _sparse_forward_kernel[grid](
+    interpret = _interpret(q)
+    tile = sparse_tile(head_dim, False, interpret)
+    _sparse_forward_kernel[topk_attention_forward_grid(batch, heads, num_queries, head_dim, interpret)](
         q, k, v, indices, out, lse, num_queries, num_keys if dense else topk, heads, scale,
         *_strides(q), *_strides(k), *_strides(v),
-        DENSE=dense, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
+        DENSE=dense, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_K=tile.block_n, num_warps=tile.num_warps,
     )  # fmt: skip
     return out, lse, indices
 
@@ -411,12 +510,67 @@ def topk_attention_backward(
     if dq.numel() > 0:
         out = out.contiguous()
         indices = indices.contiguous()
-        block_m, block_k, num_warps = _sparse_tile(head_dim, triton_interpreting())
-        grid = (batch * heads, triton.cdiv(num_queries, block_m))  # B*H on axis 0: no 65535 limit
+        interpret = _interpret(q)
+        tile = sparse_tile(head_dim, True, interpret)
+        grid = topk_attention_backward_grid(batch, heads, num_queries, head_dim, interpret)
         _sparse_backward_kernel[grid](
             q, k, v, out, grad_out, lse.contiguous(), indices, dq, dk, dv,
             num_queries, num_keys, num_selected, heads, scale,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
-            DENSE=dense, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
+            DENSE=dense, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_K=tile.block_n,
+            num_warps=tile.num_warps,
         )  # fmt: skip
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --- every configuration the launchers can choose on a GPU (for the sm_90 budget check) ------------
+
+_SCALARS = {"scale": "fp32"}
+
+
+def _topks() -> Iterator[int]:
+    """One topk per selection tile class: BLOCK_N = max(32, next_power_of_2(topk)) up to TRITON_MAX_TOPK."""
+    topk = 32
+    while topk <= TRITON_MAX_TOPK:
+        yield topk
+        topk *= 2
+
+
+def launch_configs() -> Iterator[KernelLaunch]:
+    """Every (kernel, signature, constexprs, warps, stages) the launchers can choose on a GPU: every
+    dtype, head size, selection tile class (from selection_tile) and gather tile (from sparse_tile),
+    sparse and dense."""
+    for dtype, name in _DTYPES.items():
+        data = f"*{name}"
+        pointers = {
+            "q_ptr": data, "k_ptr": data, "v_ptr": data, "out_ptr": data, "grad_out_ptr": data,
+            "dq_ptr": data,
+            "idx_ptr": "*i32", "lse_ptr": "*fp32", "dk_ptr": "*fp32", "dv_ptr": "*fp32",
+        }  # fmt: skip
+        for head_dim in SUPPORTED_HEAD_DIMS:
+            tags = {"dtype": name, "head_dim": head_dim}
+            for topk in _topks():
+                tile = selection_tile(topk, head_dim, dtype)
+                constexprs = _selection_constexprs(tile, head_dim, dtype, interpret=False)
+                yield KernelLaunch(
+                    _select_topk_kernel,
+                    kernel_signature(_select_topk_kernel, constexprs, pointers, _SCALARS),
+                    constexprs, tile.num_warps, tile.num_stages,
+                    label=f"select {name} D={head_dim} topk<={topk}",
+                    tags={**tags, "topk": topk},
+                )  # fmt: skip
+            for kernel, backward in ((_sparse_forward_kernel, False), (_sparse_backward_kernel, True)):
+                tile = sparse_tile(head_dim, backward)
+                for dense in (False, True):
+                    constexprs = {
+                        "DENSE": dense,
+                        "HEAD_DIM": head_dim,
+                        "BLOCK_M": tile.block_m,
+                        "BLOCK_K": tile.block_n,
+                    }
+                    yield KernelLaunch(
+                        kernel, kernel_signature(kernel, constexprs, pointers, _SCALARS), constexprs,
+                        tile.num_warps,
+                        tile.num_stages, label=f"{'backward' if backward else 'forward'} {name} D={head_dim}"
+                        + (" dense" if dense else ""), tags={**tags, "dense": dense},
+                    )  # fmt: skip
