@@ -314,3 +314,12 @@ def test_export(backend):
     if backend != "reference":
         assert any("topk_attention" in t for t in targets), targets
     torch.testing.assert_close(exported.module()(x), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("topk", [2**31, 2**63, 2**70])
+def test_huge_topk_is_dense_attention(backend, topk):
+    q, k, v = _inputs(1, 2, 5, 7, 16, torch.float32, seed=63)
+    with fastvision.use_backend(backend):
+        out = topk_attention(q, k, v, topk)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
