@@ -7,10 +7,31 @@ and vectorize. Math in float32; storage in the input dtype.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import triton
 import triton.language as tl
-from fastvision.triton_kernels._launch import as_rows, elements_per_program
+from fastvision.triton_kernels._launch import (
+    KernelLaunch,
+    SpillAllowance,
+    as_rows,
+    interpreting,
+    kernel_signature,
+)
+
+# Programs on grid axis 0 (CUDA's limit); the grid has no other axis.
+MAX_PROGRAMS = 2**31 - 1
+# Output elements per program: on a GPU, and in the interpreter (which amortizes its per-program cost).
+GPU_ELEMENTS = 4096
+_INTERPRETER_ELEMENTS = 65536
+MIN_BLOCK_N = 16
+MAX_BLOCK_N = 2048
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# sm_90: nothing spills at any configuration these launchers choose (checked by compiling
+# launch_configs()).
+SPILL_ALLOWANCE: dict[str, SpillAllowance] = {}
 
 
 @triton.jit
@@ -61,9 +82,11 @@ def geglu_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # One-axis grid: row block p // col_blocks, column block p % col_blocks.
     # int64 rows: M * 2H can pass 2**31 (and so can M with a tiny H).
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_blocks = tl.cdiv(hidden, BLOCK_N)
+    rows = (tl.program_id(0) // col_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tl.program_id(0) % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < hidden)
     x_offsets = rows[:, None] * x_row_stride + cols[None, :]
     value = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
@@ -88,8 +111,9 @@ def geglu_backward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_blocks = tl.cdiv(hidden, BLOCK_N)
+    rows = (tl.program_id(0) // col_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tl.program_id(0) % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < hidden)
     x_offsets = rows[:, None] * x_row_stride + cols[None, :]
     value = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
@@ -104,12 +128,32 @@ def geglu_backward_kernel(
     tl.store(dx_ptr + dx_offsets + hidden, (grad * value * gelu_grad).to(dtype), mask=mask)
 
 
-def _tile(n_rows: int, hidden: int, target_elements: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): a tile of about ``target_elements`` outputs."""
-    block_n = min(triton.next_power_of_2(hidden), 2048)
-    block_m = max(1, min(target_elements // block_n, triton.next_power_of_2(n_rows)))
+def tile(
+    hidden: int, backward: bool, n_rows: int | None = None, interpret: bool = False
+) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): a tile of about ``GPU_ELEMENTS`` outputs (half of that for the
+    backward, which moves twice the values). On a GPU it depends on ``hidden`` only; the interpreter
+    takes larger tiles, up to ``n_rows`` rows."""
+    target = (_INTERPRETER_ELEMENTS if interpret else GPU_ELEMENTS) // (2 if backward else 1)
+    block_n = min(max(triton.next_power_of_2(hidden), MIN_BLOCK_N), MAX_BLOCK_N)
+    block_m = max(1, target // block_n)
+    if interpret:
+        block_m = min(block_m, triton.next_power_of_2(max(n_rows or 1, 1)))
     num_warps = 8 if block_m * block_n >= 4096 else 4
     return block_m, block_n, num_warps
+
+
+def geglu_grid(n_rows: int, hidden: int, backward: bool = False, interpret: bool = False) -> tuple[int]:
+    """Launch grid of the forward (or backward) kernel: row blocks x column blocks on axis 0."""
+    block_m, block_n, _ = tile(hidden, backward, n_rows, interpret)
+    programs = triton.cdiv(n_rows, block_m) * triton.cdiv(hidden, block_n)
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"geglu: {programs} programs exceed the grid limit {MAX_PROGRAMS}")
+    return (programs,)
+
+
+def _interpret(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda" and interpreting()
 
 
 def geglu_forward(x: torch.Tensor, approximate: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,9 +166,9 @@ def geglu_forward(x: torch.Tensor, approximate: str, out: torch.Tensor | None = 
     rows = as_rows(x)
     out_rows = out.view(-1, hidden)
     n_rows = rows.shape[0]
-    block_m, block_n, num_warps = _tile(n_rows, hidden, elements_per_program(x.device))
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(hidden, block_n))
-    geglu_forward_kernel[grid](
+    interpret = _interpret(x)
+    block_m, block_n, num_warps = tile(hidden, False, n_rows, interpret)
+    geglu_forward_kernel[geglu_grid(n_rows, hidden, False, interpret)](
         rows, out_rows, n_rows, hidden, rows.stride(0), out_rows.stride(0),
         APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )  # fmt: skip
@@ -142,10 +186,37 @@ def geglu_backward(
     grad_rows = as_rows(grad_out)
     dx_rows = dx.view(-1, 2 * hidden)
     n_rows = rows.shape[0]
-    block_m, block_n, num_warps = _tile(n_rows, hidden, elements_per_program(x.device) // 2)
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(hidden, block_n))
-    geglu_backward_kernel[grid](
+    interpret = _interpret(x)
+    block_m, block_n, num_warps = tile(hidden, True, n_rows, interpret)
+    geglu_backward_kernel[geglu_grid(n_rows, hidden, True, interpret)](
         grad_rows, rows, dx_rows, n_rows, hidden, grad_rows.stride(0), rows.stride(0), dx_rows.stride(0),
         APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )  # fmt: skip
     return dx
+
+
+# --- every configuration the launchers can choose on a GPU (for the sm_90 budget check) ------------
+
+
+def launch_configs() -> Iterator[KernelLaunch]:
+    """Every (kernel, signature, constexprs, warps) the launchers can choose on a GPU: each dtype, both
+    GELU forms, and the tile of one hidden size per tile class (from ``tile``)."""
+    for name in _DTYPES.values():
+        data = f"*{name}"
+        pointers = {"x_ptr": data, "out_ptr": data, "grad_ptr": data, "dx_ptr": data}
+        for kernel, backward in ((geglu_forward_kernel, False), (geglu_backward_kernel, True)):
+            hidden = MIN_BLOCK_N
+            while hidden <= MAX_BLOCK_N:
+                block_m, block_n, num_warps = tile(hidden, backward)
+                for tanh in (False, True):
+                    constexprs = {"APPROX_TANH": tanh, "BLOCK_M": block_m, "BLOCK_N": block_n}
+                    yield KernelLaunch(
+                        kernel,
+                        kernel_signature(kernel, constexprs, pointers),
+                        constexprs,
+                        num_warps,
+                        label=f"{'backward' if backward else 'forward'} {name} H<={block_n}"
+                        + (" tanh" if tanh else ""),
+                        tags={"dtype": name, "hidden": hidden, "approximate": "tanh" if tanh else "none"},
+                    )
+                hidden *= 2
