@@ -6,6 +6,7 @@ from fastvision.ops.add_layer_norm import add_layer_norm, add_layer_norm_referen
 from fastvision.ops.geglu import geglu, geglu_reference
 from fastvision.ops.grn import grn, grn_reference
 from fastvision.ops.masked_gather import MaskedGather, masked_gather, masked_gather_reference
+from fastvision.ops.selective_scan import selective_scan, selective_scan_reference
 from fastvision.ops.sparse_conv2d import sparse_conv2d, sparse_conv2d_reference
 from fastvision.ops.sparse_max_pool2d import (
     sparse_max_pool2d,
@@ -29,6 +30,8 @@ __all__ = [
     "grn_reference",
     "masked_gather",
     "masked_gather_reference",
+    "selective_scan",
+    "selective_scan_reference",
     "sparse_conv2d",
     "sparse_conv2d_reference",
     "sparse_max_pool2d",

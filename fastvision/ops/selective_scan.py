@@ -1,0 +1,295 @@
+"""Selective scan (Mamba's S6): ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``,
+``y_t = C_t . h_t + D u_t``.
+
+The semantics and shapes of mamba-ssm's ``selective_scan_fn``: ``u``, ``delta``, ``z`` ``[batch, dim, L]``;
+``A`` ``[dim, N]`` real; ``B`` and ``C`` each ``[dim, N]`` (fixed), ``[batch, N, L]`` (varying) or
+``[batch, G, N, L]`` (``G`` groups, each shared by ``dim / G`` consecutive channels); ``D`` and
+``delta_bias`` ``[dim]`` float32. ``delta = softplus(delta + delta_bias)`` when asked; the output is
+multiplied by ``silu(z)`` when ``z`` is given. ``return_last_state`` also returns ``h_L``
+``[batch, dim, N]`` (float32). Inputs float32, float16 or bfloat16; state and accumulation float32.
+
+Backends: ``reference`` (below: sequential over ``L`` in plain PyTorch), ``cpu``
+(csrc/cpu/selective_scan.cpp: threads over (batch, dim), a sequential scan over ``L`` vectorized
+over ``N``; the backward recomputes the states of one (batch, channel) in a workspace of ``L x N``
+floats per thread) and ``triton`` (triton_kernels/selective_scan.py: chunked scans with the state on
+chip, carried across chunks; the backward recomputes inside chunks from the chunk-boundary states).
+Nothing of size ``L x N`` is saved for the backward: the forward ops return the output and the last
+state only.
+
+The kernel ops take every input as a tensor, with empty tensors for the absent ``D``, ``z`` and
+``delta_bias`` (op inputs cannot be None), ``B``/``C`` always in the grouped form ``[batch, G, N, L]``
+or the fixed form ``[dim, N]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
+from fastvision.ops._contract import AutogradRule, OpSpec, define_op, leaf, triton_launch
+
+MAX_STATE = 256
+
+
+def _expand_groups(bc: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[batch, N, L]`` or ``[batch, G, N, L]`` -> ``[batch, dim, N, L]`` (a group per dim / G channels)."""
+    if bc.dim() == 3:
+        bc = bc.unsqueeze(1)
+    return bc.repeat_interleave(dim // bc.shape[1], dim=1)
+
+
+def selective_scan_reference(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """The definition: a sequential loop over ``L`` in float32 (as mamba-ssm's ``selective_scan_ref``)."""
+    dtype = u.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    u, delta, A = u.to(compute), delta.to(compute), A.to(compute)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, length = u.shape
+    state = A.shape[1]
+    decay = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # [batch, dim, L, N]
+    if B.dim() == 2:
+        drive = (delta * u).unsqueeze(-1) * B.to(compute)[:, None, :]
+    else:
+        drive = (delta * u).unsqueeze(-1) * _expand_groups(B.to(compute), dim).transpose(2, 3)
+    readout = C.to(compute) if C.dim() == 2 else _expand_groups(C.to(compute), dim).transpose(2, 3)
+    h = u.new_zeros((batch, dim, state))
+    ys = []
+    for t in range(length):
+        h = decay[:, :, t] * h + drive[:, :, t]
+        c = readout if C.dim() == 2 else readout[:, :, t]
+        ys.append((h * c).sum(-1))
+    y = torch.stack(ys, dim=2) if ys else u.new_zeros((batch, dim, 0))
+    if D is not None:
+        y = y + u * D.to(compute)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(compute))
+    out = y.to(dtype)
+    return (out, h) if return_last_state else out
+
+
+# --- kernel ops ----------------------------------------------------------------------------------------
+
+
+def _optional(t: torch.Tensor) -> torch.Tensor | None:
+    return None if t.numel() == 0 else t
+
+
+def _backward_op_reference(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """The backward ops' definition by autograd of the reference (differentiable: the higher-order rule)."""
+    compute = torch.promote_types(u.dtype, torch.float32)
+    with torch.enable_grad():
+        inputs = [leaf(t.to(compute)) for t in (u, delta, A, B, C)]
+        optional = [None if t.numel() == 0 else leaf(t.to(compute)) for t in (D, z, delta_bias)]
+        out, last = selective_scan_reference(*inputs, *optional, delta_softplus, True)
+        wanted = inputs + [t for t in optional if t is not None]
+        grads = torch.autograd.grad(
+            (out, last), wanted, (grad_out.to(compute), grad_last.to(compute)), create_graph=True,
+            allow_unused=True,
+        )  # fmt: skip
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wanted, strict=True)]
+    found = iter(grads[5:])
+    rest = [next(found) if t.numel() else t.new_empty(0) for t in (D, z, delta_bias)]
+    first = [g.to(t.dtype) for g, t in zip(grads[:5], (u, delta, A, B, C), strict=True)]
+    return (*first, rest[0].to(D.dtype), rest[1].to(z.dtype), rest[2].to(delta_bias.dtype))
+
+
+@triton_launch("selective_scan_triton_forward")
+def selective_scan_triton_forward(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    from fastvision.triton_kernels.selective_scan import selective_scan_forward
+
+    return selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@triton_launch("selective_scan_triton_backward")
+def selective_scan_triton_backward(
+    grad_out: torch.Tensor, grad_last: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
+    B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor,
+    delta_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:  # fmt: skip
+    from fastvision.triton_kernels.selective_scan import selective_scan_backward
+
+    return selective_scan_backward(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _forward_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return u.new_empty(u.shape), u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=torch.float32)
+
+
+def _backward_fake(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return tuple(t.new_empty(t.shape) for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, delta_softplus = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.delta_softplus = delta_softplus
+
+
+def _backward(ctx, backward_op, grad_out, grad_last):
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(u)
+    if grad_last is None:
+        grad_last = u.new_zeros((u.shape[0], u.shape[1], A.shape[1]), dtype=torch.float32)
+    grads = backward_op(
+        grad_out.contiguous(), grad_last.contiguous(), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus
+    )
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    return (*(g if t.numel() else None for g, t in zip(grads, inputs, strict=True)), None)
+
+
+AUTOGRAD = AutogradRule(
+    forward_fake=_forward_fake,
+    backward_fake=_backward_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    backward_reference=_backward_op_reference,
+    backward_differentiable=tuple(range(10)),
+)
+
+
+def _check_bc(name: str, bc: torch.Tensor, batch: int, dim: int, state: int, length: int) -> None:
+    check_tensor(name, bc)
+    if bc.is_complex():
+        raise TypeError(f"{name} must be real (complex B and C are not supported)")
+    check_dtype(name, bc)
+    if bc.dim() == 2:
+        if tuple(bc.shape) != (dim, state):
+            raise ValueError(f"{name} fixed must have shape [dim, N] = [{dim}, {state}], got {list(bc.shape)}"
+                             )  # fmt: skip
+    elif bc.dim() == 3:
+        if tuple(bc.shape) != (batch, state, length):
+            raise ValueError(
+                f"{name} varying must have shape [batch, N, L] = [{batch}, {state}, {length}], "
+                f"got {list(bc.shape)}"
+            )
+    elif bc.dim() == 4:
+        groups = bc.shape[1]
+        if bc.shape[0] != batch or bc.shape[2] != state or bc.shape[3] != length:
+            raise ValueError(
+                f"{name} grouped must have shape [batch, G, N, L] = [{batch}, G, {state}, {length}], "
+                f"got {list(bc.shape)}"
+            )
+        if groups < 1 or dim % groups != 0:
+            raise ValueError(f"{name}'s groups G = {groups} must divide dim = {dim}")
+    else:
+        raise ValueError(f"{name} must be [dim, N], [batch, N, L] or [batch, G, N, L], got {bc.dim()} dims")
+
+
+def _check_vector(name: str, value: torch.Tensor | None, dim: int) -> None:
+    if value is None:
+        return
+    check_tensor(name, value)
+    if value.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {str(value.dtype).removeprefix('torch.')}")
+    if tuple(value.shape) != (dim,):
+        raise ValueError(f"{name} must have shape [dim] = [{dim}], got {list(value.shape)}")
+
+
+def _check(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    check_tensor("u", u)
+    check_dtype("u", u)
+    if u.dim() != 3:
+        raise ValueError(f"u must have shape [batch, dim, L], got {list(u.shape)}")
+    batch, dim, length = u.shape
+    for name, t in (("delta", delta), ("z", z)):
+        if t is None and name == "z":
+            continue
+        check_tensor(name, t)
+        check_dtype(name, t)
+        if t.shape != u.shape:
+            raise ValueError(f"{name} must have u's shape {list(u.shape)}, got {list(t.shape)}")
+    check_tensor("A", A)
+    if A.is_complex():
+        raise TypeError("A must be real (complex A is not supported)")
+    if A.dtype != torch.float32:
+        raise TypeError(f"A must be float32, got {str(A.dtype).removeprefix('torch.')}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must have shape [dim, N] = [{dim}, N], got {list(A.shape)}")
+    state = A.shape[1]
+    if not 1 <= state <= MAX_STATE:
+        raise ValueError(f"the state size N (A.shape[1]) must be in [1, {MAX_STATE}], got {state}")
+    _check_bc("B", B, batch, dim, state, length)
+    _check_bc("C", C, batch, dim, state, length)
+    _check_vector("D", D, dim)
+    _check_vector("delta_bias", delta_bias, dim)
+    for name, flag in (("delta_softplus", delta_softplus), ("return_last_state", return_last_state)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    present = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    check_same_device(**{k: v for k, v in present.items() if v is not None})
+    return u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+
+
+def _kernel_form(bc: torch.Tensor) -> torch.Tensor:
+    return bc.unsqueeze(1) if bc.dim() == 3 else bc
+
+
+def _run_kernel(forward_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    empty = u.new_empty((0,), dtype=torch.float32)
+    out, last = forward_op(
+        u, delta, A, _kernel_form(B), _kernel_form(C), empty if D is None else D,
+        u.new_empty((0,)) if z is None else z, empty if delta_bias is None else delta_bias, delta_softplus,
+    )  # fmt: skip
+    return (out, last) if return_last_state else out
+
+
+def _triton_supports(u, delta, A, *_):
+    if A.shape[1] > 64:
+        return f"the triton backend keeps N x chunk states on chip and takes N up to 64, got {A.shape[1]}"
+    return None
+
+
+SELECTIVE_SCAN = define_op(
+    OpSpec(
+        name="selective_scan",
+        reference=selective_scan_reference,
+        check=_check,
+        device=lambda u, *_: u.device,
+        kernels={},
+        gpu_order=(),
+        cpu_order=(),
+        triton_module="fastvision.triton_kernels.selective_scan",
+        benchmark_module="fastvision.benchmark.selective_scan",
+    )
+)
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """Mamba's selective scan with ``selective_scan_fn``'s semantics (see the module docstring).
+
+    Returns:
+        ``out [batch, dim, L]`` of ``u``'s dtype, and with ``return_last_state`` also ``h_L
+        [batch, dim, N]`` float32.
+    """
+    return SELECTIVE_SCAN(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
