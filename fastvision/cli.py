@@ -61,7 +61,37 @@ def info() -> dict:
     }
 
 
+def _kernel_budget_paths() -> tuple[Path, Path]:
+    """(the budget script, its committed table) in the source checkout this package runs from."""
+    import fastvision
+
+    root = Path(fastvision.__file__).resolve().parents[1]
+    return root / "bench" / "kernel_budget.py", root / "bench" / "results" / "kernel_budget.md"
+
+
+def _show_kernel_budgets(rebuild: bool, as_json: bool) -> int:
+    import os
+    import subprocess
+
+    script, table = _kernel_budget_paths()
+    status = 0
+    if rebuild:
+        if not script.exists():
+            print(f"fastvision info --kernels --rebuild: {script} not found (needs a source checkout)")
+            return 2
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        status = subprocess.run([sys.executable, str(script), "--quiet"], env=env).returncode
+    path = table.with_suffix(".json") if as_json else table
+    if not path.exists():
+        print(f"no kernel budget table at {path}: run `fastvision info --kernels --rebuild` in a checkout")
+        return 2
+    print(path.read_text(), end="")
+    return status
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
+    if args.kernels or args.rebuild:
+        return _show_kernel_budgets(args.rebuild, args.json)
     data = info()
     if args.json:
         print(json.dumps(data, indent=2))
@@ -140,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     info_parser = sub.add_parser("info", help="versions, device, backends built, optional extras")
     info_parser.add_argument("--json", action="store_true")
+    info_parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="print the committed sm_90 kernel budget table (registers, spills, shared memory per kernel "
+        "and launch configuration; bench/results/kernel_budget.md, or .json with --json)",
+    )
+    info_parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="with --kernels: regenerate the table first (bench/kernel_budget.py: compiles for sm_90)",
+    )
     info_parser.set_defaults(handler=_cmd_info)
 
     from fastvision.train.cli import add_subcommands

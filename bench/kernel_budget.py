@@ -1,0 +1,669 @@
+"""Kernel budgets on sm_90, checked without a GPU.
+
+Compiles every launch configuration of every Triton kernel for sm_90 (H100/H200) and reads the
+resources of the CUDA kernels built into ``fastvision._C``, then reports per kernel and
+configuration: registers per thread, spilled (local-memory) bytes per thread, shared memory per
+block, and static SASS instruction counts. Exits 1 when a configuration
+
+- needs more shared memory than sm_90 gives a block (232,448 B),
+- needs more than 255 registers per thread, or more than 65,536 registers per block,
+- spills more bytes per thread than the allowance written next to the kernel, or
+- fails to compile,
+
+or when a Triton module has no ``launch_configs()`` (unless ``--allow-missing``).
+
+Triton: the modules are those named by the op registry (``fastvision.ops.OPS[*].triton_module``).
+Each module's ``launch_configs()`` yields ``KernelLaunch`` descriptions
+(``fastvision/triton_kernels/_launch.py``) built by the same tile-choosing code its launchers call;
+each is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` in a
+worker process with ``TRITON_INTERPRET`` unset. Shared memory is ``metadata.shared``; registers
+and stack (spill) bytes come from ``cuobjdump --dump-resource-usage`` on the cubin. Spill
+allowances: ``SPILL_ALLOWANCE: dict[str, SpillAllowance]`` in the kernel's module, keyed by kernel
+name; a kernel without one may spill 0 bytes.
+
+CUDA: ``cuobjdump --dump-resource-usage`` and ``--dump-sass`` on the built ``fastvision/_C*.so``
+(names demangled with ``c++filt``). Shared memory is the static amount; dynamic shared memory is
+chosen at launch and does not appear in the binary. Spill allowances for CUDA kernels are
+``CUDA_SPILL_ALLOWANCE`` below, keyed by the kernel's unqualified name (without template
+arguments).
+
+SASS instruction counts are static counts of the compiled code: a first prediction of a
+compute-bound kernel's cost, not a measurement. ``LDL/STL`` counts local-memory loads and stores
+(where spills show up in the code).
+
+Writes ``bench/results/kernel_budget.md`` and ``.json`` (``--out-dir``; ``--no-write`` skips).
+Triton's own cache (``~/.triton/cache``) makes a repeated run take seconds.
+
+    python bench/kernel_budget.py [--jobs N] [--module fastvision.triton_kernels.geglu] [--allow-missing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import importlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastvision.triton_kernels._launch import KernelLaunch, SpillAllowance
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+# sm_90 limits per block and per thread.
+MAX_SHARED_BYTES = 232_448
+MAX_REGISTERS_PER_THREAD = 255
+MAX_REGISTERS_PER_BLOCK = 65_536
+ARCH = 90
+
+# Spill allowances of the CUDA kernels in csrc/cuda/: by instantiation ("pool_kernel<float, 1, int>",
+# template arguments as c++filt prints them) or by unqualified kernel name for all instantiations.
+_GRID_STRIDE_SLOT = (
+    "8 B stack slot: one 64-bit value of the grid-stride loop stored once before the loop and reloaded "
+    "once per iteration of it; no local-memory access in the inner loops (SASS: 2-4 LDL/STL in all)"
+)
+CUDA_SPILL_ALLOWANCE: dict[str, SpillAllowance] = {
+    **{
+        f"pool_kernel<{t}, 1, {i}>": SpillAllowance(8, _GRID_STRIDE_SLOT)
+        for t in ("float", "double", "c10::Half", "c10::BFloat16")
+        for i in ("int", "long")
+    },
+    **{
+        f"backward_kernel<{t}, 8>": SpillAllowance(8, _GRID_STRIDE_SLOT)
+        for t in ("c10::Half", "c10::BFloat16")
+    },
+    "geglu_forward_kernel<float, 1, true, long>": SpillAllowance(8, _GRID_STRIDE_SLOT),
+}
+
+# The op registry is filled op by op; until every op with Triton kernels is declared there, these
+# module names are checked as well. Remove TRANSITIONAL_TRITON_MODULES once OPS lists them all.
+TRANSITIONAL_TRITON_MODULES = (
+    "fastvision.triton_kernels.geglu",
+    "fastvision.triton_kernels.add_layer_norm",
+    "fastvision.triton_kernels.topk_attention",
+    "fastvision.triton_kernels.sparse_conv2d",
+)
+
+
+def triton_modules() -> list[str]:
+    """The Triton kernel modules to check: every ``triton_module`` in the op registry."""
+    from fastvision.ops import OPS
+
+    registered = [spec.triton_module for spec in OPS.values() if spec.triton_module]
+    return list(dict.fromkeys(registered + list(TRANSITIONAL_TRITON_MODULES)))
+
+
+@dataclass
+class Row:
+    backend: str  # "triton" or "cuda"
+    module: str
+    kernel: str
+    config: str
+    dtype: str
+    variant: str = ""  # constexprs and non-data pointer types, when several configurations share a label
+    num_warps: int | None = None
+    num_stages: int | None = None
+    registers: int | None = None
+    spill_bytes: int | None = None
+    shared_bytes: int | None = None
+    sass_instructions: int | None = None
+    local_memory_instructions: int | None = None
+    allowance_bytes: int = 0
+    allowance_reason: str = ""
+    verdict: str = "ok"
+    problems: list[str] = field(default_factory=list)
+    compile_error: str | None = None
+    key: str = ""  # hash of the compilation's inputs (Triton); a cache key for later runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+
+
+def _tool(name: str) -> str | None:
+    """A CUDA binary tool: Triton's bundled copy first (always present with triton), then CUDA's."""
+    candidates = []
+    try:
+        import triton
+
+        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+    except ImportError:
+        pass
+    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    candidates.append(Path(cuda_home) / "bin" / name)
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    return shutil.which(name)
+
+
+def _tool_version(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [line for line in out.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else None
+
+
+_RESOURCE = re.compile(r"^\s*Function (\S+):\s*$")
+_FIELDS = re.compile(r"(\w+(?:\[\d+\])?):(\d+)")
+
+
+def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
+    """``cuobjdump --dump-resource-usage`` output → {mangled name: {"REG": .., "STACK": .., ...}}."""
+    result: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        match = _RESOURCE.match(line)
+        if match:
+            current = match.group(1)
+            continue
+        if current is not None and "REG:" in line:
+            result[current] = {k: int(v) for k, v in _FIELDS.findall(line)}
+            current = None
+    return result
+
+
+_SASS_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)\s*$")
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def parse_sass(text: str) -> dict[str, tuple[int, int]]:
+    """``cuobjdump --dump-sass`` output → {mangled name: (instructions, local loads + stores)}."""
+    counts: dict[str, list[int]] = {}
+    current = None
+    for line in text.splitlines():
+        match = _SASS_FUNCTION.match(line)
+        if match:
+            current = match.group(1)
+            counts[current] = [0, 0]
+            continue
+        if current is None:
+            continue
+        match = _SASS_INSTRUCTION.match(line)
+        if match:
+            opcode = match.group(1).split(".")[0]
+            if opcode == "NOP":
+                continue
+            counts[current][0] += 1
+            if opcode in ("LDL", "STL"):
+                counts[current][1] += 1
+    return {name: (n, local) for name, (n, local) in counts.items()}
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    tool = shutil.which("c++filt")
+    if tool is None or not names:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out, strict=False)) if len(out) == len(names) else {n: n for n in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+
+
+_CONFIGS: dict[str, list[KernelLaunch]] = {}
+
+
+def _launch_configs(module_name: str) -> list[KernelLaunch] | None:
+    if module_name not in _CONFIGS:
+        module = importlib.import_module(module_name)
+        if not hasattr(module, "launch_configs"):
+            return None
+        _CONFIGS[module_name] = list(module.launch_configs())
+    return _CONFIGS[module_name]
+
+
+def _dtype_of(launch: KernelLaunch) -> str:
+    if "dtype" in launch.tags:
+        return str(launch.tags["dtype"]).removeprefix("torch.")
+    for kind in launch.signature.values():
+        if kind.startswith("*"):
+            return kind[1:]
+    return "-"
+
+
+def _config_label(launch: KernelLaunch) -> str:
+    if launch.label:
+        return launch.label
+    return " ".join(f"{k}={v}" for k, v in launch.constexprs.items())
+
+
+def _compile_one(module_name: str, index: int) -> dict[str, Any]:
+    """Compile ``launch_configs()[index]`` of ``module_name`` for sm_90 and read its resources."""
+    launch = _launch_configs(module_name)[index]
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        compiled = triton.compile(
+            ASTSource(launch.kernel, dict(launch.signature), constexprs=dict(launch.constexprs)),
+            target=GPUTarget("cuda", ARCH, 32),
+            options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
+        )
+    except Exception as exc:  # noqa: BLE001  (a configuration that does not compile is a failure)
+        lines = traceback.format_exception_only(type(exc), exc)
+        return {"error": f"does not compile: {' '.join(line.strip() for line in lines)[-600:]}"}
+    result: dict[str, Any] = {"shared": int(compiled.metadata.shared)}
+    cuobjdump = _tool("cuobjdump")
+    if cuobjdump is None:
+        return {**result, "error": "cuobjdump not found"}
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run(
+            [cuobjdump, "--dump-resource-usage", str(cubin)], capture_output=True, text=True, timeout=120
+        ).stdout
+        sass = subprocess.run(
+            [cuobjdump, "--dump-sass", str(cubin)], capture_output=True, text=True, timeout=120
+        ).stdout
+    resources = parse_resource_usage(usage)
+    if not resources:
+        return {**result, "error": "cuobjdump reported no function"}
+    fields = next(iter(resources.values()))
+    counts = parse_sass(sass)
+    n_instructions, n_local = next(iter(counts.values())) if counts else (None, None)
+    return {
+        **result,
+        "registers": fields.get("REG"),
+        "spill": max(fields.get("STACK", 0), fields.get("LOCAL", 0)),
+        "static_shared": fields.get("SHARED", 0),
+        "sass": n_instructions,
+        "local_instructions": n_local,
+    }
+
+
+def _allowance(table: dict[str, SpillAllowance], name: str) -> SpillAllowance:
+    return table.get(name) or SpillAllowance(0, "")
+
+
+def _judge(row: Row, threads: int | None) -> Row:
+    if row.shared_bytes is not None and row.shared_bytes > MAX_SHARED_BYTES:
+        row.problems.append(f"shared {row.shared_bytes} B > {MAX_SHARED_BYTES} B")
+    if row.registers is not None and row.registers > MAX_REGISTERS_PER_THREAD:
+        row.problems.append(f"registers {row.registers} > {MAX_REGISTERS_PER_THREAD}")
+    if row.registers is not None and threads and row.registers * threads > MAX_REGISTERS_PER_BLOCK:
+        row.problems.append(
+            f"{row.registers} registers x {threads} threads > {MAX_REGISTERS_PER_BLOCK} per block"
+        )
+    if row.spill_bytes is not None and row.spill_bytes > row.allowance_bytes:
+        row.problems.append(f"spills {row.spill_bytes} B > allowance {row.allowance_bytes} B")
+    if row.problems:
+        row.verdict = "FAIL"
+    return row
+
+
+def _variant(launch: KernelLaunch) -> str:
+    """What tells this configuration apart from others with the same label: its constexprs and its
+    pointer types other than the data type."""
+    dtype = _dtype_of(launch)
+    parts = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in launch.constexprs.items()]
+    parts += [f"{k}:{t}" for k, t in launch.signature.items() if t.startswith("*") and t[1:] != dtype]
+    return " ".join(parts)
+
+
+def launch_key(launch: KernelLaunch, ptxas: str | None) -> str:
+    """A hash of everything the compiled code depends on: Triton's key of the kernel's source and the
+    jit functions it calls, the signature, constexprs, options, target, Triton and ptxas versions."""
+    import triton
+
+    fields = [
+        triton.__version__,
+        ptxas,
+        ARCH,
+        launch.kernel.cache_key,
+        sorted(launch.signature.items()),
+        sorted((k, repr(v)) for k, v in launch.constexprs.items()),
+        launch.num_warps,
+        launch.num_stages,
+    ]
+    return hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()[:24]
+
+
+_MEASURED = ("registers", "spill_bytes", "shared_bytes", "sass_instructions", "local_memory_instructions")
+
+
+def load_cache(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """Measured fields of earlier results by key (rows that compiled), from kernel_budget.json files.
+    The key covers every input of the compilation, so a hit reads what compiling would produce."""
+    cache: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        try:
+            rows = json.loads(path.read_text()).get("triton", [])
+        except (OSError, ValueError):
+            continue
+        for row in rows:
+            if row.get("key") and row.get("registers") is not None and not row.get("compile_error"):
+                cache[row["key"]] = {k: row.get(k) for k in _MEASURED}
+    return cache
+
+
+def check_triton(
+    modules: list[str], jobs: int, cache: dict[str, dict[str, Any]] | None = None
+) -> tuple[list[Row], list[str], list[str], int]:
+    """(rows, modules without launch_configs(), modules that fail to import or enumerate, number of
+    configurations compiled; the others were read from ``cache``)."""
+    cache = cache or {}
+    ptxas = _tool_version(_tool("ptxas"))
+    missing, broken = [], []
+    planned: list[tuple[str, int, str]] = []
+    for name in modules:
+        try:
+            configs = _launch_configs(name)
+            if configs is None:
+                missing.append(name)
+                continue
+            planned += [(name, i, launch_key(launch, ptxas)) for i, launch in enumerate(configs)]
+        except Exception as exc:  # noqa: BLE001
+            broken.append(f"{name}: {type(exc).__name__}: {exc}".splitlines()[0])
+    work = [(name, i) for name, i, key in planned if key not in cache]
+    if jobs > 1 and len(work) > 1:
+        # fork: the workers inherit the imported modules and their enumerated configurations.
+        context = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            compiled = list(pool.map(_compile_one, *zip(*work, strict=True), chunksize=4))
+    else:
+        compiled = [_compile_one(name, i) for name, i in work]
+    fresh = dict(zip(work, compiled, strict=True))
+    rows = []
+    for name, index, key in planned:
+        launch = _CONFIGS[name][index]
+        allowance = _allowance(getattr(importlib.import_module(name), "SPILL_ALLOWANCE", {}), launch.name)
+        row = Row(
+            backend="triton",
+            module=name.rsplit(".", 1)[-1],
+            kernel=launch.name,
+            config=_config_label(launch),
+            dtype=_dtype_of(launch),
+            variant=_variant(launch),
+            num_warps=launch.num_warps,
+            num_stages=launch.num_stages,
+            allowance_bytes=allowance.bytes,
+            allowance_reason=allowance.reason,
+            key=key,
+        )
+        if (name, index) in fresh:
+            result = fresh[(name, index)]
+            shared = result.get("shared")
+            row.registers, row.spill_bytes = result.get("registers"), result.get("spill")
+            row.shared_bytes = None if shared is None else shared + result.get("static_shared", 0)
+            row.sass_instructions = result.get("sass")
+            row.local_memory_instructions = result.get("local_instructions")
+            if "error" in result:
+                row.compile_error = result["error"]
+                row.problems.append(result["error"])
+        else:
+            for field_name, value in cache[key].items():
+                setattr(row, field_name, value)
+        rows.append(_judge(row, launch.num_warps * 32))
+    return rows, missing, broken, len(work)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+
+_DTYPES = {"c10::BFloat16": "bf16", "c10::Half": "fp16", "float": "fp32", "double": "fp64"}
+
+
+def _split_cuda_name(demangled: str) -> tuple[str, str]:
+    """``void ns::(anonymous namespace)::k<float, 4>(args)`` → (``k``, ``float, 4``)."""
+    name = demangled.removeprefix("void ")
+    depth, cut = 0, len(name)
+    for i, char in enumerate(name):  # drop the argument list: the first "(" at template depth 0
+        if char == "<":
+            depth += 1
+        elif char == ">":
+            depth -= 1
+        elif char == "(" and depth == 0 and not name.startswith("(anonymous", i):
+            cut = i
+            break
+    name = name[:cut]
+    args = ""
+    if name.endswith(">") and "<" in name:
+        start = name.index("<")
+        name, args = name[:start], name[start + 1 : -1]
+    return name.rsplit("::", 1)[-1], args
+
+
+def extension_path() -> Path | None:
+    import fastvision
+
+    package = Path(fastvision.__file__).resolve().parent
+    found = sorted(package.glob("_C*.so"))
+    return found[0] if found else None
+
+
+def check_cuda(so: Path | None = None) -> tuple[list[Row], str]:
+    """(rows, a sentence on what was checked) for the CUDA kernels in ``so`` (default: the built
+    ``fastvision/_C*.so``; any file cuobjdump reads: a shared library, an object file, a cubin)."""
+    so = so or extension_path()
+    if so is None:
+        return [], "fastvision._C is not built: no CUDA kernels to check"
+    cuobjdump = _tool("cuobjdump")
+    if cuobjdump is None:
+        return [], "cuobjdump not found: CUDA kernels not checked"
+    usage = subprocess.run(
+        [cuobjdump, "--dump-resource-usage", str(so)], capture_output=True, text=True, timeout=300
+    )
+    resources = parse_resource_usage(usage.stdout)
+    if not resources:
+        return [], f"{so.name} holds no CUDA code (built without CUDA kernels)"
+    sass = parse_sass(
+        subprocess.run(
+            [cuobjdump, "--dump-sass", str(so)], capture_output=True, text=True, timeout=300
+        ).stdout
+    )
+    arches = sorted(set(re.findall(r"arch = (sm_\d+\w*)", usage.stdout)))
+    names = _demangle(list(resources))
+    rows = []
+    for mangled, fields in resources.items():
+        kernel, args = _split_cuda_name(names[mangled])
+        dtypes = [d for token, d in _DTYPES.items() if token in args.split(",")[0]]
+        allowance = CUDA_SPILL_ALLOWANCE.get(f"{kernel}<{args}>") or _allowance(CUDA_SPILL_ALLOWANCE, kernel)
+        n_instructions, n_local = sass.get(mangled, (None, None))
+        row = Row(
+            backend="cuda",
+            module=_module_of(mangled),
+            kernel=kernel,
+            config=args,
+            dtype=dtypes[0] if dtypes else "-",
+            registers=fields.get("REG"),
+            spill_bytes=max(fields.get("STACK", 0), fields.get("LOCAL", 0)),
+            shared_bytes=fields.get("SHARED", 0),
+            sass_instructions=n_instructions,
+            local_memory_instructions=n_local,
+            allowance_bytes=allowance.bytes,
+            allowance_reason=allowance.reason,
+        )
+        rows.append(_judge(row, None))
+    rows.sort(key=lambda r: (r.module, r.kernel, r.config))
+    return rows, f"{so.name}: {len(rows)} kernels for {', '.join(arches) or 'unknown arch'}"
+
+
+def _module_of(mangled: str) -> str:
+    # nvcc names anonymous namespaces after the source file: ..._GLOBAL__N__<hash>_<len>_<file>_cu_...
+    match = re.search(r"_\d+_(\w+?)_cu_", mangled)
+    return match.group(1) if match else "-"
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _verdict(row: Row) -> str:
+    return "ok" if not row.problems else "FAIL: " + "; ".join(row.problems)
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    tools = report["tools"]
+    triton_rows = [Row(**r) for r in report["triton"]]
+    cuda_rows = [Row(**r) for r in report["cuda"]]
+    out = [
+        "# Kernel budgets on sm_90",
+        "",
+        "Generated by `python bench/kernel_budget.py` (no GPU needed); do not edit. "
+        f"triton {tools['triton']}, ptxas: {tools['ptxas']}, cuobjdump: {tools['cuobjdump']}.",
+        "",
+        f"Limits: {MAX_SHARED_BYTES:,} B shared memory per block, {MAX_REGISTERS_PER_THREAD} registers "
+        f"per thread, {MAX_REGISTERS_PER_BLOCK:,} registers per block. Spill: local-memory (stack) bytes "
+        "per thread, against the kernel's allowance (`SPILL_ALLOWANCE` in its Triton module, "
+        "`CUDA_SPILL_ALLOWANCE` in the script; none means 0). SASS: static instruction count of the "
+        "compiled kernel, a prediction of cost, not a measurement; LDL/STL: local-memory loads and stores "
+        "in it. Variant: the configuration's constexprs and its pointer types other than the data type.",
+        "",
+        f"**Summary**: {report['summary']}",
+        "",
+        f"## Triton ({len(triton_rows)} configurations)",
+        "",
+    ]
+    header = (
+        "| module | kernel | config | dtype | warps | stages | regs | spill B | shared B | SASS | LDL/STL "
+    )
+    header += "| allowance B | verdict |"
+    out += [header, "|" + "---|" * 13]
+    for r in triton_rows:
+        cells = [r.module, f"`{r.kernel}`", r.config, r.dtype, r.num_warps, r.num_stages, r.registers]
+        cells += [r.spill_bytes, r.shared_bytes, r.sass_instructions, r.local_memory_instructions]
+        cells += [r.allowance_bytes, _verdict(r)]
+        out.append("| " + " | ".join(_cell(c).replace("|", "\\|") for c in cells) + " |")
+    if report["missing"]:
+        out += ["", "Modules without `launch_configs()` (not checked): " + ", ".join(report["missing"])]
+    if report["broken"]:
+        out += ["", "Modules that fail to enumerate their configurations:"]
+        out += [f"- {b}" for b in report["broken"]]
+    out += ["", f"## CUDA ({report['cuda_note']})", ""]
+    if cuda_rows:
+        out += ["Shared memory is the static amount; dynamic shared memory is set at launch.", ""]
+        out += ["| file | kernel | template arguments | dtype | regs | spill B | static shared B | SASS "
+                "| LDL/STL | allowance B | verdict |", "|" + "---|" * 11]  # fmt: skip
+        for r in cuda_rows:
+            cells = [r.module, f"`{r.kernel}`", r.config, r.dtype, r.registers, r.spill_bytes]
+            cells += [r.shared_bytes, r.sass_instructions, r.local_memory_instructions, r.allowance_bytes]
+            cells += [_verdict(r)]
+            out.append("| " + " | ".join(_cell(c).replace("|", "\\|") for c in cells) + " |")
+    allowances = sorted(
+        {(r.backend, r.kernel, r.allowance_bytes, r.allowance_reason) for r in triton_rows + cuda_rows}
+    )
+    allowances = [a for a in allowances if a[2] or a[3]]
+    if allowances:
+        out += ["", "## Spill allowances", ""]
+        out += [f"- {backend} `{kernel}`: {n} B: {reason}" for backend, kernel, n, reason in allowances]
+    return "\n".join(out) + "\n"
+
+
+def summarize(triton_rows: list[Row], cuda_rows: list[Row], missing: list[str], broken: list[str]) -> str:
+    failed = [r for r in triton_rows + cuda_rows if r.problems]
+    parts = [
+        f"{len(triton_rows)} Triton configurations and {len(cuda_rows)} CUDA kernels checked",
+        f"{len(failed)} over budget" if failed else "none over budget",
+    ]
+    if missing:
+        parts.append(f"{len(missing)} Triton modules without launch_configs()")
+    if broken:
+        parts.append(f"{len(broken)} Triton modules that fail to enumerate")
+    return ", ".join(parts) + "."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--module", action="append", help="check only this Triton module (repeatable)")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile workers")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernels of fastvision._C")
+    parser.add_argument(
+        "--extension", type=Path, help="read the CUDA kernels from this file (default: fastvision/_C*.so)"
+    )
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where kernel_budget.md/.json go")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--allow-missing", action="store_true", help="a module without launch_configs() is not a failure"
+    )
+    parser.add_argument("--quiet", action="store_true", help="print the summary and failures only")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="compile every configuration (by default one whose key is in the committed or the previous "
+        "kernel_budget.json is read from there)",
+    )
+    args = parser.parse_args(argv)
+
+    modules = args.module or triton_modules()
+    cache_files = (
+        [] if args.no_cache else [RESULTS / "kernel_budget.json", args.out_dir / "kernel_budget.json"]
+    )
+    triton_rows, missing, broken, n_compiled = check_triton(modules, args.jobs, load_cache(cache_files))
+    cuda_rows, cuda_note = ([], "not checked (--no-cuda)") if args.no_cuda else check_cuda(args.extension)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    report = {
+        "tools": {
+            "triton": triton_version,
+            "ptxas": _tool_version(_tool("ptxas")),
+            "cuobjdump": _tool_version(_tool("cuobjdump")),
+        },
+        "limits": {
+            "shared_bytes_per_block": MAX_SHARED_BYTES,
+            "registers_per_thread": MAX_REGISTERS_PER_THREAD,
+            "registers_per_block": MAX_REGISTERS_PER_BLOCK,
+        },
+        "summary": summarize(triton_rows, cuda_rows, missing, broken),
+        "missing": missing,
+        "broken": broken,
+        "cuda_note": cuda_note,
+        "triton": [asdict(r) for r in triton_rows],
+        "cuda": [asdict(r) for r in cuda_rows],
+    }
+    markdown = format_markdown(report)
+    if not args.quiet:
+        print(markdown)
+    else:
+        print(report["summary"])
+    print(
+        f"{n_compiled} Triton configurations compiled, "
+        f"{len(triton_rows) - n_compiled} read from earlier results with the same key"
+    )
+    failed = [r for r in triton_rows + cuda_rows if r.problems]
+    for r in failed:
+        print(f"FAIL {r.backend} {r.module} {r.kernel} [{r.config}] {r.dtype}: {'; '.join(r.problems)}")
+    for name in missing:
+        print(f"{'MISSING' if not args.allow_missing else 'missing'} {name}: no launch_configs()")
+    for line in broken:
+        print(f"BROKEN {line}")
+    if not args.no_write:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "kernel_budget.md").write_text(markdown)
+        (args.out_dir / "kernel_budget.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out_dir / 'kernel_budget.md'} and kernel_budget.json")
+    return 1 if failed or broken or (missing and not args.allow_missing) else 0
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # The interpreter accepts code that real compilation rejects: compile in a clean environment.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    sys.exit(main())
