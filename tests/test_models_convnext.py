@@ -238,6 +238,17 @@ def test_seed_training_features_on_fcmae(digits, tmp_path, overrides):
         assert trainer.ema is not None and trainer.ema.decay == 0.999
 
 
+def test_fcmae_under_single_process_ddp(digits, tmp_path):
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        trainer = _trainer(digits, tmp_path, task="fcmae", train_samples=30)  # two steps
+        assert isinstance(trainer.ddp_model, torch.nn.parallel.DistributedDataParallel)
+        assert trainer.fit()["world_size"] == 1
+    finally:
+        dist.destroy_process_group()
+
+
 def test_cli_flags_reach_the_config():
     parser = argparse.ArgumentParser()
     add_subcommands(parser.add_subparsers())

@@ -303,7 +303,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.ddp_model: nn.Module = (
             DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # A model serving several tasks (an FCMAE decoder beside a classifier head) leaves
+                # some parameters without a gradient in each of them.
+                find_unused_parameters=len(getattr(self.model, "tasks", ())) > 1,
             )
             if self.ctx.enabled
             else self.model
