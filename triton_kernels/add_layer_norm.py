@@ -341,7 +341,10 @@ def forward_tile(dim: int, n_rows: int | None = None, interpret: bool = False) -
         block_m = max(1, min(_INTERPRETER_ELEMENTS // block_n, triton.next_power_of_2(max(n_rows or 1, 1))))
     else:
         block_m = max(1, GPU_ELEMENTS // block_n)
-    return Tile(block_m, block_n, _num_warps(block_m * block_n), chunked)
+    # Tiles of many short rows keep three row reductions live per row: 8 warps reach ptxas's 128-register
+    # cap there (and spill in bf16 at 64 x 64), 16 warps hold them in about 80.
+    num_warps = 16 if block_m >= 32 and not interpret else _num_warps(block_m * block_n)
+    return Tile(block_m, block_n, num_warps, chunked)
 
 
 def backward_tile(dim: int, n_rows: int | None = None, interpret: bool = False) -> Tile:
