@@ -14,6 +14,9 @@ name                image / target                    source
                     BL, BR)                           split
 ``cifar10``         [3, 32, 32] / int64 class         ``cifar-10-batches-py``; without a data dir,
                                                       crops of scikit-image's sample photographs
+``photos``          [3, 32, 32] / int64 photograph    thumbnails of crops of a folder of images
+                                                      (Pillow), else of scikit-image's colour
+                                                      photographs; split by photograph
 ==================  ================================  ==========================================
 
 Pixel values are in [0, 1] with no mean/std standardisation by default: the sparse U-Net needs
@@ -41,9 +44,10 @@ from fastvision.data.digits import (
 )
 from fastvision.data.extras import MissingExtraError
 from fastvision.data.idx import IDXFormatError, read_idx
+from fastvision.data.photos import load_photo_inr, super_resolution_pairs
 from fastvision.data.stacked import GRID_POSITIONS, StackedDigits
 
-DATASETS = ("mnist", "fashion_mnist", "stacked_mnist", "cifar10")
+DATASETS = ("mnist", "fashion_mnist", "stacked_mnist", "cifar10", "photos")
 SPLITS = ("train", "test")
 DEFAULT_STACKED_SAMPLES = {"train": 60000, "test": 10000}
 
@@ -74,6 +78,8 @@ def build_dataset(name: str, split: str, data_dir: str | os.PathLike | None = No
             digits, num_samples or DEFAULT_STACKED_SAMPLES[split], seed=seed + (split == "test")
         )
     root = resolve_data_root(data_dir)
+    if name == "photos":
+        return load_photo_inr(split, root, num_samples=num_samples, seed=seed)
     if root is None:
         return load_photo_crops(split, num_samples=num_samples, seed=seed)
     return load_cifar10(split, root)
@@ -92,6 +98,8 @@ __all__ = [
     "load_embedded_digits",
     "load_idx_dataset",
     "load_photo_crops",
+    "load_photo_inr",
     "read_idx",
     "resolve_data_root",
+    "super_resolution_pairs",
 ]

@@ -3,6 +3,7 @@
 from fastvision.models import (  # noqa: F401  (importing registers each architecture)
     convnext_v2_fcmae,
     digit_seq_transformer,
+    mamba_ginr_scent,
     sparse_moe_denoiser,
     sparse_unet_mnist,
     vit_mnist,

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-TASKS = ("classification", "digit_sequence", "denoise")
+TASKS = ("classification", "digit_sequence", "denoise", "inr")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,16 @@ from fastvision.nn.attention_blocks import CBAM, ChannelAttention, SEBlock, Spat
 from fastvision.nn.convnext import GRN, ConvNeXtV2Block, DropPath, LayerNorm2d
 from fastvision.nn.geglu import GEGLU, FeedForward
 from fastvision.nn.heads import HeteroscedasticHead, InpaintingPrediction, MaskedInpaintingHead
+from fastvision.nn.inr import (
+    Attention,
+    CrossAttention,
+    FeedForwardBlock,
+    GaussianFourierFeatures,
+    SelfAttentionBlock,
+    coordinate_grid,
+)
 from fastvision.nn.losses import beta_nll_loss, faithful_nll_loss
+from fastvision.nn.mamba import BiMamba, Mamba
 from fastvision.nn.moe import AdaptiveSparseAttentionMoE, TopKSparseAttention
 from fastvision.nn.positional import (
     LearnablePositionalEncoding,
@@ -43,6 +52,14 @@ __all__ = [
     "SinusoidalPositionalEncoding",
     "SinusoidalPositionalEncoding2d",
     "SpatialAttention",
+    "Attention",
+    "BiMamba",
+    "CrossAttention",
+    "FeedForwardBlock",
+    "GaussianFourierFeatures",
+    "Mamba",
+    "SelfAttentionBlock",
+    "coordinate_grid",
     "beta_nll_loss",
     "faithful_nll_loss",
     "sinusoidal_pos_embed",

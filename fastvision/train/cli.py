@@ -71,6 +71,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="fcmae: per-patch normalised pixel targets",
     )
+    overrides.add_argument(
+        "--query-samples", type=int, help="inr: random pixels decoded per training image (default: all)"
+    )
     train.set_defaults(handler=run_train)
 
     evaluate = subparsers.add_parser("evaluate", help="test-split metrics of a checkpoint")
@@ -123,18 +126,19 @@ CONFIG_FLAGS = (
     "init_from",
     "mask_ratio",
     "norm_pix_loss",
+    "query_samples",
 )
 
 
 def _validation_display(model_name: str, run_dir: str | None, task: str | None = None):
     """The per-validation display for a model's task: braille digit samples in the terminal, or
-    noisy/denoised/clean PNGs under RUN_DIR/figures for the denoiser; none for fcmae pretraining."""
+    noisy/denoised/clean PNGs under RUN_DIR/figures for the denoiser; none for fcmae pretraining and inr."""
     from pathlib import Path
 
     from fastvision.models import get_model_spec
 
     task = task or get_model_spec(model_name).task
-    if task == "fcmae":
+    if task in ("fcmae", "inr"):
         return None
     if task == "denoise":
         from fastvision.viz.denoise import denoising_figure_hook

@@ -14,7 +14,7 @@ import yaml
 OPTIMIZERS = ("adamw", "schedulefree")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
 AMP_MODES = ("none", "bf16", "fp16")
-TASK_NAMES = ("classification", "digit_sequence", "denoise", "fcmae")  # fastvision.train.tasks.TASKS
+TASK_NAMES = ("classification", "digit_sequence", "denoise", "fcmae", "inr")  # fastvision.train.tasks.TASKS
 MAX_SEED = 2**32  # seeds also derive others (seed * 1_000_003 + epoch) that must stay below 2**63
 
 
@@ -75,6 +75,7 @@ class TrainConfig:
     init_from: str | None = None  # checkpoint whose weights (EMA when saved) start a fresh run
     mask_ratio: float = 0.6  # fcmae task: fraction of the patch grid masked per image
     norm_pix_loss: bool = False  # fcmae task: targets normalised per patch (mean 0, variance 1)
+    query_samples: int | None = None  # inr task: random pixels decoded per training image (None: all)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -141,6 +142,10 @@ class TrainConfig:
             f"task must be one of {TASK_NAMES} (or unset for the model's own), got {self.task!r}",
         )
         check(self.init_from != "", "init_from must be a checkpoint path (or unset)")
+        check(
+            self.query_samples is None or self.query_samples >= 1,
+            f"query_samples must be >= 1 (or unset for every pixel), got {self.query_samples}",
+        )
         check(0.0 < self.mask_ratio < 1.0, f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         check(
             self.optimizer != "schedulefree" or self.scheduler == "none",

@@ -13,6 +13,10 @@
   returns the loss on the masked pixels. Validation scores fixed masks (a fixed-seed generator)
   and reports the pixel MSE on masked pixels next to the mean-fill baseline (each masked pixel
   filled with the mean of its image's visible pixels).
+* ``inr``: implicit representation by reconstruction. ``model(images, coords)`` decodes RGB
+  ``[B, Q, C]`` at pixel-centre coordinates in ``[-1, 1]``; training scores ``query_samples`` random
+  pixels per image (all when unset) by MSE, validation renders every pixel (``model(images)``,
+  ``[B, C, H, W]``) and reports its PSNR/SSIM.
 
 Metrics are returned as per-batch *sums* (see ``MetricTracker``).
 """
@@ -200,8 +204,42 @@ class FCMAETask(Task):
         return StepResult(out.loss, sums, n, out)
 
 
+class INRTask(Task):
+    name = "inr"
+    monitor, monitor_mode = "psnr", "max"
+
+    def train_step(self, model, batch, cfg):
+        from fastvision.nn.inr import coordinate_grid
+
+        images = batch[0]
+        n, channels, height, width = images.shape
+        coords = coordinate_grid(height, width, device=images.device).expand(n, -1, -1)
+        pixels = images.flatten(2).transpose(1, 2)  # [B, H * W, C], the grid's order
+        if cfg.query_samples is not None and cfg.query_samples < height * width:
+            order = torch.rand(n, height * width, device=images.device).argsort(dim=1)
+            chosen = order[:, : cfg.query_samples]
+            coords = coords.gather(1, chosen[..., None].expand(-1, -1, 2))
+            pixels = pixels.gather(1, chosen[..., None].expand(-1, -1, channels))
+        predicted = model(images, coords)
+        loss = F.mse_loss(predicted.float(), pixels.float())
+        return StepResult(loss, {"loss": loss.detach() * n, "mse": loss.detach() * n}, n)
+
+    def eval_step(self, model, batch, cfg, generator):
+        images = batch[0]
+        rendered = model(images).float()
+        loss = F.mse_loss(rendered, images.float())
+        output = rendered.clamp(0.0, 1.0)
+        n = images.shape[0]
+        sums = {
+            "loss": loss.detach() * n,
+            "psnr": psnr(output, images).sum(),
+            "ssim": ssim(output, images).sum(),
+        }
+        return StepResult(loss, sums, n, {"reconstruction": output})
+
+
 TASKS: dict[str, type[Task]] = {
-    t.name: t for t in (ClassificationTask, DigitSequenceTask, DenoiseTask, FCMAETask)
+    t.name: t for t in (ClassificationTask, DigitSequenceTask, DenoiseTask, FCMAETask, INRTask)
 }
 
 
