@@ -47,6 +47,10 @@ BAD_VALUES = {
     "redraw_each_epoch": ["yes", 1],
     "noise_sigma": [-0.1, INF, NAN],
     "aux_loss_weight": [-0.01, INF, NAN],
+    "task": ["inpaint", 3],
+    "init_from": ["", 5],
+    "mask_ratio": [0.0, 1.0, -0.5, NAN],
+    "norm_pix_loss": ["yes", 1],
 }
 
 
