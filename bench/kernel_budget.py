@@ -583,13 +583,12 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"## Triton ({len(triton_rows)} configurations)",
         "",
     ]
-    header = (
-        "| module | kernel | config | dtype | warps | stages | regs | spill B | shared B | SASS | LDL/STL "
-    )
-    header += "| allowance B | verdict |"
-    out += [header, "|" + "---|" * 13]
+    header = "| module | kernel | config | dtype | variant | warps | stages | regs | spill B | shared B "
+    header += "| SASS | LDL/STL | allowance B | verdict |"
+    out += [header, "|" + "---|" * 14]
     for r in triton_rows:
-        cells = [r.module, f"`{r.kernel}`", r.config, r.dtype, r.num_warps, r.num_stages, r.registers]
+        cells = [r.module, f"`{r.kernel}`", r.config, r.dtype, r.variant, r.num_warps, r.num_stages]
+        cells += [r.registers]
         cells += [r.spill_bytes, r.shared_bytes, r.sass_instructions, r.local_memory_instructions]
         cells += [r.allowance_bytes, _verdict(r)]
         out.append("| " + " | ".join(_cell(c).replace("|", "\\|") for c in cells) + " |")

@@ -139,3 +139,11 @@ def test_limits_and_allowances():
     assert "registers x 1024 threads" in kb._judge(row(registers=65), 1024).problems[0]
     assert kb._judge(row(spill_bytes=8, allowance_bytes=8), 128).verdict == "ok"
     assert "allowance 0 B" in kb._judge(row(spill_bytes=8), 128).problems[0]
+
+
+def test_fastvision_info_prints_the_committed_table(capsys):
+    from fastvision.cli import main
+
+    assert main(["info", "--kernels"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# Kernel budgets on sm_90") and "| verdict |" in out
