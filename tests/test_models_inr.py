@@ -159,6 +159,22 @@ def test_inr_task_trains_through_the_trainer(tmp_path):
     assert summary["task"] == "inr" and {"psnr", "ssim", "loss"} <= set(summary["test_metrics"])
     assert (tmp_path / "run" / "best.pt").exists()
 
+    # the comparison against bicubic upsampling, on a folder of two photographs (one held out)
+    pil = pytest.importorskip("PIL.Image")
+    from fastvision.train.inr_eval import compare
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        pil.fromarray((torch.rand(80, 90, 3) * 255).to(torch.uint8).numpy()).save(photos / f"p{i}.png")
+    result = compare({"scent": run_dir}, str(photos), tmp_path / "out", sizes=(64,), crops_per_photo={64: 2},
+                     test_samples=3)  # fmt: skip
+    entry = result["models"]["scent"]
+    assert result["test_photographs"] == ["p1.png"] and entry["parameters"] == PARAMETERS["scent_small"]
+    assert {"psnr", "ssim", "images_per_s"} <= set(entry["super_resolution_64"]) and "64" in result["bicubic"]
+    assert (tmp_path / "out" / "super_resolution_64.png").exists()
+    assert "bicubic upsampling" in (tmp_path / "out" / "RESULTS.md").read_text()
+
 
 def test_query_samples_is_checked():
     with pytest.raises(ValueError, match="query_samples"):
