@@ -170,3 +170,11 @@ _ENV = {
     "git_revision": None,
     "noise_threshold_pct": 10.0,
 }
+
+
+def test_table_warns_when_the_machine_was_loaded():
+    clock, log = FakeClock(), []
+    rows = run_case(_case(clock, log, {"reference": lambda i: 2.0}), CPU, 1.0, 0.01, clock=clock)
+    assert "warning: load average" not in format_table(_ENV, rows)
+    loaded = {**_ENV, "cpu_count": 2, "load_avg_start": 1.0, "load_avg_end": 7.5}
+    assert "warning: load average 7.5 on 2 CPUs" in format_table(loaded, rows)

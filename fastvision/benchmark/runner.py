@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import json
+import os
 import pkgutil
 import platform
 import subprocess
@@ -212,13 +213,25 @@ def run(
         "per-round ratios"
     )
     env["noise_threshold_pct"] = round(100 * noise_threshold, 1)
+    env["cpu_count"] = os.cpu_count()
+    env["load_avg_start"] = _load_average()
     rows: list[BenchRow] = []
     for op in ops:
         for case in load_cases(op, device, quick):
             rows.extend(run_case(case, device, copy_gbps, budget_s, noise_threshold))
+            env["load_avg_end"] = _load_average()
             if on_case is not None:
                 on_case(env, rows)
+    env["load_avg_end"] = _load_average()
     return env, rows
+
+
+def _load_average() -> float | None:
+    """The machine's 1-minute load average (runnable processes), where the OS reports one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -251,6 +264,13 @@ def format_table(env: dict[str, Any], rows: list[BenchRow]) -> str:
         f"times per call, implementations of a case timed round-robin; x ref/compile/peer: median of "
         f"per-round ratios; NOISY: IQR above {threshold:g}% of the median ({noisy} of {len(rows)} rows)"
     )
+    loads = [x for x in (env.get("load_avg_start"), env.get("load_avg_end")) if x is not None]
+    cpus = env.get("cpu_count")
+    if loads and cpus and max(loads) > cpus:
+        out.append(
+            f"warning: load average {max(loads):g} on {cpus} CPUs while measuring: other processes competed "
+            "for the CPU, and multi-threaded implementations suffer more from that than single-threaded ones"
+        )
     notes = {(r.impl, r.note) for r in rows if r.note}
     out += [f"note: {impl}: {note}" for impl, note in sorted(notes)]
     return "\n".join(out)
