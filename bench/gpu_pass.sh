@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
     --skip) SKIP=",$2,"; shift 2 ;;
     --only) ONLY=",$2,"; shift 2 ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "gpu_pass.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -59,11 +59,13 @@ PER_TEST="${GPU_PASS_TEST_TIMEOUT:-90}"  # one test may run this long before its
 
 GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
 GPU_CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')"
+if [ -z "$OUT" ] && [ "$DRY" = 1 ]; then OUT="$(mktemp -d -t gpu_pass_plan.XXXXXX)"; fi
 OUT="${OUT:-bench/results/$(date -u +%Y%m%d)-$(echo "${GPU_NAME:-gpu}" | tr ' ' '_')}"
 mkdir -p "$OUT"
-STAGES="$OUT/stages.jsonl"
-: >"$STAGES"
-: >"$OUT/stages.log"
+STAGES="$OUT/stages.jsonl"  # appended to: a second pass into the same folder keeps the first one's lines
+printf '{"stage": "pass", "status": "started", "budget_s": %s, "date": "%s", "git": "%s", "dry_run": %s}\n' \
+  "$BUDGET" "$(date -u +%FT%TZ)" "$(git rev-parse --short HEAD 2>/dev/null)" "$([ "$DRY" = 1 ] && echo true || echo false)" >>"$STAGES"
+echo "--- pass started $(date -u +%FT%TZ), budget ${BUDGET}s" >>"$OUT/stages.log"
 
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${GPU_CAP:-9.0}}"  # the visible GPU's architecture only
 export MAX_JOBS="${MAX_JOBS:-16}"
