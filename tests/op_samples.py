@@ -163,6 +163,33 @@ def _grn(dtype):
     ]
 
 
+def _selective_scan(dtype):
+    def inputs(batch, dim, length, state, bc, seed, extras=True):
+        u = random((batch, dim, length), dtype, seed)
+        delta = random((batch, dim, length), dtype, seed + 1, scale=0.5)
+        A = -torch.rand(dim, state, generator=torch.Generator().manual_seed(seed + 2)).to(DEVICE) - 0.1
+        shape = {"fixed": (dim, state), "varying": (batch, state, length)}.get(bc, (batch, 2, state, length))
+        B, C = random(shape, dtype, seed + 3), random(shape, dtype, seed + 4)
+        if not extras:
+            return u, delta, A, B, C
+        D = random((dim,), torch.float32, seed + 5)
+        z = random((batch, dim, length), dtype, seed + 6)
+        bias = random((dim,), torch.float32, seed + 7, scale=0.1)
+        return u, delta, A, B, C, D, z, bias, True, True
+
+    u, delta, A, B, C = inputs(2, 6, 9, 4, "varying", 96, extras=False)
+    # Float32 state carried over L steps, N products summed per step (and more in the backward).
+    fwd, bwd = 4.0, 8.0
+    every = (0, 1, 3, 4, 5, 6, 7)
+    return [
+        Sample("varying-full", inputs(2, 4, 11, 3, "varying", 90), every, fwd, bwd),
+        Sample("fixed", inputs(1, 5, 7, 2, "fixed", 92, extras=False), (0, 1, 3, 4), fwd, bwd),
+        Sample("grouped", inputs(2, 4, 6, 3, "grouped", 94), every, fwd, bwd),
+        Sample("strided", (u.mT.contiguous().mT, delta, A, B, C), (0, 1, 3, 4), fwd, bwd),
+        Sample("empty", inputs(0, 3, 5, 2, "varying", 98, extras=False), (0, 1, 3, 4)),
+    ]
+
+
 SAMPLES: dict[str, Callable[[torch.dtype], list[Sample]]] = {
     "geglu": _geglu,
     "add_layer_norm": _add_layer_norm,
@@ -171,4 +198,5 @@ SAMPLES: dict[str, Callable[[torch.dtype], list[Sample]]] = {
     "sparse_conv2d": _sparse_conv2d,
     "masked_gather": _masked_gather,
     "grn": _grn,
+    "selective_scan": _selective_scan,
 }

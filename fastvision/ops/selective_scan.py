@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
-from fastvision.ops._contract import AutogradRule, OpSpec, define_op, leaf, triton_launch
+from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, leaf, triton_launch
 
 MAX_STATE = 256
 
@@ -265,9 +265,13 @@ SELECTIVE_SCAN = define_op(
         reference=selective_scan_reference,
         check=_check,
         device=lambda u, *_: u.device,
-        kernels={},
+        kernels={
+            "cpu": KernelBackend(
+                "selective_scan_forward", "selective_scan_backward", AUTOGRAD, native=True, call=_run_kernel
+            ),
+        },
         gpu_order=(),
-        cpu_order=(),
+        cpu_order=("cpu",),
         triton_module="fastvision.triton_kernels.selective_scan",
         benchmark_module="fastvision.benchmark.selective_scan",
     )
