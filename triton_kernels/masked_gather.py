@@ -119,11 +119,12 @@ def scan_block(interpret: bool = False) -> int:
 
 
 def gather_tile(channels: int, interpret: bool = False) -> Tile:
-    """Slots x channels per program: about 4096 elements on a GPU (16 per thread at 8 warps)."""
+    """Slots x channels per program: about 2048 elements on a GPU (16 per thread at 4 warps); larger
+    tiles spill the per-slot int64 addresses of narrow channel blocks."""
     block_c = min(triton.next_power_of_2(max(channels, 1)), _MAX_BLOCK_C)
-    budget = 65536 if interpret else 4096
+    budget = 65536 if interpret else 2048
     block_s = max(16, budget // block_c)
-    return Tile(block_s, block_c, 8 if block_s * block_c >= 4096 else 4)
+    return Tile(block_s, block_c, 4)
 
 
 def scan_grid(batch: int) -> tuple[int]:

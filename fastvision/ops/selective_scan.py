@@ -269,8 +269,12 @@ SELECTIVE_SCAN = define_op(
             "cpu": KernelBackend(
                 "selective_scan_forward", "selective_scan_backward", AUTOGRAD, native=True, call=_run_kernel
             ),
+            "triton": KernelBackend(
+                "selective_scan_triton_forward", "selective_scan_triton_backward", AUTOGRAD,
+                supports=_triton_supports, call=_run_kernel,
+            ),
         },
-        gpu_order=(),
+        gpu_order=("triton",),
         cpu_order=("cpu",),
         triton_module="fastvision.triton_kernels.selective_scan",
         benchmark_module="fastvision.benchmark.selective_scan",
