@@ -365,10 +365,9 @@ def selective_scan_backward(grad_out, grad_last, u, delta, A, B, C, D, z, delta_
         )  # fmt: skip
     dB = (dB.sum(0) if B.dim() == 2 else dB).to(B.dtype)
     dC = (dC.sum(0) if C.dim() == 2 else dC).to(C.dtype)
-    empty = torch.empty(0, **f32)
     return (
-        du, ddelta, dA.sum(0), dB, dC,
-        d_skip.sum(0) if D.numel() else empty, dz, d_bias.sum(0) if delta_bias.numel() else empty,
+        du, ddelta, dA.sum(0), dB, dC, d_skip.sum(0) if D.numel() else torch.empty(0, **f32), dz,
+        d_bias.sum(0) if delta_bias.numel() else torch.empty(0, **f32),
     )  # fmt: skip
 
 
