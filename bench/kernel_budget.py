@@ -85,22 +85,13 @@ CUDA_SPILL_ALLOWANCE: dict[str, SpillAllowance] = {
     },
 }
 
-# The op registry is filled op by op; until every op with Triton kernels is declared there, these
-# module names are checked as well. Remove TRANSITIONAL_TRITON_MODULES once OPS lists them all.
-TRANSITIONAL_TRITON_MODULES = (
-    "fastvision.triton_kernels.geglu",
-    "fastvision.triton_kernels.add_layer_norm",
-    "fastvision.triton_kernels.topk_attention",
-    "fastvision.triton_kernels.sparse_conv2d",
-)
-
 
 def triton_modules() -> list[str]:
     """The Triton kernel modules to check: every ``triton_module`` in the op registry."""
     from fastvision.ops import OPS
 
     registered = [spec.triton_module for spec in OPS.values() if spec.triton_module]
-    return list(dict.fromkeys(registered + list(TRANSITIONAL_TRITON_MODULES)))
+    return list(dict.fromkeys(registered))
 
 
 @dataclass

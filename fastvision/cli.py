@@ -58,7 +58,24 @@ def info() -> dict:
         "nvtx": NVTX_BACKEND,
         "optional": {name: _version(module) for name, module in OPTIONAL_EXTRAS.items()},
         "models": list_models(),
+        "ops": _ops_table(),
     }
+
+
+def _ops_table() -> dict:
+    """Each op's backends on the default device: "ok", or why it cannot run here."""
+    from fastvision._backend import why_unusable
+    from fastvision.ops import OPS
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    table = {}
+    for name, spec in OPS.items():
+        order = spec.gpu_order if device.type == "cuda" else spec.cpu_order
+        table[name] = {
+            "backends": {b: why_unusable(b, device) or spec.built(b) or "ok" for b in spec.backends},
+            "automatic_order": [*order, "reference"],
+        }
+    return table
 
 
 def _kernel_budget_paths() -> tuple[Path, Path]:

@@ -9,7 +9,6 @@ import datetime
 import importlib
 import json
 import os
-import pkgutil
 import platform
 import subprocess
 import time
@@ -30,20 +29,26 @@ from fastvision.benchmark.timing import (
     spread,
 )
 
-_NOT_OPS = {"case", "runner", "timing"}
+# Benchmarks of more than one op (modules, training steps), beside each op's own cases in OPS.
+SUITES = {"moe": "fastvision.benchmark.moe", "train_step": "fastvision.benchmark.train_step"}
+
+
+def _modules() -> dict[str, str]:
+    from fastvision.ops import OPS
+
+    ops = {name: spec.benchmark_module for name, spec in OPS.items() if spec.benchmark_module}
+    return {**ops, **SUITES}
 
 
 def op_names() -> list[str]:
-    import fastvision.benchmark as package
-
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.name not in _NOT_OPS)
+    return sorted(_modules())
 
 
 def load_cases(op: str, device: torch.device, quick: bool) -> list[BenchCase]:
-    if op not in op_names():
-        raise ValueError(f"no benchmark cases for op {op!r}; available: {', '.join(op_names())}")
-    module = importlib.import_module(f"fastvision.benchmark.{op}")
-    return list(module.cases(device, quick))
+    modules = _modules()
+    if op not in modules:
+        raise ValueError(f"no benchmark cases for op {op!r}; available: {', '.join(sorted(modules))}")
+    return list(importlib.import_module(modules[op]).cases(device, quick))
 
 
 def _flatten(output: Any) -> list[torch.Tensor]:

@@ -1,0 +1,98 @@
+"""selective_scan benchmark cases: forward and forward + backward with Mamba's layout (varying B and C,
+D, z gating, delta bias and softplus), against the sequential reference, every fastvision backend,
+and mamba-ssm's CUDA ``selective_scan_fn`` when installed.
+
+Traffic floor with ``b d L`` elements of e bytes and ``b N L`` of B and C: the forward reads u, delta,
+z once (3 b d L e) and B, C once (2 b N L e) and writes the output (b d L e); the backward reads the
+inputs and the output gradient twice and writes du, ddelta, dz, dB, dC. FLOPs: about 6 N per step
+and channel forward, 20 N backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastvision.benchmark.case import BenchCase, backend_impl
+from fastvision.ops import OPS
+from fastvision.ops.selective_scan import selective_scan, selective_scan_reference
+
+TOLERANCE = {torch.float32: (1e-3, 1e-3), torch.bfloat16: (5e-2, 5e-2)}
+
+
+def _mamba_ssm():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:
+        return None
+    return selective_scan_fn
+
+
+def _inputs(batch, dim, length, state, dtype, device):
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    u, delta, z = (r(batch, dim, length, scale=s).to(dtype) for s in (1.0, 0.5, 1.0))
+    A = -torch.rand(dim, state, generator=g).to(device) - 0.05
+    B, C = r(batch, state, length).to(dtype), r(batch, state, length).to(dtype)
+    return u, delta, A, B, C, r(dim), z, r(dim, scale=0.1)
+
+
+def _label(kind, batch, dim, length, state, dtype):
+    return f"{kind} {str(dtype).removeprefix('torch.')} b{batch} d{dim} L{length} N{state}"
+
+
+def _cases_for(batch, dim, length, state, dtype, device, reference: bool) -> list[BenchCase]:
+    args = _inputs(batch, dim, length, state, dtype, device)
+    e = args[0].element_size()
+    forward_bytes = 4 * batch * dim * length * e + 2 * batch * state * length * e
+    peer = _mamba_ssm() if device.type == "cuda" else None
+
+    def forward(fn):
+        return lambda: fn(*args, True)
+
+    def step(fn):
+        def run():
+            leaves = [t.detach().requires_grad_(True) for t in args[:5]]
+            out = fn(*leaves, *args[5:], True)
+            return torch.autograd.grad(out.float().square().sum(), leaves)
+
+        return run
+
+    result = []
+    for kind, make, moved, flops in (
+        ("fwd", forward, forward_bytes, 6 * state * batch * dim * length),
+        ("fwd+bwd", step, 3 * forward_bytes, 26 * state * batch * dim * length),
+    ):
+        impls = {"reference": make(selective_scan_reference)} if reference else {}
+        first = "reference"
+        for backend in OPS["selective_scan"].runnable(device)[1:]:
+            impls[backend] = backend_impl(backend, make(selective_scan))
+        if not reference:  # the first backend stands as the reference the others are checked against
+            first = next(iter(impls))
+            impls = {"reference": impls.pop(first), **impls}
+        if peer is not None:
+            impls["mamba_ssm"] = make(peer)
+        result.append(
+            BenchCase(
+                op="selective_scan", label=_label(kind, batch, dim, length, state, dtype), impls=impls,
+                bytes_moved=moved, flops=flops, dtype=dtype, tolerance=TOLERANCE[dtype],
+                peer="mamba_ssm" if peer is not None else None,
+                notes={} if reference else {"reference": f"{first}: the sequential reference is too slow"},
+            )  # fmt: skip
+        )
+    return result
+
+
+def cases(device: torch.device, quick: bool) -> list[BenchCase]:
+    if quick:
+        return _cases_for(1, 16, 64, 16, torch.float32, device, reference=True)
+    if device.type != "cuda":
+        return _cases_for(2, 256, 512, 16, torch.float32, device, reference=True)
+    result = []
+    for dtype in (torch.bfloat16, torch.float32):
+        result += _cases_for(2, 256, 512, 16, dtype, device, reference=True)
+        for dim, length in ((1024, 2048), (1024, 4096)):
+            result += _cases_for(4, dim, length, 16, dtype, device, reference=False)
+    return result
