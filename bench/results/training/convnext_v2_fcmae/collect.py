@@ -1,4 +1,4 @@
-"""Collect the convnext_v2_fcmae runs (commands.sh) into this folder: each run's summary.json and
+"""Collect the convnext_v2_fcmae runs (commands.sh, extras.sh) into this folder: each run's summary.json and
 metrics.jsonl under <run>/, and one results.json + RESULTS.md table of what finished.
 
     python bench/results/training/convnext_v2_fcmae/collect.py [RUNS_DIR]   # default runs/convnext
@@ -14,7 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent
 MODELS = ("convnext_v2_fcmae", "convnext_v2_fcmae_nogrn")
-STAGES = ("pretrain", "finetune", "scratch")
+STAGES = ("pretrain", "finetune", "scratch", "scratch2", "finetune_seed1", "scratch_seed1")
 
 
 def main() -> int:
