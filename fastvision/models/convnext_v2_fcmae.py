@@ -209,7 +209,9 @@ class ConvNeXtV2FCMAE(nn.Module):
         x = x * (1.0 - hidden) + self.mask_token.to(x.dtype) * hidden
         for block in self.decoder:
             x = block(x)
-        dense, gathered = self.pred(x, mask)  # dense [B, p*p*C, h, w]; gathered.values [B, M, p*p*C]
+        # Every patch's slot (M = h * w) fits any mask with no device-to-host synchronization;
+        # the slots past a sample's count are invalid and left out of the loss.
+        dense, gathered = self.pred(x, mask, max_count=mask.shape[1] * mask.shape[2])
         target = F.pixel_unshuffle(images, self.patch_size)  # [B, p*p*C, h, w], same channel order
         target = masked_gather(target, mask, gathered.values.shape[1]).values
         if norm_pix_loss:
