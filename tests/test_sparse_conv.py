@@ -443,3 +443,15 @@ def test_sparse_unet_training_steps_lower_the_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_models_with_kernel_maps_refuse_tracing_with_a_clear_error():
+    from fastvision.models import create_model
+
+    model = create_model("sparse_unet_mnist").eval()
+    x = torch.rand(1, 1, 28, 28) * (torch.rand(1, 1, 28, 28) > 0.7)
+    message = "build_kernel_map cannot be traced"
+    with pytest.raises(NotImplementedError, match=message):
+        torch.export.export(model, (x,))
+    with pytest.raises(Exception, match=message):
+        torch.compile(model, fullgraph=True, backend="aot_eager")(x)

@@ -99,6 +99,12 @@ def build_kernel_map(
     it); the map is built on ``coords``' device.
     """
     check_kernel_size(kernel_size, dilation)
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(
+            "build_kernel_map cannot be traced by torch.compile or torch.export: the active sites, and "
+            "with them every shape of the map, depend on the input values. Build sparse tensors and "
+            "their kernel maps eagerly (the sparse ops themselves trace, given a map built outside)"
+        )
     height, width = spatial_shape
     device = coords.device
     num_sites = coords.shape[0]
