@@ -14,7 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent
 MODELS = ("convnext_v2_fcmae", "convnext_v2_fcmae_nogrn")
-STAGES = ("pretrain", "finetune", "scratch", "scratch2", "finetune_seed1", "scratch_seed1")
+STAGES = ("pretrain", "finetune", "scratch", "scratch2")
 
 
 def main() -> int:

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Runs beside commands.sh (after it): each variant from scratch for 2 epochs (as many labelled
-# epochs as the fine-tuning), and a second seed of the GRN model's fine-tuning (same pretrained
-# checkpoint) and 7-epoch scratch run. Same data and recipe as commands.sh.
+# Runs after commands.sh: each variant from scratch for 2 epochs, as many labelled epochs as the
+# fine-tuning had. Same data and recipe as commands.sh.
 set -euo pipefail
 DATA=${FASHION_MNIST:-/work/shared/data/fashion-mnist}
 OUT=${RUNS:-runs/convnext}
@@ -14,6 +13,3 @@ run() {  # run DIR ARGS...: train unless DIR already holds a finished run
 for model in convnext_v2_fcmae convnext_v2_fcmae_nogrn; do
   run "$OUT/${model}_scratch2" "$model" --epochs 2
 done
-model=convnext_v2_fcmae
-run "$OUT/${model}_finetune_seed1" "$model" --init-from "$OUT/${model}_pretrain/best.pt" --epochs 2 --seed 1
-run "$OUT/${model}_scratch_seed1" "$model" --epochs 7 --seed 1
