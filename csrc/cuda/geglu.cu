@@ -9,20 +9,18 @@
 
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 #include <limits>
 
+#include "cuda/cuda_helpers.cuh"
 #include "geglu_common.h"
 #include "geglu_math.h"
 
 namespace fastvision {
 namespace {
 
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Vec {
-  T v[kVec];
-};
+using cuda::aligned16;
+using cuda::Vec;
 
 constexpr int kThreads = 256;
 
@@ -72,28 +70,10 @@ geglu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __re
   }
 }
 
-// Blocks of kThreads that fit on the current device at once; looked up once per device.
-int max_resident_blocks() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  const int cached = device < kMaxDevices ? cache[device].load(std::memory_order_relaxed) : 0;
-  if (cached > 0) return cached;
-  int sms = 0, per_sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
-  const int blocks = sms * (per_sm / kThreads);
-  if (device < kMaxDevices) cache[device].store(blocks, std::memory_order_relaxed);
-  return blocks;
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
 // Picks vector width and index type, then launches `launch(kVec, index_t)` via the callback.
 template <typename T, typename Launch>
 void dispatch_vector_width(int64_t hidden, int64_t rows, bool pointers_aligned, Launch&& launch) {
-  constexpr int kWide = 16 / sizeof(T);
+  constexpr int kWide = cuda::kWideVec<T>;
   const bool vectorize = pointers_aligned && hidden % kWide == 0;
   const int64_t vec = vectorize ? kWide : 1;
   // The largest index formed is (2 * rows * hidden) / vec, over the input.
@@ -121,7 +101,7 @@ at::Tensor geglu_forward_cuda(const at::Tensor& x, c10::string_view approximate)
       constexpr int kVec = decltype(vec_tag)::value;
       using index_t = decltype(index_tag);
       const index_t hidden_vecs = hidden / kVec, total = n_rows * (hidden / kVec);
-      const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 4LL * max_resident_blocks());
+      const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 4LL * cuda::max_resident_blocks(kThreads));
       const auto* in_ptr = reinterpret_cast<const T*>(rows.data_ptr());
       auto* out_ptr = reinterpret_cast<T*>(out.data_ptr());
       if (tanh) {
@@ -158,7 +138,7 @@ at::Tensor geglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, 
       constexpr int kVec = decltype(vec_tag)::value;
       using index_t = decltype(index_tag);
       const index_t hidden_vecs = hidden / kVec, total = n_rows * (hidden / kVec);
-      const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 4LL * max_resident_blocks());
+      const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 4LL * cuda::max_resident_blocks(kThreads));
       const auto* dy_ptr = reinterpret_cast<const T*>(dy.data_ptr());
       const auto* x_ptr = reinterpret_cast<const T*>(rows.data_ptr());
       auto* dx_ptr = reinterpret_cast<T*>(dx.data_ptr());

@@ -25,6 +25,7 @@
 #include <limits>
 #include <tuple>
 
+#include "cuda/cuda_helpers.cuh"
 #include "sparse_max_pool2d_common.h"
 
 namespace fastvision {
@@ -211,10 +212,8 @@ __global__ void window_fill_kernel(CoordView<index_t> in, Geometry g, const int6
   }
 }
 
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Vec {
-  T v[kVec];
-};
+using cuda::aligned16;
+using cuda::Vec;
 
 // NaN wins over numbers (like torch.max); among equal values (or NaNs) the lowest input index wins.
 template <typename acc_t>
@@ -303,10 +302,8 @@ backward_kernel(const T* __restrict__ grad, const int32_t* __restrict__ argmax, 
 }
 
 int64_t blocks_for(int64_t items, int64_t per_block = kThreads) {
-  return std::max<int64_t>(1, std::min<int64_t>((items + per_block - 1) / per_block, 65535LL * 8));
+  return cuda::blocks_for(items, per_block, 65535LL * 8);
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 // Threads per row: enough for one pass over the channel vectors, at most a warp.
 int group_for(int64_t vecs) {
@@ -318,7 +315,7 @@ int group_for(int64_t vecs) {
 // Calls launch(std::integral_constant<int, kVec>) with 16-byte vectors when C and the pointers allow.
 template <typename T, typename Launch>
 void dispatch_vector_width(int64_t channels, bool pointers_aligned, Launch&& launch) {
-  constexpr int kWide = 16 / sizeof(T) >= 1 ? 16 / sizeof(T) : 1;
+  constexpr int kWide = cuda::kWideVec<T>;
   if (pointers_aligned && channels % kWide == 0) {
     launch(std::integral_constant<int, kWide>{});
   } else {
