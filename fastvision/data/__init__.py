@@ -17,6 +17,8 @@ name                image / target                    source
 ``photos``          [3, 32, 32] / int64 photograph    thumbnails of crops of a folder of images
                                                       (Pillow), else of scikit-image's colour
                                                       photographs; split by photograph
+``detector``        counts [S] / float32 [4] (E, x,   events of the simulated six-face
+                    y, z), live [S] bool              scintillation detector (``data.detector``)
 ==================  ================================  ==========================================
 
 Pixel values are in [0, 1] with no mean/std standardisation by default: the sparse U-Net needs
@@ -35,6 +37,7 @@ from torch.utils.data import Dataset
 
 from fastvision.data.base import ImageTensorDataset
 from fastvision.data.cifar import load_cifar10, load_photo_crops
+from fastvision.data.detector import Detector, DetectorEvents, build_detector_dataset
 from fastvision.data.digits import (
     DATA_ENV_VAR,
     load_digit_dataset,
@@ -47,7 +50,7 @@ from fastvision.data.idx import IDXFormatError, read_idx
 from fastvision.data.photos import load_photo_inr, super_resolution_pairs
 from fastvision.data.stacked import GRID_POSITIONS, StackedDigits
 
-DATASETS = ("mnist", "fashion_mnist", "stacked_mnist", "cifar10", "photos")
+DATASETS = ("mnist", "fashion_mnist", "stacked_mnist", "cifar10", "photos", "detector")
 SPLITS = ("train", "test")
 DEFAULT_STACKED_SAMPLES = {"train": 60000, "test": 10000}
 
@@ -77,6 +80,8 @@ def build_dataset(name: str, split: str, data_dir: str | os.PathLike | None = No
         return StackedDigits(
             digits, num_samples or DEFAULT_STACKED_SAMPLES[split], seed=seed + (split == "test")
         )
+    if name == "detector":
+        return build_detector_dataset(split, num_samples=num_samples, seed=seed)
     root = resolve_data_root(data_dir)
     if name == "photos":
         return load_photo_inr(split, root, num_samples=num_samples, seed=seed)
@@ -88,6 +93,8 @@ def build_dataset(name: str, split: str, data_dir: str | os.PathLike | None = No
 __all__ = [
     "DATASETS",
     "DATA_ENV_VAR",
+    "Detector",
+    "DetectorEvents",
     "GRID_POSITIONS",
     "IDXFormatError",
     "ImageTensorDataset",

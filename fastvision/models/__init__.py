@@ -2,6 +2,7 @@
 
 from fastvision.models import (  # noqa: F401  (importing registers each architecture)
     convnext_v2_fcmae,
+    detector_fusion,
     digit_seq_transformer,
     mamba_ginr_scent,
     sparse_moe_denoiser,

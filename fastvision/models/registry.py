@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-TASKS = ("classification", "digit_sequence", "denoise", "inr")
+TASKS = ("classification", "digit_sequence", "denoise", "inr", "detector_regression")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,15 @@ import yaml
 OPTIMIZERS = ("adamw", "schedulefree")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
 AMP_MODES = ("none", "bf16", "fp16")
-TASK_NAMES = ("classification", "digit_sequence", "denoise", "fcmae", "inr")  # fastvision.train.tasks.TASKS
+TASK_NAMES = (
+    "classification",
+    "digit_sequence",
+    "denoise",
+    "fcmae",
+    "inr",
+    "detector_regression",
+    "detector_pretrain",
+)  # fastvision.train.tasks.TASKS
 MAX_SEED = 2**32  # seeds also derive others (seed * 1_000_003 + epoch) that must stay below 2**63
 
 
@@ -73,7 +81,7 @@ class TrainConfig:
     aux_loss_weight: float = 0.01  # weight of a model's ``aux_loss`` (e.g. MoE load balancing)
     task: str | None = None  # None: the model's own task; else one its ``tasks`` lists (e.g. fcmae)
     init_from: str | None = None  # checkpoint whose weights (EMA when saved) start a fresh run
-    mask_ratio: float = 0.6  # fcmae task: fraction of the patch grid masked per image
+    mask_ratio: float = 0.6  # fcmae / detector_pretrain: fraction of the patches (live sensors) masked
     norm_pix_loss: bool = False  # fcmae task: targets normalised per patch (mean 0, variance 1)
     query_samples: int | None = None  # inr task: random pixels decoded per training image (None: all)
 

@@ -18,6 +18,15 @@
   pixels per image (all when unset) by MSE, validation renders every pixel (``model(images)``,
   ``[B, C, H, W]``) and reports its PSNR/SSIM.
 
+* ``detector_regression``: a batch ``(counts [B, S], params [B, 4], live [B, S])`` of the simulated
+  detector; ``model(counts, live)`` predicts the standardised (E, x, y, z) mean and log-variance and
+  ``model.regression_loss`` scores them (MSE, β-NLL or faithful). Metrics: the standardised MSE, the
+  RMSE of each parameter in MeV / cm, and the share of targets inside the predicted ±1σ and ±2σ.
+* ``detector_pretrain``: FCMAE-style masked pretraining on the same batches: ``mask_ratio`` of each
+  face's live sensors are hidden (``model.random_mask``), ``model(counts, live, hidden)`` returns
+  the loss on the hidden sensors. Validation (fixed masks) reports the hidden sensors' count MSE next
+  to the average of their visible neighbours (``Detector.neighbour_average``).
+
 Metrics are returned as per-batch *sums* (see ``MetricTracker``).
 """
 
@@ -238,8 +247,77 @@ class INRTask(Task):
         return StepResult(loss, sums, n, {"reconstruction": output})
 
 
+class DetectorRegressionTask(Task):
+    name = "detector_regression"
+    monitor, monitor_mode = "mse", "min"
+
+    def _step(self, model: nn.Module, batch) -> StepResult:
+        counts, params, live = batch
+        net = unwrap(model)
+        out = model(counts, live)
+        loss = net.regression_loss(out, params)
+        target = net.standardize(params)
+        err = (out.mu.detach().float() - target).square()
+        z = (out.mu.detach().float() - target).abs() * torch.exp(-0.5 * out.log_var.detach().float())
+        n = counts.shape[0]
+        sums = {"loss": loss.detach() * n, "mse": err.mean(1).sum()}
+        physical = err * net.target_scale.square()
+        for i, label in enumerate(("energy", "x", "y", "z")):
+            sums[f"{label}_sq_err"] = physical[:, i].sum()  # mean: MSE in MeV^2 / cm^2
+        sums["within_1sigma"] = (z <= 1.0).float().mean(1).sum()
+        sums["within_2sigma"] = (z <= 2.0).float().mean(1).sum()
+        return StepResult(loss, sums, n, out)
+
+    def train_step(self, model, batch, cfg):
+        return self._step(model, batch)
+
+    def eval_step(self, model, batch, cfg, generator):
+        return self._step(model, batch)
+
+
+class DetectorPretrainTask(Task):
+    name = "detector_pretrain"
+    monitor, monitor_mode = "loss", "min"
+
+    @staticmethod
+    def _run(model: nn.Module, batch, cfg: TrainConfig, generator: torch.Generator | None):
+        counts, _, live = batch
+        hidden = unwrap(model).random_mask(live, cfg.mask_ratio, generator=generator)
+        return model(counts, live, hidden)
+
+    def train_step(self, model, batch, cfg):
+        out = self._run(model, batch, cfg, None)
+        n = batch[0].shape[0]
+        return StepResult(out.loss, {"loss": out.loss.detach() * n}, n)
+
+    def eval_step(self, model, batch, cfg, generator):
+        counts, _, live = batch
+        out = self._run(model, batch, cfg, generator)
+        hidden = out.hidden
+        detector = unwrap(model).detector
+        baseline = detector.neighbour_average(counts, live & ~hidden)
+        weight = hidden.float()
+        per_event = weight.sum(1).clamp_min(1.0)
+        n = counts.shape[0]
+        sums = {
+            "loss": out.loss.detach() * n,
+            "masked_mse": (((out.mean.float() - counts).square() * weight).sum(1) / per_event).sum(),
+            "neighbour_mse": (((baseline - counts).square() * weight).sum(1) / per_event).sum(),
+        }
+        return StepResult(out.loss, sums, n, out)
+
+
 TASKS: dict[str, type[Task]] = {
-    t.name: t for t in (ClassificationTask, DigitSequenceTask, DenoiseTask, FCMAETask, INRTask)
+    t.name: t
+    for t in (
+        ClassificationTask,
+        DigitSequenceTask,
+        DenoiseTask,
+        FCMAETask,
+        INRTask,
+        DetectorRegressionTask,
+        DetectorPretrainTask,
+    )
 }
 
 
