@@ -524,7 +524,7 @@ class Detector:
         return out
 
 
-DEFAULT_EVENTS = {"train": 8000, "test": 2000}
+DEFAULT_EVENTS = {"train": 4000, "test": 1000}
 
 
 class DetectorEvents(Dataset):

@@ -360,7 +360,10 @@ class DetectorFusion(nn.Module):
             preds.append(dense.flatten(2))
         values = torch.cat([g for g, _ in losses_in])  # [K, 2]
         wanted = torch.cat([t for _, t in losses_in])[:, 0]
-        loss = heteroscedastic_loss(self.loss_kind, wanted, values[:, 0], values[:, 1], self.beta)
+        if values.shape[0] == 0:  # nothing hidden: a zero loss that keeps the graph
+            loss = sum(p.sum() for p in preds) * 0.0
+        else:
+            loss = heteroscedastic_loss(self.loss_kind, wanted, values[:, 0], values[:, 1], self.beta)
         dense = torch.cat(preds, dim=2)  # [B, 2, S]
         mean = dense[:, 0] * self.count_scale
         log_var = dense[:, 1] + 2 * math.log(self.count_scale)
