@@ -193,14 +193,14 @@ def test_constructor_checks():
 
 
 def test_speed(det):
-    # 2,048 events (one chunk, 9.7M sensor readings) on one thread. Measured: 100,000 events in 227 s
-    # on one thread of a 2-core machine at load average 13-16 (about 4.7 s per 2,048); the bound
-    # leaves room for a machine loaded more.
+    # 1,024 events (4.8M sensor readings) on one thread. Measured: 100,000 events in 227 s on one
+    # thread of a 2-core machine at load average 13-16 (about 2.3 s per 1,024); the bound leaves
+    # room for a machine loaded several times more.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         start = time.perf_counter()
-        det.simulate(2048, seed=0)
+        det.simulate(1024, seed=0)
         elapsed = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
