@@ -5,6 +5,7 @@ from fastvision.nn.attention import MultiHeadAttention
 from fastvision.nn.attention_blocks import CBAM, ChannelAttention, SEBlock, SpatialAttention
 from fastvision.nn.convnext import GRN, ConvNeXtV2Block, DropPath, LayerNorm2d
 from fastvision.nn.geglu import GEGLU, FeedForward
+from fastvision.nn.graph import GraphAttention, GraphAttentionBlock
 from fastvision.nn.heads import HeteroscedasticHead, InpaintingPrediction, MaskedInpaintingHead
 from fastvision.nn.inr import (
     Attention,
@@ -43,6 +44,8 @@ __all__ = [
     "ConvNeXtV2Block",
     "DropPath",
     "GRN",
+    "GraphAttention",
+    "GraphAttentionBlock",
     "HeteroscedasticHead",
     "InpaintingPrediction",
     "LayerNorm2d",
