@@ -161,7 +161,7 @@ def test_inr_task_trains_through_the_trainer(tmp_path):
 
     # the comparison against bicubic upsampling, on a folder of two photographs (one held out)
     pil = pytest.importorskip("PIL.Image")
-    from fastvision.train.inr_eval import compare
+    from fastvision.train.inr_eval import compare, merge
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -174,6 +174,8 @@ def test_inr_task_trains_through_the_trainer(tmp_path):
     assert {"psnr", "ssim", "images_per_s"} <= set(entry["super_resolution_64"]) and "64" in result["bicubic"]
     assert (tmp_path / "out" / "super_resolution_64.png").exists()
     assert "bicubic upsampling" in (tmp_path / "out" / "RESULTS.md").read_text()
+    merged = merge([tmp_path / "out"], tmp_path / "merged")
+    assert merged["models"] == result["models"] and (tmp_path / "merged" / "super_resolution_64.png").exists()
 
 
 def test_query_samples_is_checked():

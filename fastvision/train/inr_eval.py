@@ -12,7 +12,8 @@ with PSNR and SSIM (``fastvision.train.metrics``), inference throughput, the run
 training wall time (its ``summary.json``), and a figure of sample crops (input, bicubic, each model,
 original). ``python -m fastvision.train.inr_eval profile MODEL`` measures one model's training-step
 throughput and the process's peak resident memory (run it in a fresh process per model).
-Results go to ``OUT/results.json`` and ``OUT/RESULTS.md``.
+Results go to ``OUT/results.json`` and ``OUT/RESULTS.md``; ``merge PART... --out OUT`` combines the outputs of
+several ``compare`` runs (one model each, e.g. run in parallel) into one table and figure.
 """
 
 from __future__ import annotations
@@ -113,11 +114,34 @@ def compare(
             samples[label][size] = rendered[:4].cpu()
         result["models"][label] = entry
         print(json.dumps({label: entry}), flush=True)
+    inputs = {size: (low[:4], high[:4], names[:4]) for size, (low, high, names) in pairs.items()}
+    torch.save({"samples": samples, "inputs": inputs}, out / "samples.pt")
+    write(result, samples, inputs, out)
+    return result
+
+
+def write(result: dict[str, Any], samples, inputs, out: Path) -> None:
+    """``results.json``, ``RESULTS.md`` and one figure per super-resolution size into ``out``."""
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "RESULTS.md").write_text(markdown(result))
-    for size, (low, high, names) in pairs.items():
-        figure(out / f"super_resolution_{size}.png", low[:4], high[:4], names[:4], samples, size)
-    return result
+    for size, (low, high, names) in inputs.items():
+        figure(out / f"super_resolution_{size}.png", low, high, names, samples, size)
+
+
+def merge(parts: list[Path], out: Path) -> dict[str, Any]:
+    """Combine ``compare`` outputs of the same test data (one model each, run in parallel) into ``out``."""
+    results = [json.loads((part / "results.json").read_text()) for part in parts]
+    stored = [torch.load(part / "samples.pt") for part in parts]
+    merged = {**results[0], "models": {}}
+    samples: dict[str, dict[int, torch.Tensor]] = {}
+    for result, saved in zip(results, stored, strict=True):
+        if result["data"] != merged["data"] or result["bicubic"] != merged["bicubic"]:
+            raise ValueError("the parts were scored on different test data")
+        merged["models"].update(result["models"])
+        samples.update(saved["samples"])
+    out.mkdir(parents=True, exist_ok=True)
+    write(merged, samples, stored[0]["inputs"], out)
+    return merged
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -225,7 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--batch-size", type=int, default=32)
     prof.add_argument("--queries", type=int, default=256)
     prof.add_argument("--steps", type=int, default=3)
+    mrg = sub.add_parser("merge", help="combine compare outputs (one model each) into one table and figure")
+    mrg.add_argument("parts", nargs="+")
+    mrg.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.command == "merge":
+        merge([Path(part) for part in args.parts], Path(args.out))
+        return 0
     if args.command == "profile":
         print(json.dumps(profile(args.model, args.batch_size, args.queries, args.steps)))
         return 0
