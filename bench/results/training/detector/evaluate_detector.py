@@ -7,7 +7,7 @@ and figures beside this file.
   standardised MSE, the RMSE of E (MeV) and x, y, z (cm), and the share of targets inside the
   predicted ±1σ / ±2σ. The MSE model has no trained variance: its σ per target is its RMSE on 300
   calibration events of another seed (1001).
-* Inpainting (pretraining run, 100 test events): (a) 60% of the live sensors hidden (fixed masks):
+* Inpainting (each pretraining run, 100 test events): (a) 60% of the live sensors hidden (fixed masks):
   the count MSE of the model, of the average of visible neighbours, both against the observed count
   and against the true mean; the predicted variance against the true variance, binned by true mean.
   (b) The fixed dead sensors: the model's prediction against their true mean (and a Poisson draw
@@ -34,7 +34,7 @@ TARGETS = ("energy_MeV", "x_cm", "y_cm", "z_cm")
 
 
 def load(run: str):
-    state = load_checkpoint(RUNS / run / "best.pt", required=("model_name", "model", "ema"))
+    state = load_checkpoint(RUNS / run / "best.pt", required=("model_name", "task", "model", "ema"))
     model = create_model(state["model_name"])
     model.load_state_dict(state["ema"]["module"] if state["ema"] is not None else state["model"])
     summary = json.loads((RUNS / run / "summary.json").read_text())
@@ -54,10 +54,11 @@ def predict(model, data: DetectorEvents, batch: int = 100):
 
 def regression(test: DetectorEvents, calib: DetectorEvents) -> dict:
     results = {}
-    for run in ("scratch_mse", "scratch_beta_nll", "scratch_faithful", "finetune_faithful"):
-        if not (RUNS / run / "best.pt").exists():
-            continue
+    runs = sorted(p.parent.name for p in RUNS.glob("*/best.pt"))
+    for run in runs:
         model, state, summary = load(run)
+        if state["task"] != "detector_regression":
+            continue
         mu, log_var = predict(model, test)
         target = model.standardize(test.params)
         resid = mu - target
@@ -92,8 +93,8 @@ def regression(test: DetectorEvents, calib: DetectorEvents) -> dict:
 
 
 @torch.no_grad()
-def inpainting(test: DetectorEvents, n: int = 100) -> dict:
-    model, state, summary = load("pretrain_faithful")
+def inpainting(run: str, test: DetectorEvents, n: int = 100) -> dict:
+    model, state, summary = load(run)
     det = model.detector
     counts, live = test.counts[:n], test.live.expand(n, -1)
     truth = test.true_mean(list(range(n)))
@@ -111,7 +112,7 @@ def inpainting(test: DetectorEvents, n: int = 100) -> dict:
             continue
         binned.append(
             {
-                "true_mean_range": [lo, hi],
+                "true_mean_range": [lo, hi if math.isfinite(hi) else None],
                 "sensors": int(sel.sum()),
                 "mean_true_variance": float(true_var[sel].mean()),
                 "mean_predicted_variance": float(pred_var[sel].mean()),
@@ -145,9 +146,9 @@ def inpainting(test: DetectorEvents, n: int = 100) -> dict:
         "neighbour_mse_vs_poisson_draw": float((neigh_dead - draw)[dead].square().mean()),
         "mean_true_count": float(truth[dead].mean()),
     }
-    figure_maps(det, counts[0], truth[0], hidden[0], live[0], out.mean[0], neigh[0])
+    figure_maps(run, det, counts[0], truth[0], hidden[0], live[0], out.mean[0], neigh[0])
     return {
-        "run": "pretrain_faithful",
+        "run": run,
         "epochs": state["config"]["epochs"],
         "wall_time_s": summary.get("wall_time_s"),
         "masked_60pct": masked,
@@ -155,7 +156,7 @@ def inpainting(test: DetectorEvents, n: int = 100) -> dict:
     }
 
 
-def figure_maps(det, counts, truth, hidden, live, pred, neigh):
+def figure_maps(run, det, counts, truth, hidden, live, pred, neigh):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +184,8 @@ def figure_maps(det, counts, truth, hidden, live, pred, neigh):
         ax.set_xlabel("z column")
     axes[0].set_ylabel("y row (inner face, 93x44)")
     fig.colorbar(im, ax=axes, shrink=0.8, label="photoelectrons")
-    fig.savefig(HERE / "inpainted_inner_face.png", dpi=90)
+    fig.suptitle(f"{run}: event 0 of the test split, inner face", fontsize=10)
+    fig.savefig(HERE / f"inpainted_inner_face_{run}.png", dpi=90)
     plt.close(fig)
 
 
@@ -193,7 +195,7 @@ def figure_residuals(reg: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in ("scratch_beta_nll", "scratch_faithful", "finetune_faithful") if r in reg]
+    runs = [r for r in reg if reg[r]["loss"] != "mse"]
     if not runs:
         return
     fig, axes = plt.subplots(len(runs), 4, figsize=(14, 3.2 * len(runs)), squeeze=False)
@@ -224,8 +226,8 @@ def main():
     for value in reg.values():
         value.pop("_arrays")
     results = {"regression": reg}
-    if (RUNS / "pretrain_faithful" / "best.pt").exists():
-        results["inpainting"] = inpainting(test)
+    pretrain = sorted(p.parent.name for p in RUNS.glob("*/best.pt") if "pretrain" in p.parent.name)
+    results["inpainting"] = {run: inpainting(run, test) for run in pretrain}
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
