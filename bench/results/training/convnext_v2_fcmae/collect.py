@@ -24,6 +24,16 @@ def main() -> int:
         for stage in STAGES:
             source = runs / f"{model}_{stage}"
             if not (source / "summary.json").exists():
+                if (source / "metrics.jsonl").exists():  # stopped early: its completed epochs only
+                    target = HERE / f"{model}_{stage}_unfinished"
+                    target.mkdir(exist_ok=True)
+                    shutil.copy2(source / "metrics.jsonl", target / "metrics.jsonl")
+                    lines = (source / "metrics.jsonl").read_text().splitlines()
+                    table[f"{model}_{stage}_unfinished"] = {
+                        "model": model,
+                        "stage": stage,
+                        "completed_epochs": [json.loads(line) for line in lines if line],
+                    }
                 continue
             target = HERE / f"{model}_{stage}"
             target.mkdir(exist_ok=True)
@@ -61,6 +71,13 @@ def main() -> int:
     ]
     for key, row in table.items():
         if key.endswith("_inpainting"):
+            continue
+        if key.endswith("_unfinished"):
+            done = row["completed_epochs"]
+            last = done[-1] if done else {}
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_"))
+            shown = f"last validation: {shown or 'none'}"
+            lines.append(f"| {key} | {len(done)} completed (stopped) | - | {shown} |")
             continue
         metrics = row["test_metrics"]
         if row["stage"] == "pretrain":
