@@ -189,3 +189,16 @@ def test_tasks(det, batch):
     pre = get_task("detector_pretrain").eval_step(model.eval(), batch, cfg, torch.Generator().manual_seed(0))
     assert {"loss", "masked_mse", "neighbour_mse"} <= set(pre.sums)
     assert all(torch.isfinite(v) for v in pre.sums.values())
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_variance_stop_gradient(det, batch, stop):
+    counts, _, live = batch
+    model = _model(det, loss="faithful", variance_stop_gradient=stop).train()
+    assert _model(det, loss="faithful").variance_stop_gradient  # the faithful default
+    assert not _model(det, loss="beta_nll").variance_stop_gradient
+    model(counts, live).log_var.sum().backward()
+    stem = model.rect["inner"].stem[0].weight.grad
+    reached = stem is not None and stem.abs().sum() > 0
+    assert reached != stop
+    assert model.head.log_var[0].weight.grad.abs().sum() > 0

@@ -18,7 +18,9 @@ or hidden sensors).
 * Regression ``model(counts, live)``: the mean of the fused tokens goes to a
   ``HeteroscedasticHead`` (separate mean and log-variance networks) predicting the standardised
   ``(E, x, y, z)`` (``Detector.target_scale``); ``regression_loss`` is MSE, β-NLL (β = 0.5) or the
-  faithful loss, chosen by ``loss``.
+  faithful loss, chosen by ``loss``. With ``variance_stop_gradient`` (the default for the faithful
+  loss) the variance network reads the fused representation through a stop-gradient, as in Stirn
+  et al.: the encoder is trained by the mean's loss alone.
 * Inpainting ``model(counts, live, hidden)``: per face, a decoder joins the upsampled last stage,
   the first stage and the face's fused token, runs one dense ConvNeXt V2 block and predicts each
   sensor's mean count and log-variance (in units of ``count_scale`` photoelectrons); the
@@ -193,6 +195,7 @@ class DetectorFusion(nn.Module):
         beta: float = 0.5,
         count_scale: float = 10.0,
         drop_path: float = 0.0,
+        variance_stop_gradient: bool | None = None,
     ):
         super().__init__()
         if detector is not None and not isinstance(detector, Detector):
@@ -221,6 +224,9 @@ class DetectorFusion(nn.Module):
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.count_scale = _checks.positive_float("count_scale", count_scale)
+        if variance_stop_gradient is None:
+            variance_stop_gradient = self.loss_kind == "faithful"
+        self.variance_stop_gradient = _checks.boolean("variance_stop_gradient", variance_stop_gradient)
         _checks.dropout("drop_path", drop_path)
         hex_heads = 4 if hex_dim % 4 == 0 else 1
 
@@ -334,7 +340,11 @@ class DetectorFusion(nn.Module):
         visible = live if hidden is None else live & ~hidden
         tokens, cache = self._encode(counts, visible)
         if hidden is None:
-            return RegressionOutput(*self.head(tokens.mean(dim=1)))
+            pooled = tokens.mean(dim=1)
+            # Faithful regression (Stirn et al.): the variance network reads the shared
+            # representation through a stop-gradient, so only the mean's loss shapes the encoder.
+            var_in = pooled.detach() if self.variance_stop_gradient else pooled
+            return RegressionOutput(self.head.mean(pooled), self.head.log_var(var_in))
         return self._inpaint(counts, tokens, cache, hidden & live)
 
     def regression_loss(self, out: RegressionOutput, params: torch.Tensor) -> torch.Tensor:
@@ -396,7 +406,7 @@ CPU_SIZE = {
 }
 
 
-def _variant(name: str, size: dict, loss: str, description: str) -> None:
+def _variant(name: str, size: dict, loss: str, description: str, **extra) -> None:
     @register_model(
         name,
         task="detector_regression",
@@ -405,7 +415,7 @@ def _variant(name: str, size: dict, loss: str, description: str) -> None:
         train_defaults=_TRAIN_DEFAULTS,
     )
     def build(**kwargs) -> DetectorFusion:
-        return DetectorFusion(**{**size, "loss": loss, **kwargs})
+        return DetectorFusion(**{**size, "loss": loss, **extra, **kwargs})
 
 
 _variant(
@@ -421,3 +431,10 @@ for _loss in LOSSES:
         _loss,
         f"detector_fusion at CPU size (16-32 ConvNeXt, 64-d tokens), {_loss} loss",
     )
+_variant(
+    "detector_fusion_cpu_faithful_shared",
+    CPU_SIZE,
+    "faithful",
+    "detector_fusion_cpu_faithful whose variance network also trains the encoder (no stop-gradient)",
+    variance_stop_gradient=False,
+)
