@@ -42,6 +42,7 @@ BAD_VALUES = {
     "train_samples": [-5, 0],
     "val_samples": [0, -1],
     "test_samples": [0, -3],
+    "query_samples": [0, -5, 2.5],
     "shift_augment": [-1],
     "shift_tiles": [0, -2],
     "redraw_each_epoch": ["yes", 1],
