@@ -218,6 +218,44 @@ def figure_residuals(reg: dict):
     plt.close(fig)
 
 
+def run_log(run: str) -> dict:
+    """The command and wall time that run.sh recorded in runs/detector/<run>.log."""
+    path = RUNS / f"{run}.log"
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
+    out = {"command": lines[0].removeprefix("command: ").strip()}
+    for line in lines:
+        if line.startswith("exit:"):
+            out["process_wall_s"] = int(line.split("wall_s:")[1])
+    return out
+
+
+def markdown(results: dict) -> str:
+    head = ("run", "model", "loss", "epochs", "init", "train wall s", "MSE (std.)", "RMSE E MeV",
+            "RMSE x cm", "RMSE y cm", "RMSE z cm", "in ±1σ", "in ±2σ")  # fmt: skip
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, r in results["regression"].items():
+        rm = r["rmse"]
+        init = Path(r["init_from"]).parent.name if r["init_from"] else "scratch"
+        cells = (run, r["model"], r["loss"], r["epochs"], init, f"{r['wall_time_s']:.0f}",
+                 f"{r['mse_standardised']:.4f}", f"{rm['energy_MeV']:.3f}", f"{rm['x_cm']:.2f}",
+                 f"{rm['y_cm']:.2f}", f"{rm['z_cm']:.2f}", f"{100 * r['within_1sigma_all']:.1f}%",
+                 f"{100 * r['within_2sigma_all']:.1f}%")  # fmt: skip
+        rows.append("| " + " | ".join(map(str, cells)) + " |")
+    head = ("run", "epochs", "hidden vs observed: model MSE", "neighbour MSE", "hidden vs true mean: model",
+            "neighbour", "dead vs true mean: model", "neighbour")  # fmt: skip
+    rows += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, r in results["inpainting"].items():
+        m, d = r["masked_60pct"], r["dead_channels"]
+        cells = (run, r["epochs"], f"{m['model_mse_vs_observed']:.1f}",
+                 f"{m['neighbour_mse_vs_observed']:.1f}", f"{m['model_mse_vs_true_mean']:.1f}",
+                 f"{m['neighbour_mse_vs_true_mean']:.1f}",
+                 f"{d['model_mse_vs_true_mean']:.2f}", f"{d['neighbour_mse_vs_true_mean']:.2f}")  # fmt: skip
+        rows.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def main():
     test = DetectorEvents(500, seed=1)  # = build_dataset("detector", "test", seed=0)[:500]
     calib = DetectorEvents(300, seed=1001)
@@ -228,7 +266,11 @@ def main():
     results = {"regression": reg}
     pretrain = sorted(p.parent.name for p in RUNS.glob("*/best.pt") if "pretrain" in p.parent.name)
     results["inpainting"] = {run: inpainting(run, test) for run in pretrain}
+    for group in ("regression", "inpainting"):
+        for run, value in results[group].items():
+            value.update(run_log(run))
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (HERE / "tables.md").write_text(markdown(results))
     print(json.dumps(results, indent=2))
 
 
