@@ -84,6 +84,24 @@ def _topk_attention(dtype):
     ]
 
 
+def _block_topk_attention(dtype):
+    def qkv(batch, heads, nq, nk, dim, seed):
+        return (
+            random((batch, heads, nq, dim), dtype, seed),
+            random((batch, heads, nk, dim), dtype, seed + 1),
+            random((batch, heads, nk, dim), dtype, seed + 2),
+        )
+
+    q, k, v = qkv(2, 40, 3, 3, 16, 140)  # [B, N, H, D] storage
+    return [
+        # Nq != Nk, neither a multiple of the block: 3 query blocks pick 2 of 4 key blocks.
+        Sample("odd", (*qkv(1, 2, 37, 50, 16, 130), 2, 16), (0, 1, 2), 2.0, 4.0),
+        Sample("dense", (*qkv(1, 2, 9, 40, 32, 133), 2, 32), (0, 1, 2), 2.0, 4.0),
+        Sample("transposed", (*(t.transpose(1, 2) for t in (q, k, v)), 1, 16), (0, 1, 2), 2.0, 4.0),
+        Sample("empty", (*qkv(1, 2, 0, 5, 16, 136), 1, 16), (0, 1, 2)),
+    ]
+
+
 def _sparse_map(batch, height, width, channels, density, dtype, seed):
     generator = torch.Generator().manual_seed(seed)
     coords = (torch.rand(batch, height, width, generator=generator) < density).nonzero()
@@ -194,6 +212,7 @@ SAMPLES: dict[str, Callable[[torch.dtype], list[Sample]]] = {
     "geglu": _geglu,
     "add_layer_norm": _add_layer_norm,
     "topk_attention": _topk_attention,
+    "block_topk_attention": _block_topk_attention,
     "sparse_max_pool2d": _sparse_max_pool2d,
     "sparse_conv2d": _sparse_conv2d,
     "masked_gather": _masked_gather,

@@ -14,6 +14,7 @@ import fastvision
 from fastvision.models.registry import create_model, get_model_spec
 from fastvision.models.sparse_moe_denoiser import SparseMoEDenoiser
 from fastvision.nn.moe import AdaptiveSparseAttentionMoE, TopKSparseAttention
+from fastvision.ops.block_topk_attention import block_topk_attention_reference
 from fastvision.ops.topk_attention import topk_attention_reference
 from fastvision.train.config import TrainConfig
 from fastvision.train.tasks import get_task
@@ -105,11 +106,27 @@ def test_topk_sparse_attention_dense_when_topk_covers_keys():
         ({"dim": 64, "heads": 4, "topk": 0}, "topk"),
         ({"dim": 64, "heads": 4, "topk": 2.5}, "topk"),
         ({"dim": 64, "heads": 4, "topk": 4, "dropout": 1.0}, "dropout"),
+        ({"dim": 64, "heads": 4, "topk": 4, "mode": "blocks"}, "mode must be one of"),
+        ({"dim": 64, "heads": 4, "topk": 4, "mode": "block", "block_size": 48}, "block_size must be one of"),
+        ({"dim": 64, "heads": 4, "topk": 4, "mode": "block", "block_size": True}, "block_size"),
     ],
 )
 def test_topk_sparse_attention_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TopKSparseAttention(**kwargs)
+
+
+def test_topk_sparse_attention_block_mode_matches_manual_projection():
+    torch.manual_seed(0)
+    attn = TopKSparseAttention(DIM, HEADS, topk=1, mode="block", block_size=16)
+    assert "mode='block'" in repr(attn) and TopKSparseAttention(DIM, HEADS, 4).mode == "token"
+    x = _tokens(2, 37)
+    q, k, v = (
+        t.view(2, 37, HEADS, DIM // HEADS).transpose(1, 2)
+        for t in (x @ attn.qkv.weight.T + attn.qkv.bias).chunk(3, -1)
+    )
+    expected = block_topk_attention_reference(q, k, v, 1, 16).transpose(1, 2).reshape(2, 37, DIM)
+    torch.testing.assert_close(attn(x), attn.out_proj(expected))
 
 
 def test_topk_sparse_attention_input_errors():
@@ -235,6 +252,8 @@ def test_empty_token_set():
         ({"balance_weight": -1.0}, "balance_weight"),
         ({"router_hidden": 0}, "router_hidden"),
         ({"heads": 3}, "multiple of heads"),
+        ({"mode": "tokens"}, "mode must be one of"),
+        ({"mode": "block", "block_size": 20}, "block_size must be one of"),
     ],
 )
 def test_moe_argument_errors(kwargs, match):
@@ -263,6 +282,23 @@ def test_backend_matches_reference(backend, routing, device):
         with fastvision.use_backend(name):
             out = moe(x)
             results[name] = (out, *torch.autograd.grad(out, (x, moe.experts[0].qkv.weight), grad_out))
+    for actual, expected in zip(results[backend], results["reference"], strict=True):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", backend_params(("triton",)))
+def test_block_mode_experts_match_reference(backend, device):
+    torch.manual_seed(0)
+    moe = AdaptiveSparseAttentionMoE(DIM, HEADS, (1, 2), "top1", mode="block", block_size=16).to(device)
+    assert all(expert.mode == "block" and expert.block_size == 16 for expert in moe.experts)
+    assert "mode='block'" in repr(moe)
+    x = _tokens(batch=2, tokens=40).to(device).requires_grad_(True)
+    grad_out = torch.randn(x.shape, generator=_seeded(4)).to(device)
+    results = {}
+    for name in ("reference", backend):
+        with fastvision.use_backend(name):
+            out = moe(x)
+            results[name] = (out, *torch.autograd.grad(out, (x, moe.experts[1].qkv.weight), grad_out))
     for actual, expected in zip(results[backend], results["reference"], strict=True):
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 

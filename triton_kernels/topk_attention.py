@@ -21,11 +21,13 @@ Three kernels, each with a one-axis grid of ``B * H * ceil(Nq / BLOCK_M)`` progr
 2. ``_sparse_forward_kernel`` gathers the selected K and V rows of each query and runs an online
    (flash-style) softmax over them on CUDA cores (each query has its own keys, so there is no
    shared matmul), writing the output and the log-sum-exp.
-3. ``_sparse_backward_kernel`` gathers the same rows again, recomputes the probabilities from the
-   saved log-sum-exp, accumulates dq in registers and adds dk, dv into float32 buffers with
-   atomics (a key receives gradient from any query that selected it; a deterministic key-major
-   pass would need the transposed selection, a sort of all B*H*Nq*topk indices). So dk and dv
-   may differ between runs in the last float32 bits; dq and the forward are deterministic.
+3. The backward, without atomics (the same inputs give bit-identical gradients on every run):
+   ``_sparse_backward_dq_kernel`` gathers the selected rows again per query, recomputes the
+   probabilities from the saved log-sum-exp and ``delta = rowsum(dO * O)``, and accumulates dq in
+   registers; ``_sparse_backward_dkdv_kernel`` is key-major: ``selection_map`` transposes the saved
+   indices by a counting sort (counts per key, offsets by a prefix sum, queries in increasing
+   order per key), and each program owns ``BLOCK_N`` keys, gathers the queries that selected each
+   of them ``BLOCK_Q`` at a time, and accumulates dk and dv in registers, written once.
 
 Why saved indices instead of recomputing the selection in backward: membership is decided at the
 k-th score exactly, and a score recomputed by a differently shaped kernel may round differently
@@ -41,8 +43,10 @@ Costs per (batch, head), element size ``e``, ``Nq`` queries, ``Nk`` keys, ``k = 
   query for each key block that is merged.
 - forward: ``4 Nq k D`` FLOPs (the attention proper), gathers ``2 Nq k D e`` bytes of K/V rows
   (from L2 where neighbouring queries share keys), writes ``Nq D e + 4 Nq`` bytes.
-- backward: ``8 Nq k D`` FLOPs, gathers ``2 Nq k D e`` bytes, reads Q, O, dO, writes dq, and
-  issues ``2 Nq k D`` float32 atomic adds into ``8 Nk D`` bytes of dk/dv scratch.
+- backward: ``8 Nq k D`` FLOPs in each of the dq and dk/dv passes (scores and probabilities are
+  recomputed in both), gathers ``2 Nq k D e`` bytes per pass (K/V rows, then Q/dO rows), writes
+  dq, dk, dv once each; the map costs a sort of the ``Nq k`` saved indices and ``4 (Nq k + Nk)``
+  bytes.
 - memory kept for backward: indices ``4 Nq k`` and lse ``4 Nq`` bytes, so O(N (D + k)) in all.
 
 Math in float32 throughout; scores for the selection use ``tl.dot`` with float32 accumulation
@@ -189,6 +193,13 @@ def _gather_rows(base, stride_n, stride_d, key, dims, valid):
 
 
 @triton.jit
+def _load_rows(base, stride_n, stride_d, rows, dims, valid):
+    """``[M, D]`` float32 rows ``base[rows[m], :]`` (zeros where not ``valid``)."""
+    offsets = rows.to(tl.int64)[:, None] * stride_n + dims[None, :] * stride_d
+    return tl.load(base + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _selected_keys(idx_base, rows, row_ok, slots, num_selected, DENSE: tl.constexpr):
     """Key index ``[M, K]`` of selection slots ``slots`` and which of them exist."""
     valid = row_ok[:, None] & (slots < num_selected)[None, :]
@@ -253,10 +264,9 @@ def _sparse_forward_kernel(
 
 
 @triton.jit
-def _sparse_backward_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, grad_out_ptr, lse_ptr, idx_ptr,
-    dq_ptr, dk_ptr, dv_ptr,
-    num_queries, num_keys, num_selected, heads, scale,
+def _sparse_backward_dq_kernel(
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, idx_ptr, dq_ptr,
+    num_queries, num_selected, heads, scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -273,22 +283,15 @@ def _sparse_backward_kernel(
     row_ok = rows < num_queries
     rows64 = rows.to(tl.int64)
 
-    q_base = q_ptr + batch * stride_qb + head * stride_qh
     k_base = k_ptr + batch * stride_kb + head * stride_kh
     v_base = v_ptr + batch * stride_vb + head * stride_vh
-    g_base = grad_out_ptr + batch * stride_gb + head * stride_gh
     idx_base = idx_ptr + pid_bh.to(tl.int64) * num_queries * num_selected
-    # out, dq (contiguous) and dk, dv (float32 scratch, contiguous)
-    row_offsets = pid_bh.to(tl.int64) * num_queries * HEAD_DIM + rows64[:, None] * HEAD_DIM + dims[None, :]
-    kv_base = pid_bh.to(tl.int64) * num_keys * HEAD_DIM
-
-    q = tl.load(q_base + rows64[:, None] * stride_qn + dims[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
-    grad_out = tl.load(g_base + rows64[:, None] * stride_gn + dims[None, :] * stride_gd,
-                       mask=row_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
-    out = tl.load(out_ptr + row_offsets, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * num_queries + rows, mask=row_ok, other=0.0)
-    delta = tl.sum(grad_out * out, axis=1)  # sum_j p_j dp_j
+    row_base = pid_bh.to(tl.int64) * num_queries
+    q = _load_rows(q_ptr + batch * stride_qb + head * stride_qh, stride_qn, stride_qd, rows, dims, row_ok)
+    g_base = grad_out_ptr + batch * stride_gb + head * stride_gh
+    grad_out = _load_rows(g_base, stride_gn, stride_gd, rows, dims, row_ok)
+    lse = tl.load(lse_ptr + row_base + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + row_base + rows, mask=row_ok, other=0.0)  # sum_j p_j dp_j
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(0, num_selected, BLOCK_K):
@@ -301,12 +304,69 @@ def _sparse_backward_kernel(
         grad_probs = tl.sum(grad_out[:, None, :] * v_rows, axis=2)
         grad_scores = probs * (grad_probs - delta[:, None])
         dq += tl.sum(grad_scores[:, :, None] * k_rows, axis=1)
-        scatter = kv_base + key.to(tl.int64)[:, :, None] * HEAD_DIM + dims[None, None, :]
-        valid3 = valid[:, :, None]
-        tl.atomic_add(dk_ptr + scatter, (grad_scores * scale)[:, :, None] * q[:, None, :], mask=valid3)
-        tl.atomic_add(dv_ptr + scatter, probs[:, :, None] * grad_out[:, None, :], mask=valid3)
 
-    tl.store(dq_ptr + row_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+    out_offsets = row_base * HEAD_DIM + rows64[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(dq_ptr + out_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _sparse_backward_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, offsets_ptr, qlist_ptr, dk_ptr, dv_ptr,
+    num_queries, num_keys, heads, scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+):  # fmt: skip
+    # Key-major: BLOCK_N keys per program, each with the queries that selected it (in increasing
+    # query order, from the selection map), BLOCK_Q of them per step. Each key row is written once.
+    key_blocks = tl.cdiv(num_keys, BLOCK_N)
+    pid_bh = tl.program_id(0) // key_blocks
+    pid_n = tl.program_id(0) % key_blocks
+    batch = (pid_bh // heads).to(tl.int64)
+    head = (pid_bh % heads).to(tl.int64)
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    key_ok = keys < num_keys
+    keys64 = keys.to(tl.int64)
+
+    q_base = q_ptr + batch * stride_qb + head * stride_qh
+    g_base = grad_out_ptr + batch * stride_gb + head * stride_gh
+    row_base = pid_bh.to(tl.int64) * num_queries
+    k = _load_rows(k_ptr + batch * stride_kb + head * stride_kh, stride_kn, stride_kd, keys, dims, key_ok)
+    v = _load_rows(v_ptr + batch * stride_vb + head * stride_vh, stride_vn, stride_vd, keys, dims, key_ok)
+    if DENSE:
+        start = tl.zeros([BLOCK_N], tl.int32)
+        count = tl.where(key_ok, num_queries, 0)
+    else:
+        entry = pid_bh.to(tl.int64) * num_keys + keys64
+        start = tl.load(offsets_ptr + entry, mask=key_ok, other=0)
+        count = tl.load(offsets_ptr + entry + 1, mask=key_ok, other=0) - start
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for step in range(0, tl.max(count, axis=0), BLOCK_Q):
+        slots = step + tl.arange(0, BLOCK_Q)
+        valid = slots[None, :] < count[:, None]
+        if DENSE:
+            query = slots[None, :] + tl.zeros_like(keys)[:, None]
+        else:
+            query = tl.load(qlist_ptr + (start[:, None] + slots[None, :]).to(tl.int64), mask=valid, other=0)
+        q_rows = _gather_rows(q_base, stride_qn, stride_qd, query, dims, valid)
+        g_rows = _gather_rows(g_base, stride_gn, stride_gd, query, dims, valid)
+        lse = tl.load(lse_ptr + row_base + query, mask=valid, other=0.0)
+        delta = tl.load(delta_ptr + row_base + query, mask=valid, other=0.0)
+        scores = tl.sum(k[:, None, :] * q_rows, axis=2) * scale
+        probs = tl.where(valid, tl.exp(scores - lse), 0.0)
+        grad_probs = tl.sum(v[:, None, :] * g_rows, axis=2)
+        grad_scores = probs * (grad_probs - delta)
+        dv += tl.sum(probs[:, :, None] * g_rows, axis=1)
+        dk += tl.sum(grad_scores[:, :, None] * q_rows, axis=1)
+
+    out_offsets = pid_bh.to(tl.int64) * num_keys * HEAD_DIM + keys64[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(dk_ptr + out_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None])
 
 
 # --- tile choice and grids (shared by the launchers and launch_configs) -------------------------------
@@ -316,9 +376,19 @@ MAX_PROGRAMS = 2**31 - 1
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
-# sm_90 (227 KB of shared memory per block, 255 registers per thread): nothing spills at any
-# configuration these launchers choose (checked by compiling launch_configs()).
-SPILL_ALLOWANCE: dict[str, SpillAllowance] = {}
+# sm_90 (227 KB of shared memory per block, 255 registers per thread), checked by compiling
+# launch_configs(): the selection and forward kernels spill nothing; the backward kernels at
+# D = 128 (and dk/dv at float32 D = 64) keep one 8-byte value in local memory.
+_ONE_SLOT = SpillAllowance(
+    8,
+    "one 8-byte stack slot at D = 128 (float32 dk/dv: D = 64): at most 4 LDL/STL in the whole kernel "
+    "(SASS counts in the budget table), against about 1,300-1,500 instructions; the gathered rows stay "
+    "in registers",
+)
+SPILL_ALLOWANCE: dict[str, SpillAllowance] = {
+    "_sparse_backward_dq_kernel": _ONE_SLOT,
+    "_sparse_backward_dkdv_kernel": _ONE_SLOT,
+}
 
 
 @dataclass(frozen=True)
@@ -490,6 +560,35 @@ def topk_attention_forward(
     return out, lse, indices
 
 
+def selection_map(indices: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transposed selection of ``indices`` ``[B, H, M, S]`` (each row: S distinct columns below
+    ``num_keys``): ``(offsets, rows)``, int32. The rows that selected column ``j`` of (batch, head)
+    ``bh`` are ``rows[offsets[bh * num_keys + j] : offsets[bh * num_keys + j + 1]]``, in increasing
+    order. A counting sort: counts per column by ``bincount``, offsets by ``cumsum``, and each row
+    placed by one stable sort of the column indices (on CUDA a radix sort: linear in the entries).
+    The same indices always give the same map, so the key-major backward adds in a fixed order."""
+    batch, heads, num_rows, num_selected = indices.shape
+    bh = batch * heads
+    entries = bh * num_rows * num_selected
+    if max(entries, bh * num_keys) >= 2**31:
+        raise ValueError(f"{entries} selected entries exceed the int32 selection map")
+    column = indices.reshape(bh, num_rows * num_selected).long()
+    column = (column + torch.arange(bh, device=indices.device)[:, None] * num_keys).reshape(-1)
+    order = torch.sort(column, stable=True).indices
+    rows = ((order % max(1, num_rows * num_selected)) // max(1, num_selected)).to(torch.int32)
+    counts = torch.bincount(column, minlength=bh * num_keys)
+    offsets = torch.zeros(bh * num_keys + 1, dtype=torch.int64, device=indices.device)
+    torch.cumsum(counts, dim=0, out=offsets[1:])
+    return offsets.to(torch.int32), rows
+
+
+def topk_attention_dkdv_grid(
+    batch: int, heads: int, num_keys: int, head_dim: int, interpret: bool = False
+) -> tuple[int]:
+    """The key-major backward: ``B * H * ceil(Nk / BLOCK_N)`` programs on axis 0."""
+    return topk_attention_grid(batch, heads, num_keys, sparse_tile(head_dim, True, interpret).block_m)
+
+
 def topk_attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -500,27 +599,36 @@ def topk_attention_backward(
     indices: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, without atomics: dq query-major, dk and dv key-major over the selection map.
+    The same inputs give bit-identical gradients on every run."""
     batch, heads, num_queries, head_dim = q.shape
     num_keys = k.shape[2]
     dense = indices.shape[-1] == 0
     num_selected = num_keys if dense else indices.shape[-1]
     dq = torch.empty((batch, heads, num_queries, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.zeros((batch, heads, num_keys, head_dim), dtype=torch.float32, device=q.device)
-    dv = torch.zeros_like(dk)
-    if dq.numel() > 0:
-        out = out.contiguous()
-        indices = indices.contiguous()
-        interpret = _interpret(q)
-        tile = sparse_tile(head_dim, True, interpret)
-        grid = topk_attention_backward_grid(batch, heads, num_queries, head_dim, interpret)
-        _sparse_backward_kernel[grid](
-            q, k, v, out, grad_out, lse.contiguous(), indices, dq, dk, dv,
-            num_queries, num_keys, num_selected, heads, scale,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
-            DENSE=dense, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_K=tile.block_n,
-            num_warps=tile.num_warps,
-        )  # fmt: skip
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    dk = torch.empty((batch, heads, num_keys, head_dim), dtype=k.dtype, device=q.device)
+    dv = torch.empty((batch, heads, num_keys, head_dim), dtype=v.dtype, device=q.device)
+    if dq.numel() == 0:
+        return dq, dk.zero_(), dv.zero_()
+    interpret = _interpret(q)
+    tile = sparse_tile(head_dim, True, interpret)
+    lse = lse.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # sum_j p_j dp_j per query
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
+    indices = indices.contiguous()
+    _sparse_backward_dq_kernel[topk_attention_backward_grid(batch, heads, num_queries, head_dim, interpret)](
+        q, k, v, grad_out, lse, delta, indices, dq, num_queries, num_selected, heads, scale, *strides,
+        DENSE=dense, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_K=tile.block_n, num_warps=tile.num_warps,
+    )  # fmt: skip
+    if dense:
+        offsets = rows = torch.zeros(1, dtype=torch.int32, device=q.device)
+    else:
+        offsets, rows = selection_map(indices, num_keys)
+    _sparse_backward_dkdv_kernel[topk_attention_dkdv_grid(batch, heads, num_keys, head_dim, interpret)](
+        q, k, v, grad_out, lse, delta, offsets, rows, dk, dv, num_queries, num_keys, heads, scale, *strides,
+        DENSE=dense, HEAD_DIM=head_dim, BLOCK_N=tile.block_m, BLOCK_Q=tile.block_n, num_warps=tile.num_warps,
+    )  # fmt: skip
+    return dq, dk, dv
 
 
 # --- every configuration the launchers can choose on a GPU (for the sm_90 budget check) ------------
@@ -544,8 +652,8 @@ def launch_configs() -> Iterator[KernelLaunch]:
         data = f"*{name}"
         pointers = {
             "q_ptr": data, "k_ptr": data, "v_ptr": data, "out_ptr": data, "grad_out_ptr": data,
-            "dq_ptr": data,
-            "idx_ptr": "*i32", "lse_ptr": "*fp32", "dk_ptr": "*fp32", "dv_ptr": "*fp32",
+            "dq_ptr": data, "dk_ptr": data, "dv_ptr": data, "idx_ptr": "*i32", "lse_ptr": "*fp32",
+            "delta_ptr": "*fp32", "offsets_ptr": "*i32", "qlist_ptr": "*i32",
         }  # fmt: skip
         for head_dim in SUPPORTED_HEAD_DIMS:
             tags = {"dtype": name, "head_dim": head_dim}
@@ -559,18 +667,23 @@ def launch_configs() -> Iterator[KernelLaunch]:
                     label=f"select {name} D={head_dim} topk<={topk}",
                     tags={**tags, "topk": topk},
                 )  # fmt: skip
-            for kernel, backward in ((_sparse_forward_kernel, False), (_sparse_backward_kernel, True)):
+            for kernel, backward in (
+                (_sparse_forward_kernel, False),
+                (_sparse_backward_dq_kernel, True),
+                (_sparse_backward_dkdv_kernel, True),
+            ):
                 tile = sparse_tile(head_dim, backward)
                 for dense in (False, True):
-                    constexprs = {
-                        "DENSE": dense,
-                        "HEAD_DIM": head_dim,
-                        "BLOCK_M": tile.block_m,
-                        "BLOCK_K": tile.block_n,
-                    }
+                    if kernel is _sparse_backward_dkdv_kernel:
+                        blocks = {"BLOCK_N": tile.block_m, "BLOCK_Q": tile.block_n}
+                        label = "backward dk/dv"
+                    else:
+                        blocks = {"BLOCK_M": tile.block_m, "BLOCK_K": tile.block_n}
+                        label = "backward dq" if backward else "forward"
+                    constexprs = {"DENSE": dense, "HEAD_DIM": head_dim, **blocks}
                     yield KernelLaunch(
                         kernel, kernel_signature(kernel, constexprs, pointers, _SCALARS), constexprs,
-                        tile.num_warps,
-                        tile.num_stages, label=f"{'backward' if backward else 'forward'} {name} D={head_dim}"
-                        + (" dense" if dense else ""), tags={**tags, "dense": dense},
+                        tile.num_warps, tile.num_stages,
+                        label=f"{label} {name} D={head_dim}{' dense' if dense else ''}",
+                        tags={**tags, "dense": dense},
                     )  # fmt: skip

@@ -13,14 +13,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvision.nn import _checks
+from fastvision.ops.block_topk_attention import BLOCK_SIZES, block_topk_attention
 from fastvision.ops.topk_attention import SUPPORTED_HEAD_DIMS, topk_attention
 from fastvision.profiling import nvtx_range
 
 ROUTINGS = ("soft", "top1")
+MODES = ("token", "block")
+
+
+def _check_mode(mode: str, block_size: int) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
 
 
 class TopKSparseAttention(nn.Module):
     """Multi-head attention where each query attends to its ``topk`` best keys only.
+
+    ``mode="token"`` (default): each query selects its ``topk`` keys of highest score
+    (``fastvision.ops.topk_attention``). ``mode="block"``: queries and keys are cut into blocks of
+    ``block_size`` tokens and each query block attends to all keys of its ``topk`` key blocks of
+    highest mean-query . mean-key score (``fastvision.ops.block_topk_attention``); ``topk`` then
+    counts key blocks.
 
     ``forward(x, context=None)``: queries come from ``x`` ``[B, Nq, dim]``, keys and values from
     ``context`` ``[B, Nk, dim]`` (``None``: self-attention over ``x``). ``topk >= Nk`` is plain
@@ -30,7 +45,16 @@ class TopKSparseAttention(nn.Module):
     projection (the op has no attention-probability dropout).
     """
 
-    def __init__(self, dim: int, heads: int, topk: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        topk: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        mode: str = "token",
+        block_size: int = 64,
+    ):
         super().__init__()
         dim, heads = _checks.positive_int("dim", dim), _checks.positive_int("heads", heads)
         _checks.heads_divide(dim, heads)
@@ -43,7 +67,9 @@ class TopKSparseAttention(nn.Module):
             raise ValueError(f"topk must be a positive int, got {topk!r}")
         _checks.dropout("dropout", dropout)
         _checks.boolean("bias", bias)
+        _check_mode(mode, block_size)
         self.dim, self.heads, self.head_dim, self.topk = dim, heads, dim // heads, topk
+        self.mode, self.block_size = mode, block_size
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
@@ -74,12 +100,17 @@ class TopKSparseAttention(nn.Module):
                 k, v = F.linear(
                     context, weight[self.dim :], None if bias is None else bias[self.dim :]
                 ).chunk(2, dim=-1)
-            out = topk_attention(self._split_heads(q), self._split_heads(k), self._split_heads(v), self.topk)
+            q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+            if self.mode == "block":
+                out = block_topk_attention(q, k, v, self.topk, self.block_size)
+            else:
+                out = topk_attention(q, k, v, self.topk)
             out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.dim)
             return self.dropout(self.out_proj(out))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.heads}, topk={self.topk}"
+        mode = "" if self.mode == "token" else f", mode='block', block_size={self.block_size}"
+        return f"dim={self.dim}, heads={self.heads}, topk={self.topk}{mode}"
 
 
 class TokenRouter(nn.Module):
@@ -135,7 +166,9 @@ class AdaptiveSparseAttentionMoE(nn.Module):
 
     ``router_hidden`` (default ``dim // 2``) sizes the router MLP. ``output_projection`` adds one
     ``dim x dim`` linear layer after the mixture (used by ``sparse_moe_denoiser`` to match its
-    reference architecture).
+    reference architecture). ``mode`` and ``block_size`` choose the experts' selection
+    (``TopKSparseAttention``): ``"token"`` (default, the seed's per-query top-k) or ``"block"``
+    (``expert_topk`` then counts key blocks of ``block_size`` tokens).
     """
 
     def __init__(
@@ -149,6 +182,8 @@ class AdaptiveSparseAttentionMoE(nn.Module):
         dropout: float = 0.0,
         router_hidden: int | None = None,
         output_projection: bool = False,
+        mode: str = "token",
+        block_size: int = 64,
     ):
         super().__init__()
         dim, heads = _checks.positive_int("dim", dim), _checks.positive_int("heads", heads)
@@ -165,6 +200,7 @@ class AdaptiveSparseAttentionMoE(nn.Module):
         _checks.non_negative_float("balance_weight", balance_weight)
         _checks.dropout("dropout", dropout)
         _checks.boolean("output_projection", output_projection)
+        _check_mode(mode, block_size)
         if router_hidden is None:
             router_hidden = dim // 2
             if router_hidden < 1:
@@ -174,7 +210,10 @@ class AdaptiveSparseAttentionMoE(nn.Module):
         self.routing = routing
         self.balance_weight = float(balance_weight)
         self.router = TokenRouter(dim, len(expert_topk), router_hidden)
-        self.experts = nn.ModuleList(TopKSparseAttention(dim, heads, k, dropout) for k in expert_topk)
+        self.mode, self.block_size = mode, block_size
+        self.experts = nn.ModuleList(
+            TopKSparseAttention(dim, heads, k, dropout, mode=mode, block_size=block_size) for k in expert_topk
+        )
         self.out_proj = nn.Linear(dim, dim) if output_projection else nn.Identity()
         self.aux_loss: torch.Tensor | None = None
         self.expert_utilization: torch.Tensor | None = None
@@ -264,4 +303,5 @@ class AdaptiveSparseAttentionMoE(nn.Module):
         return (
             f"dim={self.dim}, heads={self.heads}, expert_topk={self.expert_topk}, routing={self.routing!r}, "
             f"balance_weight={self.balance_weight}"
+            + ("" if self.mode == "token" else f", mode='block', block_size={self.block_size}")
         )

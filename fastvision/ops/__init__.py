@@ -3,6 +3,7 @@ and its declaration (backends, checks, limits) in ``OPS[<op>]`` (see ``fastvisio
 
 from fastvision.ops._contract import OPS, AutogradRule, KernelBackend, OpSpec, define_op
 from fastvision.ops.add_layer_norm import add_layer_norm, add_layer_norm_reference
+from fastvision.ops.block_topk_attention import block_topk_attention, block_topk_attention_reference
 from fastvision.ops.geglu import geglu, geglu_reference
 from fastvision.ops.grn import grn, grn_reference
 from fastvision.ops.masked_gather import MaskedGather, masked_gather, masked_gather_reference
@@ -23,6 +24,8 @@ __all__ = [
     "OpSpec",
     "add_layer_norm",
     "add_layer_norm_reference",
+    "block_topk_attention",
+    "block_topk_attention_reference",
     "define_op",
     "geglu",
     "geglu_reference",

@@ -1,0 +1,561 @@
+"""Block top-k sparse attention in Triton: block means, block selection, and flash attention over the
+selected key blocks only.
+
+Rows of q and of k are cut into consecutive blocks of ``BLOCK_SIZE`` rows (the last one partial).
+Query block ``I`` attends, with one softmax, to every key of the ``topk_blocks`` key blocks ``J`` of
+largest block score ``scale * mean(q[I]) . mean(k[J])`` (ties: the lower ``J``).
+
+Forward (``block_topk_attention_forward``):
+
+1. ``_block_means_kernel`` (one program per (batch, head, block)): float32 means of the rows of each
+   block of q and of k, ``[B, H, ceil(N / BLOCK_SIZE), D]``.
+2. Block selection: the token top-k selection kernel of ``topk_attention``
+   (``_select_topk_kernel``: IEEE float32 ``tl.dot`` scores, an int64 key per score packing the
+   order-preserving float bits with ``2**32 - 1 - index``, bitonic merges) run on the block means,
+   so block selection has exactly the tie rule of the token op. Output: the selected key blocks of
+   every query block, ``[B, H, Nqb, topk_blocks]`` int32, best first. Its cost is that of a token
+   selection over ``Nq / BLOCK_SIZE`` queries and ``Nk / BLOCK_SIZE`` keys: ``BLOCK_SIZE**2`` times
+   less than token selection.
+3. ``_block_attention_forward_kernel`` (one program per ``BLOCK_M`` queries, all in one query
+   block): an online-softmax loop over the selected key blocks, ``BLOCK_N`` keys per ``tl.dot``
+   step (tensor cores for 16-bit inputs, IEEE float32 products for float32 ones), writing the
+   output and the log-sum-exp. Cost ``4 Nq topk_blocks BLOCK_SIZE D`` FLOPs.
+
+``topk_blocks >= Nkb`` is dense attention: no selection; the same kernels walk every block.
+
+Backward (``block_topk_attention_backward``), without atomics, so every run gives the same bits:
+
+- ``delta = rowsum(dO * O)`` (torch, float32).
+- ``_block_attention_dq_kernel``: query-major, the forward's loop again: dq.
+- ``_block_attention_dkdv_kernel``: key-major. A key-block -> query-block map is built from the saved
+  selection (``block_map``, the counting sort ``selection_map`` of topk_attention: counts per key
+  block, offsets by a prefix sum, the query blocks of each key block in increasing order). Each
+  program owns ``BLOCK_N`` keys of one key block and loops over the query blocks that selected it
+  in that fixed order, accumulating dk and dv in registers: each key row is written once, by one
+  program.
+
+Grids are one axis (``B * H * tiles`` programs; axis 0 takes ``2**31 - 1``). Kernels import nothing
+from the package API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from fastvision.triton_kernels._launch import KernelLaunch, SpillAllowance, interpreting, kernel_signature
+from fastvision.triton_kernels.topk_attention import (
+    _select_topk_kernel,
+    _selection_constexprs,
+    select_topk,
+    selection_map,
+    selection_tile,
+)
+
+BLOCK_SIZES = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MAX_PROGRAMS = 2**31 - 1
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# sm_90, checked by compiling launch_configs(): the means, selection and dq kernels spill nothing.
+# The forward (16-bit D = 128 with blocks of 32; float32 D = 32 with blocks of 128) keeps one 8-byte
+# value in local memory; dk/dv at 255 registers (two [BLOCK_N, D] float32 accumulators beside the
+# K and V tiles, at D = 128, or D = 32 with blocks of 128) keeps up to three.
+SPILL_ALLOWANCE: dict[str, SpillAllowance] = {
+    "_block_attention_forward_kernel": SpillAllowance(
+        8, "one 8-byte stack slot: 2 LDL/STL in about 1,700-2,000 SASS instructions (budget table)"
+    ),
+    "_block_attention_dkdv_kernel": SpillAllowance(
+        24,
+        "up to three 8-byte stack slots at 255 registers: at most 13 LDL/STL in about 1,700-2,500 SASS "
+        "instructions (budget table); the accumulators and tl.dot operands stay in registers",
+    ),
+}
+
+
+@triton.jit
+def _block_means_kernel(
+    x_ptr, out_ptr, num_rows, num_blocks, heads,
+    stride_b, stride_h, stride_n, stride_d,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0) // num_blocks
+    block = tl.program_id(0) % num_blocks
+    batch = (pid_bh // heads).to(tl.int64)
+    head = (pid_bh % heads).to(tl.int64)
+    rows = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < num_rows
+    offsets = (
+        batch * stride_b + head * stride_h + rows.to(tl.int64)[:, None] * stride_n + dims[None, :] * stride_d
+    )
+    x = tl.load(x_ptr + offsets, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    count = tl.minimum(num_rows - block * BLOCK_SIZE, BLOCK_SIZE).to(tl.float32)
+    mean = tl.sum(x, axis=0) / count
+    tl.store(out_ptr + (pid_bh.to(tl.int64) * num_blocks + block) * HEAD_DIM + dims, mean)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE_FP32: tl.constexpr):
+    if IEEE_FP32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load_rows(base, rows, row_ok, dims, stride_n, stride_d, UPCAST: tl.constexpr):
+    """``[len(rows), D]`` tile (zeros where not ``row_ok``), float32 when ``UPCAST``."""
+    x = tl.load(base + rows.to(tl.int64)[:, None] * stride_n + dims[None, :] * stride_d,
+                mask=row_ok[:, None], other=0.0)  # fmt: skip
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _load_cols(base, rows, row_ok, dims, stride_n, stride_d, UPCAST: tl.constexpr):
+    """``[D, len(rows)]`` transposed tile (zeros where not ``row_ok``), float32 when ``UPCAST``."""
+    x = tl.load(base + rows.to(tl.int64)[None, :] * stride_n + dims[:, None] * stride_d,
+                mask=row_ok[None, :], other=0.0)  # fmt: skip
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _block_attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
+    num_queries, num_keys, num_selected, heads, scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
+):  # fmt: skip
+    query_tiles = tl.cdiv(num_queries, BLOCK_M)
+    pid_bh = tl.program_id(0) // query_tiles
+    pid_m = tl.program_id(0) % query_tiles
+    batch = (pid_bh // heads).to(tl.int64)
+    head = (pid_bh % heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_queries
+    dims = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_N)
+    query_block = (pid_m * BLOCK_M) // BLOCK_SIZE
+    idx_base = idx_ptr + (pid_bh.to(tl.int64) * tl.cdiv(num_queries, BLOCK_SIZE) + query_block) * num_selected
+    k_base = k_ptr + batch * stride_kb + head * stride_kh
+    v_base = v_ptr + batch * stride_vb + head * stride_vh
+    q = _load_rows(q_ptr + batch * stride_qb + head * stride_qh, rows, row_ok, dims, stride_qn, stride_qd,
+                   UPCAST)  # fmt: skip
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # One runtime loop over (selected block, BLOCK_N keys of it): no unrolled copies of the body.
+    for step in range(0, num_selected * (BLOCK_SIZE // BLOCK_N)):
+        if DENSE:
+            key_block = step // (BLOCK_SIZE // BLOCK_N)
+        else:
+            key_block = tl.load(idx_base + step // (BLOCK_SIZE // BLOCK_N))
+        keys = key_block * BLOCK_SIZE + (step % (BLOCK_SIZE // BLOCK_N)) * BLOCK_N + cols
+        key_ok = keys < num_keys
+        k_cols = _load_cols(k_base, keys, key_ok, dims, stride_kn, stride_kd, UPCAST)
+        scores = _dot(q, k_cols, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE_FP32) * scale
+        scores = tl.where(key_ok[None, :], scores, float("-inf"))
+        # Key 0 of a selected block always exists: the running max is finite after the first step.
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        rescale = tl.exp(row_max - new_max)
+        probs = tl.exp(scores - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        v_rows = _load_rows(v_base, keys, key_ok, dims, stride_vn, stride_vd, UPCAST)
+        acc = _dot(probs.to(v_rows.dtype), v_rows, acc * rescale[:, None], IEEE_FP32)
+        row_max = new_max
+
+    out = acc / row_sum[:, None]
+    lse = row_max + tl.log(row_sum)
+    out_offsets = pid_bh.to(tl.int64) * num_queries * HEAD_DIM + rows.to(tl.int64)[:, None] * HEAD_DIM
+    tl.store(out_ptr + out_offsets + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * num_queries + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _block_attention_dq_kernel(
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, idx_ptr, dq_ptr,
+    num_queries, num_keys, num_selected, heads, scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
+):  # fmt: skip
+    query_tiles = tl.cdiv(num_queries, BLOCK_M)
+    pid_bh = tl.program_id(0) // query_tiles
+    pid_m = tl.program_id(0) % query_tiles
+    batch = (pid_bh // heads).to(tl.int64)
+    head = (pid_bh % heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_queries
+    dims = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_N)
+    query_block = (pid_m * BLOCK_M) // BLOCK_SIZE
+    idx_base = idx_ptr + (pid_bh.to(tl.int64) * tl.cdiv(num_queries, BLOCK_SIZE) + query_block) * num_selected
+    k_base = k_ptr + batch * stride_kb + head * stride_kh
+    v_base = v_ptr + batch * stride_vb + head * stride_vh
+    q = _load_rows(q_ptr + batch * stride_qb + head * stride_qh, rows, row_ok, dims, stride_qn, stride_qd,
+                   UPCAST)  # fmt: skip
+    grad_out = _load_rows(grad_out_ptr + batch * stride_gb + head * stride_gh, rows, row_ok, dims,
+                          stride_gn, stride_gd, UPCAST)  # fmt: skip
+    row_base = pid_bh.to(tl.int64) * num_queries
+    lse = tl.load(lse_ptr + row_base + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + row_base + rows, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # One runtime loop over (selected block, BLOCK_N keys of it): no unrolled copies of the body.
+    for step in range(0, num_selected * (BLOCK_SIZE // BLOCK_N)):
+        if DENSE:
+            key_block = step // (BLOCK_SIZE // BLOCK_N)
+        else:
+            key_block = tl.load(idx_base + step // (BLOCK_SIZE // BLOCK_N))
+        keys = key_block * BLOCK_SIZE + (step % (BLOCK_SIZE // BLOCK_N)) * BLOCK_N + cols
+        key_ok = keys < num_keys
+        k_cols = _load_cols(k_base, keys, key_ok, dims, stride_kn, stride_kd, UPCAST)
+        v_cols = _load_cols(v_base, keys, key_ok, dims, stride_vn, stride_vd, UPCAST)
+        scores = _dot(q, k_cols, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE_FP32) * scale
+        probs = tl.where(key_ok[None, :], tl.exp(scores - lse[:, None]), 0.0)
+        grad_probs = _dot(grad_out, v_cols, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE_FP32)
+        grad_scores = probs * (grad_probs - delta[:, None])
+        dq = _dot(grad_scores.to(k_cols.dtype), tl.trans(k_cols), dq, IEEE_FP32)
+
+    out_offsets = row_base * HEAD_DIM + rows.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(dq_ptr + out_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _block_attention_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, offsets_ptr, qlist_ptr, dk_ptr, dv_ptr,
+    num_queries, num_keys, heads, scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
+):  # fmt: skip
+    key_tiles = tl.cdiv(num_keys, BLOCK_N)
+    pid_bh = tl.program_id(0) // key_tiles
+    pid_n = tl.program_id(0) % key_tiles
+    batch = (pid_bh // heads).to(tl.int64)
+    head = (pid_bh % heads).to(tl.int64)
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < num_keys
+    dims = tl.arange(0, HEAD_DIM)
+    row_range = tl.arange(0, BLOCK_M)
+    key_block = (pid_n * BLOCK_N) // BLOCK_SIZE
+    q_base = q_ptr + batch * stride_qb + head * stride_qh
+    g_base = grad_out_ptr + batch * stride_gb + head * stride_gh
+    row_base = pid_bh.to(tl.int64) * num_queries
+    k = _load_rows(k_ptr + batch * stride_kb + head * stride_kh, keys, key_ok, dims, stride_kn, stride_kd,
+                   UPCAST)  # fmt: skip
+    v = _load_rows(v_ptr + batch * stride_vb + head * stride_vh, keys, key_ok, dims, stride_vn, stride_vd,
+                   UPCAST)  # fmt: skip
+
+    if DENSE:
+        start = 0
+        end = tl.cdiv(num_queries, BLOCK_SIZE)
+    else:
+        entry = pid_bh.to(tl.int64) * tl.cdiv(num_keys, BLOCK_SIZE) + key_block
+        start = tl.load(offsets_ptr + entry)
+        end = tl.load(offsets_ptr + entry + 1)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # One runtime loop over (query block, BLOCK_M rows of it): no unrolled copies of the body.
+    for step in range(start * (BLOCK_SIZE // BLOCK_M), end * (BLOCK_SIZE // BLOCK_M)):
+        if DENSE:
+            query_block = step // (BLOCK_SIZE // BLOCK_M)
+        else:
+            query_block = tl.load(qlist_ptr + step // (BLOCK_SIZE // BLOCK_M))
+        rows = query_block * BLOCK_SIZE + (step % (BLOCK_SIZE // BLOCK_M)) * BLOCK_M + row_range
+        row_ok = rows < num_queries
+        q_cols = _load_cols(q_base, rows, row_ok, dims, stride_qn, stride_qd, UPCAST)
+        grad_out = _load_rows(g_base, rows, row_ok, dims, stride_gn, stride_gd, UPCAST)
+        lse = tl.load(lse_ptr + row_base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + row_base + rows, mask=row_ok, other=0.0)
+        scores = _dot(k, q_cols, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE_FP32) * scale  # [N, M]
+        probs = tl.where(row_ok[None, :] & key_ok[:, None], tl.exp(scores - lse[None, :]), 0.0)
+        dv = _dot(probs.to(grad_out.dtype), grad_out, dv, IEEE_FP32)
+        grad_probs = _dot(v, tl.trans(grad_out), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE_FP32)
+        grad_scores = probs * (grad_probs - delta[None, :])
+        dk = _dot(grad_scores.to(q_cols.dtype), tl.trans(q_cols), dk, IEEE_FP32)
+
+    out_offsets = (
+        pid_bh.to(tl.int64) * num_keys * HEAD_DIM + keys.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :]
+    )
+    tl.store(dk_ptr + out_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None])
+
+
+# --- tile choice and grids (shared by the launchers and launch_configs) -------------------------------
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_m: int  # queries per program (forward, dq) or per inner step (dk/dv); divides BLOCK_SIZE
+    block_n: int  # keys per inner step (forward, dq) or per program (dk/dv); divides BLOCK_SIZE
+    num_warps: int
+    num_stages: int = 2
+
+
+def attention_tile(
+    block_size: int, head_dim: int, dtype: torch.dtype, backward: bool = False, interpret: bool = False
+) -> Tile:
+    """Tile of the attention kernels. Both sides divide ``block_size`` so that a program's queries
+    lie in one query block and each step's keys in one key block.
+
+    16-bit inputs: 64 x 64 tensor-core tiles in the forward (64 x 32 at D = 128), 64 x 32 in the
+    backward (32 x 32 at D = 128), which holds five ``[tile, D]`` operands. Float32 inputs use IEEE
+    products on CUDA cores, whose ``tl.dot`` keeps operands in registers: 16 x 16 tiles (32 x 32 in
+    the forward at D <= 32).
+    """
+    if interpret:  # the interpreter amortizes its per-program cost on big tiles
+        return Tile(block_size, block_size, 4)
+    if dtype == torch.float32:
+        block_m = block_n = 32 if head_dim <= 32 and not backward else 16
+    elif backward:
+        block_m, block_n = (64, 32) if head_dim <= 64 else (32, 32)
+    else:
+        block_m, block_n = (64, 64) if head_dim <= 64 else (64, 32)
+    block_m, block_n = min(block_m, block_size), min(block_n, block_size)
+    num_warps = 8 if block_m * head_dim >= 8192 or block_n * head_dim >= 8192 else 4
+    return Tile(block_m, block_n, num_warps)
+
+
+def means_warps(block_size: int, head_dim: int) -> int:
+    """Warps of the block-means kernel: 8 for tiles of 8192 values or more (64 float32 per thread)."""
+    return 8 if block_size * head_dim >= 8192 else 4
+
+
+def _grid(batch: int, heads: int, rows: int, tile_rows: int) -> tuple[int]:
+    programs = batch * heads * triton.cdiv(rows, tile_rows)
+    if programs > MAX_PROGRAMS:
+        raise ValueError(
+            f"block_topk_attention: B * H * ceil(N / {tile_rows}) = {programs} programs exceed the grid "
+            f"limit {MAX_PROGRAMS}"
+        )
+    return (programs,)
+
+
+def block_means_grid(batch: int, heads: int, num_rows: int, block_size: int) -> tuple[int]:
+    """``B * H * ceil(N / block_size)`` programs on axis 0: one per block."""
+    return _grid(batch, heads, num_rows, block_size)
+
+
+def forward_grid(
+    batch: int, heads: int, num_queries: int, block_size: int, head_dim: int, dtype: torch.dtype,
+    interpret: bool = False,
+) -> tuple[int]:  # fmt: skip
+    """Forward and dq: ``B * H * ceil(Nq / BLOCK_M)`` programs on axis 0."""
+    return _grid(
+        batch, heads, num_queries, attention_tile(block_size, head_dim, dtype, False, interpret).block_m
+    )
+
+
+def dq_grid(
+    batch: int, heads: int, num_queries: int, block_size: int, head_dim: int, dtype: torch.dtype,
+    interpret: bool = False,
+) -> tuple[int]:  # fmt: skip
+    return _grid(
+        batch, heads, num_queries, attention_tile(block_size, head_dim, dtype, True, interpret).block_m
+    )
+
+
+def dkdv_grid(
+    batch: int, heads: int, num_keys: int, block_size: int, head_dim: int, dtype: torch.dtype,
+    interpret: bool = False,
+) -> tuple[int]:  # fmt: skip
+    """dk/dv: ``B * H * ceil(Nk / BLOCK_N)`` programs on axis 0."""
+    return _grid(batch, heads, num_keys, attention_tile(block_size, head_dim, dtype, True, interpret).block_n)
+
+
+# --- launchers --------------------------------------------------------------------------------------
+
+
+def _interpret(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda" and interpreting()
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride())  # type: ignore[return-value]
+
+
+def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[B, H, ceil(N / block_size), D]`` float32 means of consecutive row blocks (last one partial)."""
+    batch, heads, num_rows, head_dim = x.shape
+    num_blocks = triton.cdiv(num_rows, block_size)
+    means = torch.empty((batch, heads, num_blocks, head_dim), dtype=torch.float32, device=x.device)
+    if means.numel() == 0:
+        return means
+    _block_means_kernel[block_means_grid(batch, heads, num_rows, block_size)](
+        x, means, num_rows, num_blocks, heads, *_strides(x), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        num_warps=means_warps(block_size, head_dim),
+    )  # fmt: skip
+    return means
+
+
+def select_blocks(
+    q: torch.Tensor, k: torch.Tensor, topk_blocks: int, block_size: int, scale: float
+) -> torch.Tensor:
+    """``[B, H, Nqb, topk_blocks]`` int32: the selected key blocks of each query block, best first
+    (needs ``topk_blocks < Nkb``)."""
+    return select_topk(block_means(q, block_size), block_means(k, block_size), topk_blocks, scale)
+
+
+def block_map(indices: torch.Tensor, num_key_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transposed selection: ``(offsets, query_blocks)``. The query blocks that selected key block
+    ``J`` of (batch, head) ``bh`` are ``query_blocks[offsets[bh * Nkb + J] : offsets[bh * Nkb + J + 1]]``,
+    in increasing order (``selection_map``: a counting sort of the saved indices)."""
+    return selection_map(indices, num_key_blocks)
+
+
+def _constexprs(dense: bool, head_dim: int, block_size: int, tile: Tile, dtype: torch.dtype, interpret: bool):
+    return {
+        "DENSE": dense, "HEAD_DIM": head_dim, "BLOCK_SIZE": block_size, "BLOCK_M": tile.block_m,
+        "BLOCK_N": tile.block_n, "UPCAST": interpret, "IEEE_FP32": dtype == torch.float32,
+    }  # fmt: skip
+
+
+def block_topk_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk_blocks: int, block_size: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, lse, indices)``; ``indices`` ``[B, H, Nqb, topk_blocks]`` int32, or ``[B, H, Nqb, 0]``
+    when ``topk_blocks >= Nkb`` (dense: every block)."""
+    batch, heads, num_queries, head_dim = q.shape
+    num_keys = k.shape[2]
+    num_query_blocks, num_key_blocks = triton.cdiv(num_queries, block_size), triton.cdiv(num_keys, block_size)
+    dense = topk_blocks >= num_key_blocks
+    out = torch.empty((batch, heads, num_queries, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, num_queries), dtype=torch.float32, device=q.device)
+    if dense or out.numel() == 0:
+        indices = torch.empty((batch, heads, num_query_blocks, 0 if dense else topk_blocks),
+                              dtype=torch.int32, device=q.device)  # fmt: skip
+    else:
+        indices = select_blocks(q, k, topk_blocks, block_size, scale)
+    if out.numel() == 0:
+        return out, lse, indices
+    interpret = _interpret(q)
+    tile = attention_tile(block_size, head_dim, q.dtype, False, interpret)
+    grid = forward_grid(batch, heads, num_queries, block_size, head_dim, q.dtype, interpret)
+    _block_attention_forward_kernel[grid](
+        q, k, v, indices, out, lse, num_queries, num_keys, num_key_blocks if dense else topk_blocks, heads,
+        scale, *_strides(q), *_strides(k), *_strides(v),
+        **_constexprs(dense, head_dim, block_size, tile, q.dtype, interpret),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
+    return out, lse, indices
+
+
+def block_topk_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    indices: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, heads, num_queries, head_dim = q.shape
+    num_keys = k.shape[2]
+    num_key_blocks = triton.cdiv(num_keys, block_size)
+    dense = indices.shape[-1] == 0
+    dq = torch.empty((batch, heads, num_queries, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((batch, heads, num_keys, head_dim), dtype=k.dtype, device=q.device)
+    dv = torch.empty((batch, heads, num_keys, head_dim), dtype=v.dtype, device=q.device)
+    if num_queries == 0 or batch * heads == 0:
+        return dq, dk.zero_(), dv.zero_()
+    if num_keys == 0:
+        return dq.zero_(), dk, dv
+    interpret = _interpret(q)
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    lse = lse.contiguous()
+    indices = indices.contiguous()
+    tile = attention_tile(block_size, head_dim, q.dtype, True, interpret)
+    constexprs = _constexprs(dense, head_dim, block_size, tile, q.dtype, interpret)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
+    num_selected = num_key_blocks if dense else indices.shape[-1]
+    _block_attention_dq_kernel[dq_grid(batch, heads, num_queries, block_size, head_dim, q.dtype, interpret)](
+        q, k, v, grad_out, lse, delta, indices, dq, num_queries, num_keys, num_selected, heads, scale,
+        *strides, **constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
+    if dense:
+        offsets = query_blocks = torch.zeros(1, dtype=torch.int32, device=q.device)
+    else:
+        offsets, query_blocks = block_map(indices, num_key_blocks)
+    _block_attention_dkdv_kernel[dkdv_grid(batch, heads, num_keys, block_size, head_dim, q.dtype, interpret)](
+        q, k, v, grad_out, lse, delta, offsets, query_blocks, dk, dv, num_queries, num_keys, heads, scale,
+        *strides, **constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+# --- every configuration the launchers can choose on a GPU (for the sm_90 budget check) ------------
+
+_SCALARS = {"scale": "fp32"}
+
+
+def launch_configs() -> Iterator[KernelLaunch]:
+    """Every (kernel, signature, constexprs, warps, stages) the launchers can choose on a GPU: block
+    means per block size, head size and dtype; the block selection on float32 means (the
+    topk_attention selection kernel, one configuration per buffer class); forward, dq and dk/dv per
+    dtype, head size and block size, sparse and dense."""
+    for dtype, name in _DTYPES.items():
+        data = f"*{name}"
+        pointers = {
+            "x_ptr": data, "out_ptr": data, "q_ptr": data, "k_ptr": data, "v_ptr": data,
+            "grad_out_ptr": data, "dq_ptr": data, "dk_ptr": data, "dv_ptr": data, "idx_ptr": "*i32",
+            "lse_ptr": "*fp32", "delta_ptr": "*fp32", "offsets_ptr": "*i32", "qlist_ptr": "*i32",
+        }  # fmt: skip
+        for head_dim in SUPPORTED_HEAD_DIMS:
+            tags = {"dtype": name, "head_dim": head_dim}
+            for block_size in BLOCK_SIZES:
+                constexprs = {"HEAD_DIM": head_dim, "BLOCK_SIZE": block_size}
+                means_pointers = {**pointers, "out_ptr": "*fp32"}
+                yield KernelLaunch(
+                    _block_means_kernel, kernel_signature(_block_means_kernel, constexprs, means_pointers),
+                    constexprs, means_warps(block_size, head_dim),
+                    label=f"means {name} D={head_dim} bs={block_size}",
+                    tags={**tags, "block_size": block_size},
+                )  # fmt: skip
+                for kernel, backward in (
+                    (_block_attention_forward_kernel, False),
+                    (_block_attention_dq_kernel, True),
+                    (_block_attention_dkdv_kernel, True),
+                ):
+                    tile = attention_tile(block_size, head_dim, dtype, backward)
+                    for dense in (False, True):
+                        constexprs = _constexprs(dense, head_dim, block_size, tile, dtype, False)
+                        label = kernel.fn.__name__.removeprefix("_block_attention_").removesuffix("_kernel")
+                        yield KernelLaunch(
+                            kernel, kernel_signature(kernel, constexprs, pointers, _SCALARS), constexprs,
+                            tile.num_warps, tile.num_stages,
+                            label=f"{label} {name} D={head_dim} bs={block_size}{' dense' if dense else ''}",
+                            tags={**tags, "block_size": block_size, "dense": dense},
+                        )  # fmt: skip
+    # The selection runs on float32 block means whatever the input dtype.
+    pointers = {"q_ptr": "*fp32", "k_ptr": "*fp32", "idx_ptr": "*i32"}
+    for head_dim in SUPPORTED_HEAD_DIMS:
+        topk = 32
+        while topk <= 256:
+            tile = selection_tile(topk, head_dim, torch.float32)
+            constexprs = _selection_constexprs(tile, head_dim, torch.float32, interpret=False)
+            yield KernelLaunch(
+                _select_topk_kernel, kernel_signature(_select_topk_kernel, constexprs, pointers, _SCALARS),
+                constexprs, tile.num_warps, tile.num_stages,
+                label=f"select blocks fp32 D={head_dim} topk_blocks<={topk}",
+                tags={"dtype": "fp32", "head_dim": head_dim, "topk": topk},
+            )  # fmt: skip
+            topk *= 2
