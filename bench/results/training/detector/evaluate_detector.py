@@ -195,7 +195,7 @@ def figure_residuals(reg: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in reg if reg[r]["loss"] != "mse"]
+    runs = [r for r in reg if reg[r]["loss"] != "mse" and reg[r]["epochs"] >= 8]
     if not runs:
         return
     fig, axes = plt.subplots(len(runs), 4, figsize=(14, 3.2 * len(runs)), squeeze=False)
@@ -214,7 +214,7 @@ def figure_residuals(reg: dict):
             ax.set_xlabel("predicted σ (standardised)")
             ax.set_ylabel("residual (standardised)")
     fig.tight_layout()
-    fig.savefig(HERE / "residual_vs_sigma.png", dpi=80)
+    fig.savefig(HERE / "residual_vs_sigma.png", dpi=65)
     plt.close(fig)
 
 
