@@ -108,8 +108,9 @@ EXACT_POINTERS = {
     "mean_ptr": "*fp32",
     "rstd_ptr": "*fp32",
     "sums_ptr": "*fp32",
-    "dk_ptr": "*fp32",
-    "dv_ptr": "*fp32",
+    "offsets_ptr": "*i32",  # topk_attention: the key -> query map of the deterministic backward
+    "qlist_ptr": "*i32",
+    "delta_ptr": "*fp32",  # topk_attention: rowsum(dO * O) per query
     "grad_weight_ptr": "*fp32",
     "dweight_partial_ptr": "*fp32",
     "dbias_partial_ptr": "*fp32",
