@@ -131,22 +131,22 @@ CONFIG_FLAGS = (
 
 
 def _validation_display(model_name: str, run_dir: str | None, task: str | None = None):
-    """The per-validation display for a model's task: braille digit samples in the terminal, or
-    noisy/denoised/clean PNGs under RUN_DIR/figures for the denoiser; none for fcmae pretraining and inr."""
+    """The per-validation display for a model's task: braille digit samples in the terminal for the
+    digit tasks, noisy/denoised/clean PNGs under RUN_DIR/figures for the denoiser, none for others."""
     from pathlib import Path
 
     from fastvision.models import get_model_spec
 
     task = task or get_model_spec(model_name).task
-    if task in ("fcmae", "inr"):
-        return None
     if task == "denoise":
         from fastvision.viz.denoise import denoising_figure_hook
 
         return denoising_figure_hook(Path(run_dir or Path("runs") / model_name) / "figures")
-    from fastvision.viz.digits import show_validation_samples
+    if task in ("classification", "digit_sequence"):
+        from fastvision.viz.digits import show_validation_samples
 
-    return show_validation_samples
+        return show_validation_samples
+    return None
 
 
 def config_from_args(args: argparse.Namespace):
