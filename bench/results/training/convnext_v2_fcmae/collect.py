@@ -14,7 +14,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent
 MODELS = ("convnext_v2_fcmae", "convnext_v2_fcmae_nogrn")
-STAGES = ("pretrain", "finetune", "scratch", "scratch2")
+STAGES = (
+    "pretrain", "finetune", "scratch", "scratch2", "finetune_seed1", "scratch2_seed1", "scratch_seed1"
+)
 
 
 def main() -> int:
