@@ -13,3 +13,11 @@ run() {  # run DIR ARGS...: train unless DIR already holds a finished run
 for model in convnext_v2_fcmae convnext_v2_fcmae_nogrn; do
   run "$OUT/${model}_scratch2" "$model" --epochs 2
 done
+# A second seed of the fine-tuning and both scratch runs, for the run-to-run spread: the seed sets
+# the training subset, validation images and data order (and the scratch initialisation); the
+# fine-tuning starts from the same pretrained checkpoints.
+for model in convnext_v2_fcmae convnext_v2_fcmae_nogrn; do
+  run "$OUT/${model}_finetune_seed1" "$model" --init-from "$OUT/${model}_pretrain/best.pt" --epochs 2 --seed 1
+  run "$OUT/${model}_scratch2_seed1" "$model" --epochs 2 --seed 1
+  run "$OUT/${model}_scratch_seed1" "$model" --epochs 7 --seed 1
+done
