@@ -162,8 +162,10 @@ class OpSpec:
 
     def select(self, args: tuple) -> str:
         """The backend that runs these checked arguments (see the module docstring)."""
+        return self._choose(args, active_transform(args))
+
+    def _choose(self, args: tuple, transform: str | None) -> str:
         device = self.device(*args)
-        transform = active_transform(args)
         forced = forced_backend()
         if forced is not None:
             reason = self.why_not(forced, args, device, transform)
@@ -182,17 +184,19 @@ class OpSpec:
             raise BackendUnavailableError(f"{self.name}: no backend takes this input: {reason}")
         return "reference"
 
-    def run(self, backend: str, args: tuple) -> Any:
-        """Run ``backend`` on checked arguments (no selection, no checks)."""
+    def run(self, backend: str, args: tuple, transform: str | None = None) -> Any:
+        """Run ``backend`` on checked arguments (no selection, no checks); under a ``transform`` the
+        plain reference runs, even where the reference backend is a registered op pair."""
         kernel = self.kernels.get(backend)
-        if kernel is None or (backend == "reference" and active_transform(args) is not None):
+        if kernel is None or transform is not None:
             return self.reference(*args)
         op = kernel.forward_op()
         return op(*args) if kernel.call is None else kernel.call(op, *args)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         checked = self.check(*args, **kwargs)
-        return self.run(self.select(checked), checked)
+        transform = active_transform(checked)
+        return self.run(self._choose(checked, transform), checked, transform)
 
 
 OPS: dict[str, OpSpec] = {}

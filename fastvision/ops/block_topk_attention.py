@@ -20,11 +20,9 @@ a backward without atomics, bit-identical from run to run).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
+from fastvision.ops._checks import check_attention_inputs, check_scale
 from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, leaf, triton_launch
 from fastvision.ops.topk_attention import _selection_mask
 
@@ -187,35 +185,14 @@ def _check_int(name: str, value, low: int) -> None:
 
 
 def _check(q, k, v, topk_blocks, block_size=64, scale=None):
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, tensor)
-        check_dtype(name, tensor)
-        if tensor.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(tensor.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
-    check_same_device(q=q, k=k, v=v)
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape [B, H, Nk, D], got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"q [B, H, Nq, D] and k [B, H, Nk, D] must agree in B, H and D, "
-            f"got {tuple(q.shape)} and {tuple(k.shape)}"
-        )
+    check_attention_inputs(q, k, v)
     if q.shape[3] == 0:
         raise ValueError("head dim D (last dim of q, k, v) must be >= 1")
-    if k.shape[2] == 0:
-        raise ValueError("k and v must hold at least one key (Nk >= 1): a softmax over no keys is undefined")
     _check_int("topk_blocks", topk_blocks, 1)
     _check_int("block_size", block_size, 1)
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
-    if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
-    ):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    check_scale(scale)
     return q, k, v, topk_blocks, block_size, float(q.shape[-1] ** -0.5 if scale is None else scale)
 
 

@@ -18,12 +18,10 @@ and autograd. ``topk >= Nk`` selects every key: kernel backends then run
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
+from fastvision.ops._checks import check_attention_inputs, check_scale
 from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, leaf, triton_launch
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -152,37 +150,16 @@ AUTOGRAD = AutogradRule(
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale) -> None:
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, tensor)
-        check_dtype(name, tensor)
-        if tensor.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(tensor.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
-    check_same_device(q=q, k=k, v=v)
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape [B, H, Nk, D], got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"q [B, H, Nq, D] and k [B, H, Nk, D] must agree in B, H and D, "
-            f"got {tuple(q.shape)} and {tuple(k.shape)}"
-        )
+    check_attention_inputs(q, k, v)
     if q.shape[3] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
             f"head dim D (last dim of q, k, v) must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[3]}"
         )
-    if k.shape[2] == 0:
-        raise ValueError("k and v must hold at least one key (Nk >= 1): a softmax over no keys is undefined")
     if isinstance(topk, bool) or not isinstance(topk, int):
         raise TypeError(f"topk must be an int, got {type(topk).__name__}")
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
-    if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
-    ):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    check_scale(scale)
 
 
 def _check(q, k, v, topk, scale=None):
