@@ -9,6 +9,22 @@ from fastvision.models import (  # noqa: F401  (importing registers each archite
     sparse_unet_mnist,
     vit_mnist,
 )
-from fastvision.models.registry import ModelSpec, create_model, get_model_spec, list_models, register_model
+from fastvision.models.registry import (
+    ModelSpec,
+    create_model,
+    example_inputs,
+    get_model_spec,
+    inference_module,
+    list_models,
+    register_model,
+)
 
-__all__ = ["ModelSpec", "create_model", "get_model_spec", "list_models", "register_model"]
+__all__ = [
+    "ModelSpec",
+    "create_model",
+    "example_inputs",
+    "get_model_spec",
+    "inference_module",
+    "list_models",
+    "register_model",
+]

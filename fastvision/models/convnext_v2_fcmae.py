@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvision.models.registry import register_model
+from fastvision.models.registry import image_inputs, register_model
 from fastvision.nn import _checks
 from fastvision.nn.convnext import ConvNeXtV2Block, LayerNorm2d, resize_mask
 from fastvision.nn.heads import MaskedInpaintingHead
@@ -248,6 +248,7 @@ _TRAIN_DEFAULTS = {
     "convnext_v2_fcmae",
     task="classification",
     dataset="fashion_mnist",
+    example_inputs=image_inputs(1, 28),
     description="ConvNeXt V2 (32-64-128, 251k params): FCMAE masked pretraining (task fcmae), classification",
     train_defaults=_TRAIN_DEFAULTS,
 )
@@ -259,6 +260,7 @@ def convnext_v2_fcmae(**kwargs) -> ConvNeXtV2FCMAE:
     "convnext_v2_fcmae_nogrn",
     task="classification",
     dataset="fashion_mnist",
+    example_inputs=image_inputs(1, 28),
     description="convnext_v2_fcmae without GRN (the ablation)",
     train_defaults=_TRAIN_DEFAULTS,
 )

@@ -406,12 +406,20 @@ CPU_SIZE = {
 }
 
 
+def _example_counts(batch: int, generator: torch.Generator) -> tuple[torch.Tensor]:
+    """Photoelectron counts ``[B, S]`` of the default detector: mostly empty, a few bright sensors."""
+    sensors = Detector().num_sensors
+    rate = torch.rand(batch, sensors, generator=generator).pow(8) * 50
+    return (torch.poisson(rate, generator=generator),)
+
+
 def _variant(name: str, size: dict, loss: str, description: str, **extra) -> None:
     @register_model(
         name,
         task="detector_regression",
         dataset="detector",
         description=description,
+        example_inputs=_example_counts,
         train_defaults=_TRAIN_DEFAULTS,
     )
     def build(**kwargs) -> DetectorFusion:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvision.models.registry import register_model
+from fastvision.models.registry import image_inputs, register_model
 from fastvision.models.vit_mnist import PatchEmbed, TransformerEncoderBlock, init_transformer_weights
 from fastvision.nn.add_layer_norm import AddLayerNorm
 from fastvision.nn.attention import MultiHeadAttention
@@ -184,6 +184,8 @@ class DigitSequenceTransformer(nn.Module):
     "digit_seq_transformer",
     task="digit_sequence",
     dataset="stacked_mnist",
+    example_inputs=image_inputs(1, 56, density=0.19),
+    inference="generate",
     description="encoder-decoder: 7x7 patches of a 2x2 digit grid, 6+6 post-norm blocks, d_model 256, "
     "greedy 4-digit decoding (seed 001)",
     # Seed 001: 30,000 training / 5,000 test grids, batch 128, 8 epochs. The seed's lr of 1e-4

@@ -24,10 +24,12 @@ its reference loop; they are what ``bench/results/training/inr/`` reports.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
-from fastvision.models.registry import register_model
+from fastvision.models.registry import image_inputs, register_model
 from fastvision.nn import _checks
 from fastvision.nn.inr import (
     CrossAttention,
@@ -362,9 +364,15 @@ def _register(name: str, cls: type[ImplicitImageModel], description: str, **fixe
         return cls(**{**fixed, **kwargs})
 
     build.__name__ = name
-    register_model(name, task="inr", dataset="photos", description=description, train_defaults=INR_DEFAULTS)(
-        build
-    )
+    size = fixed.get("image_size", inspect.signature(cls).parameters["image_size"].default)
+    register_model(
+        name,
+        task="inr",
+        dataset="photos",
+        description=description,
+        train_defaults=INR_DEFAULTS,
+        example_inputs=image_inputs(3, size),
+    )(build)
 
 
 _register(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvision.models.registry import register_model
+from fastvision.models.registry import image_inputs, register_model
 from fastvision.nn.geglu import FeedForward
 from fastvision.nn.moe import AdaptiveSparseAttentionMoE
 from fastvision.profiling import nvtx_range
@@ -125,6 +125,7 @@ class SparseMoEDenoiser(nn.Module):
     name="sparse_moe_denoiser",
     task="denoise",
     dataset="cifar10",
+    example_inputs=image_inputs(3, 32),
     description="ViT denoiser with adaptive top-k sparse-attention MoE blocks (32x32 RGB, sigma 0.2)",
     train_defaults={
         "epochs": 30,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvision.models.registry import register_model
+from fastvision.models.registry import image_inputs, register_model
 from fastvision.nn.sparse import ResidualSparseBlock, SparseMaxPool2d
 from fastvision.profiling import nvtx_range
 from fastvision.sparse import SparseTensor
@@ -126,6 +126,7 @@ class SparseUNetMNIST(nn.Module):
     name="sparse_unet_mnist",
     task="classification",
     dataset="mnist",
+    example_inputs=image_inputs(1, 28, density=0.19),
     description="sparse-conv encoder, attention bottleneck, dense U-Net decoder; MNIST classifier (seed 000)",
     # The seed fixes the architecture only; these are ordinary AdamW/cosine settings for MNIST.
     train_defaults={

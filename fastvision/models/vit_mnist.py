@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvision.models.registry import register_model
+from fastvision.models.registry import image_inputs, register_model
 from fastvision.nn.add_layer_norm import AddLayerNorm
 from fastvision.nn.attention import MultiHeadAttention
 from fastvision.nn.geglu import FeedForward
@@ -145,6 +145,7 @@ class ViTMNIST(nn.Module):
     "vit_mnist",
     task="classification",
     dataset="mnist",
+    example_inputs=image_inputs(1, 28, density=0.19),
     description="ViT: 4x4 patches (49 tokens) + CLS, 4 post-norm blocks, d_model 128, 4 heads (seed 001)",
     # Seed 001: batch 128, Adam around lr 1e-3 (its reported/expected optimum). The seed names no
     # schedule; a short warm-up + cosine decay keeps the post-norm stack stable early on. Its 8
