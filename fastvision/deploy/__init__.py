@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fastvision._backend import use_backend
-from fastvision.ops._contract import onnx_translation_table
+from fastvision.ops._contract import onnx_export_dispatch, onnx_translation_table
 
 
 def export_program(module: torch.nn.Module, example_inputs: Sequence[Any], **kwargs: Any):
@@ -36,13 +36,15 @@ def export_onnx(
 ) -> Path:
     """ONNX export through the dynamo exporter; fastvision ops become standard ONNX operators.
 
-    Ops without a translation are exported through their reference lowering.
+    Each op is traced through a backend that declares a translation, else through its reference
+    lowering (see ``OpSpec.onnx_backend``), whatever backend would run it eagerly.
     """
     path = Path(path)
     table = onnx_translation_table()
-    program = torch.onnx.export(
-        module.eval(), tuple(example_inputs), dynamo=True, custom_translation_table=table, **kwargs
-    )
+    with onnx_export_dispatch():
+        program = torch.onnx.export(
+            module.eval(), tuple(example_inputs), dynamo=True, custom_translation_table=table, **kwargs
+        )
     program.save(str(path))
     return path
 

@@ -24,6 +24,7 @@ changes the op's semantics.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -165,6 +166,8 @@ class OpSpec:
         return self._choose(args, active_transform(args))
 
     def _choose(self, args: tuple, transform: str | None) -> str:
+        if _onnx_export[0]:
+            return self.onnx_backend(args)
         device = self.device(*args)
         forced = forced_backend()
         if forced is not None:
@@ -184,6 +187,15 @@ class OpSpec:
             raise BackendUnavailableError(f"{self.name}: no backend takes this input: {reason}")
         return "reference"
 
+    def onnx_backend(self, args: tuple) -> str:
+        """The backend traced for ONNX export: the first built one with a translation that takes
+        these arguments (its node is only traced, never run, so the device does not matter), else
+        the reference, whose plain-PyTorch lowering the exporter translates op by op."""
+        for backend, kernel in self.kernels.items():
+            if kernel.onnx is not None and self.built(backend) is None and kernel.supports(*args) is None:
+                return backend
+        return "reference"
+
     def run(self, backend: str, args: tuple, transform: str | None = None) -> Any:
         """Run ``backend`` on checked arguments (no selection, no checks); under a ``transform`` the
         plain reference runs, even where the reference backend is a registered op pair."""
@@ -200,6 +212,20 @@ class OpSpec:
 
 
 OPS: dict[str, OpSpec] = {}
+
+# True while fastvision.deploy exports to ONNX (a plain global, so tracing reads it).
+_onnx_export: list[bool] = [False]
+
+
+@contextlib.contextmanager
+def onnx_export_dispatch():
+    """Within: every op dispatches to :meth:`OpSpec.onnx_backend`, whatever backend is forced."""
+    previous = _onnx_export[0]
+    _onnx_export[0] = True
+    try:
+        yield
+    finally:
+        _onnx_export[0] = previous
 
 
 def onnx_translation_table() -> dict:
