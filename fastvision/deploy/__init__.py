@@ -1,38 +1,67 @@
 """Deployment: torch.export programs, ONNX and TensorRT.
 
-fastvision ops appear in exported graphs as single ``fastvision::*`` nodes. ONNX export maps each
-op that has a translation (declared with its backend in ``fastvision.ops.OPS``) to standard ONNX
-operators; TensorRT compiles
-the graph with the reference lowering of each op (plain aten ops, which TensorRT fuses itself),
-because a TensorRT engine cannot call the package's own CUDA or Triton kernels without plugins.
+``export(module, example_inputs, format, path)`` is the one entry point (``fastvision export MODEL``
+on the command line); the registry gives each model's inference module and inputs
+(``fastvision.models.inference_module`` and ``example_inputs``).
+
+- ``pt2``: ``torch.export``; each fastvision op is one ``fastvision::*`` node of the backend that
+  runs it on the inputs' device (a kernel backend), or its plain-aten lowering where that device
+  runs the reference. Loading needs ``import fastvision`` (it registers the ops).
+- ``onnx``: the dynamo exporter; every op is written in standard ONNX operators, through the
+  translation its backend declares or else through its reference lowering (``OpSpec.onnx_backend``).
+- ``tensorrt``: Torch-TensorRT (the ``tensorrt`` extra, a CUDA machine), see
+  ``fastvision.deploy.tensorrt``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastvision._backend import use_backend
 from fastvision.ops._contract import onnx_export_dispatch, onnx_translation_table
 
+FORMATS = ("pt2", "onnx", "tensorrt")
 
-def export_program(module: torch.nn.Module, example_inputs: Sequence[Any], **kwargs: Any):
+
+def batch_dynamic_shapes(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple:
+    """``dynamic_shapes`` making dim 0 (the batch) of every input one shared symbolic size."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    shapes = tuple({0: batch} for _ in example_inputs)
+    parameters = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return (shapes,)  # forward(*inputs): one argument holding them all
+    return shapes
+
+
+def export_program(
+    module: torch.nn.Module, example_inputs: Sequence[Any], *, dynamic_batch: bool = False, **kwargs: Any
+) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``module`` (eval mode), keeping fastvision ops as single nodes."""
+    if dynamic_batch:
+        kwargs.setdefault("dynamic_shapes", batch_dynamic_shapes(module, example_inputs))
     return torch.export.export(module.eval(), tuple(example_inputs), **kwargs)
 
 
-def save_program(module: torch.nn.Module, example_inputs: Sequence[Any], path: str | Path) -> Path:
+def save_program(
+    module: torch.nn.Module, example_inputs: Sequence[Any], path: str | Path, *, dynamic_batch: bool = False
+) -> Path:
     """Export and save a ``.pt2`` archive (load with ``torch.export.load``)."""
     path = Path(path)
-    torch.export.save(export_program(module, example_inputs), path)
+    torch.export.save(export_program(module, example_inputs, dynamic_batch=dynamic_batch), path)
     return path
 
 
 def export_onnx(
-    module: torch.nn.Module, example_inputs: Sequence[Any], path: str | Path, **kwargs: Any
+    module: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    path: str | Path,
+    *,
+    dynamic_batch: bool = False,
+    **kwargs: Any,
 ) -> Path:
     """ONNX export through the dynamo exporter; fastvision ops become standard ONNX operators.
 
@@ -40,6 +69,8 @@ def export_onnx(
     lowering (see ``OpSpec.onnx_backend``), whatever backend would run it eagerly.
     """
     path = Path(path)
+    if dynamic_batch:
+        kwargs.setdefault("dynamic_shapes", batch_dynamic_shapes(module, example_inputs))
     table = onnx_translation_table()
     with onnx_export_dispatch():
         program = torch.onnx.export(
@@ -57,6 +88,45 @@ def compile_tensorrt(module: torch.nn.Module, example_inputs: Sequence[Any], **k
         raise ImportError(
             "compile_tensorrt needs torch-tensorrt: pip install 'fastvision[tensorrt]' on a CUDA machine"
         ) from exc
+    from fastvision._backend import use_backend
+
     with use_backend("reference"):
         program = export_program(module, example_inputs)
     return torch_tensorrt.dynamo.compile(program, inputs=list(example_inputs), **kwargs)
+
+
+def save_tensorrt(module: torch.nn.Module, example_inputs: Sequence[Any], path: str | Path) -> Path:
+    """Compile with Torch-TensorRT and save the result as an exported program (``.ep``/``.pt2``)."""
+    import torch_tensorrt
+
+    path = Path(path)
+    compiled = compile_tensorrt(module, example_inputs)
+    torch_tensorrt.save(compiled, str(path), inputs=list(example_inputs))
+    return path
+
+
+def export(
+    module: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    format: str,  # noqa: A002  (the name users know from the CLI flag)
+    path: str | Path,
+    *,
+    dynamic_batch: bool = False,
+) -> Path:
+    """Write ``module`` (its ``forward`` on ``example_inputs``) as ``format`` (pt2, onnx, tensorrt)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(example_inputs, (tuple, list)):
+        kind = type(example_inputs).__name__
+        raise TypeError(f"example_inputs must be a tuple of the forward's inputs, got {kind}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        if format == "pt2":
+            return save_program(module, example_inputs, path, dynamic_batch=dynamic_batch)
+        if format == "onnx":
+            return export_onnx(module, example_inputs, path, dynamic_batch=dynamic_batch)
+        if dynamic_batch:
+            raise ValueError("dynamic_batch is not supported for tensorrt: compile one engine per batch size")
+        return save_tensorrt(module, example_inputs, path)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvision.models.registry import image_inputs, register_model
+from fastvision.models.registry import exportable_output, image_inputs, register_model
 from fastvision.nn import _checks
 from fastvision.nn.convnext import ConvNeXtV2Block, LayerNorm2d, resize_mask
 from fastvision.nn.heads import MaskedInpaintingHead
@@ -38,6 +38,7 @@ from fastvision.ops.masked_gather import masked_gather
 from fastvision.profiling import nvtx_range
 
 
+@exportable_output
 class FCMAEOutput(NamedTuple):
     loss: torch.Tensor  # scalar: MSE over the masked patches' pixels
     prediction: torch.Tensor  # [B, C, H, W]: the decoder's prediction of every pixel

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvision.data.detector import FACE_NAMES, Detector, HexFace, RectFace
-from fastvision.models.registry import register_model
+from fastvision.models.registry import exportable_output, register_model
 from fastvision.nn import _checks
 from fastvision.nn.convnext import ConvNeXtV2Block, LayerNorm2d
 from fastvision.nn.graph import GraphAttentionBlock
@@ -52,11 +52,13 @@ from fastvision.ops.masked_gather import masked_gather
 LOSSES = ("mse", "beta_nll", "faithful")
 
 
+@exportable_output
 class RegressionOutput(NamedTuple):
     mu: torch.Tensor  # [B, 4] standardised (E, x, y, z)
     log_var: torch.Tensor  # [B, 4] log-variance of the standardised targets
 
 
+@exportable_output
 class InpaintOutput(NamedTuple):
     loss: torch.Tensor  # scalar, over the hidden sensors
     mean: torch.Tensor  # [B, S] predicted mean count (photoelectrons) of every sensor

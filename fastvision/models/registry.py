@@ -88,6 +88,15 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return get_model_spec(name).builder(**kwargs)
 
 
+def exportable_output(cls: type) -> type:
+    """Class decorator for a NamedTuple that a model returns: registers it with torch.export's
+    serializer, so a saved ``.pt2`` program returning it loads (as the same NamedTuple)."""
+    from torch.utils._pytree import _register_namedtuple
+
+    _register_namedtuple(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+    return cls
+
+
 def example_inputs(
     name: str, batch: int = 1, *, seed: int = 0, device: str | torch.device = "cpu"
 ) -> tuple[torch.Tensor, ...]:
