@@ -1,4 +1,4 @@
-"""The ``fastvision`` command: ``bench`` (the main job), ``info``, ``train``, ``evaluate``."""
+"""The ``fastvision`` command: ``bench`` (the main job), ``info``, ``export``, ``train``, ``evaluate``."""
 
 from __future__ import annotations
 
@@ -154,6 +154,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fastvision import deploy
+    from fastvision.models import create_model, example_inputs, inference_module
+    from fastvision.train.distributed import resolve_device
+
+    device = resolve_device(args.device)
+    model = create_model(args.model).to(device)
+    if args.checkpoint:
+        from fastvision.train.trainer import init_weights
+
+        print(f"weights: {init_weights(model, args.checkpoint, device)}")
+    module = inference_module(model, args.model)
+    inputs = example_inputs(args.model, args.batch, device=device)
+    suffix = {"pt2": ".pt2", "onnx": ".onnx", "tensorrt": ".trt.ep"}[args.format]
+    out = Path(args.out or f"exports/{args.model}{suffix}")
+    try:
+        path = deploy.export(module, inputs, args.format, out, dynamic_batch=args.dynamic_batch)
+    except (ImportError, NotImplementedError, RuntimeError, ValueError) as error:
+        print(f"fastvision export: {args.model} to {args.format}: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    if args.format == "tensorrt" and device.type != "cuda":
+        return 0
+    with torch.no_grad():
+        expected = module(*inputs)
+        difference = deploy.max_abs_difference(expected, deploy.run_exported(path, args.format, inputs))
+    print(f"max |exported - eager| on the example inputs (batch {args.batch}): {difference:.3g}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastvision.benchmark.runner import op_names
     from fastvision.benchmark.timing import NOISE_THRESHOLD
@@ -199,6 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --kernels: regenerate the table first (bench/kernel_budget.py: compiles for sm_90)",
     )
     info_parser.set_defaults(handler=_cmd_info)
+
+    from fastvision.deploy import FORMATS
+
+    export = sub.add_parser(
+        "export",
+        help="write a registered model's inference entry as pt2, ONNX or TensorRT, checked against eager",
+    )
+    export.add_argument("model", help="registered model name (fastvision info lists them)")
+    export.add_argument("--format", choices=FORMATS, default="pt2")
+    export.add_argument("--checkpoint", metavar="PATH", help="weights from a training run (EMA when present)")
+    export.add_argument("--batch", type=int, default=1, help="batch size of the example inputs (default 1)")
+    export.add_argument(
+        "--dynamic-batch", action="store_true", help="export the batch dimension as a symbolic size"
+    )
+    export.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    export.add_argument("--out", metavar="PATH", help="default: exports/MODEL.{pt2,onnx,trt.ep}")
+    export.set_defaults(handler=_cmd_export)
 
     from fastvision.train.cli import add_subcommands
 

@@ -9,8 +9,10 @@ on the command line); the registry gives each model's inference module and input
   runs the reference. Loading needs ``import fastvision`` (it registers the ops).
 - ``onnx``: the dynamo exporter; every op is written in standard ONNX operators, through the
   translation its backend declares or else through its reference lowering (``OpSpec.onnx_backend``).
-- ``tensorrt``: Torch-TensorRT (the ``tensorrt`` extra, a CUDA machine), see
-  ``fastvision.deploy.tensorrt``.
+- ``tensorrt``: Torch-TensorRT (the ``tensorrt`` extra, a CUDA machine) with TensorRT plugins
+  generated from the fastvision ops, falling back to PyTorch for an op without one; or
+  ``trtexec --onnx`` on the ONNX graph, whose operators ``check_onnx_for_tensorrt`` checks against
+  the TensorRT ONNX parser's table (see ``fastvision.deploy.tensorrt`` and docs/tensorrt.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 
+from fastvision.deploy.tensorrt import check_onnx_for_tensorrt, compile_tensorrt, unsupported_onnx_ops
 from fastvision.ops._contract import onnx_export_dispatch, onnx_translation_table
 
 FORMATS = ("pt2", "onnx", "tensorrt")
@@ -80,23 +83,11 @@ def export_onnx(
     return path
 
 
-def compile_tensorrt(module: torch.nn.Module, example_inputs: Sequence[Any], **kwargs: Any):
-    """Compile with Torch-TensorRT (the ``tensorrt`` extra); the graph uses the reference lowerings."""
-    try:
-        import torch_tensorrt
-    except ImportError as exc:
-        raise ImportError(
-            "compile_tensorrt needs torch-tensorrt: pip install 'fastvision[tensorrt]' on a CUDA machine"
-        ) from exc
-    from fastvision._backend import use_backend
-
-    with use_backend("reference"):
-        program = export_program(module, example_inputs)
-    return torch_tensorrt.dynamo.compile(program, inputs=list(example_inputs), **kwargs)
-
-
 def save_tensorrt(module: torch.nn.Module, example_inputs: Sequence[Any], path: str | Path) -> Path:
-    """Compile with Torch-TensorRT and save the result as an exported program (``.ep``/``.pt2``)."""
+    """Compile with Torch-TensorRT and save the result as an exported program (``.ep``/``.pt2``).
+
+    The engine calls the fastvision plugins generated at compile time: a process that loads it
+    imports fastvision first (which registers the ops the plugins wrap)."""
     import torch_tensorrt
 
     path = Path(path)
@@ -130,3 +121,56 @@ def export(
         if dynamic_batch:
             raise ValueError("dynamic_batch is not supported for tensorrt: compile one engine per batch size")
         return save_tensorrt(module, example_inputs, path)
+
+
+def run_exported(path: str | Path, format: str, example_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # noqa: A002
+    """Load an exported artifact and run it on ``example_inputs``; its outputs, flattened."""
+    path = Path(path)
+    if format == "pt2":
+        outputs = torch.export.load(path).module()(*example_inputs)
+        return [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+    if format == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {
+            meta.name: t.detach().cpu().numpy()
+            for meta, t in zip(session.get_inputs(), example_inputs, strict=True)
+        }
+        return [torch.from_numpy(out) for out in session.run(None, feeds)]
+    if format == "tensorrt":
+        import torch_tensorrt
+
+        outputs = torch_tensorrt.load(str(path)).module()(*example_inputs)
+        return [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+    raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+
+
+def max_abs_difference(expected: Any, got: Sequence[torch.Tensor]) -> float:
+    """Largest |expected - got| over the flattened outputs (integer outputs compared exactly)."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+    if len(leaves) != len(got):
+        raise ValueError(f"the exported program returns {len(got)} outputs, eager {len(leaves)}")
+    worst = 0.0
+    for want, have in zip(leaves, got, strict=True):
+        have = have.to(want.device)
+        if want.shape != have.shape:
+            raise ValueError(f"output shape {tuple(have.shape)} differs from eager {tuple(want.shape)}")
+        if want.numel():
+            worst = max(worst, (want.double() - have.double()).abs().max().item())
+    return worst
+
+
+__all__ = [
+    "FORMATS",
+    "check_onnx_for_tensorrt",
+    "compile_tensorrt",
+    "export",
+    "export_onnx",
+    "export_program",
+    "max_abs_difference",
+    "run_exported",
+    "save_program",
+    "save_tensorrt",
+    "unsupported_onnx_ops",
+]
