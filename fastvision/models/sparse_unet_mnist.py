@@ -14,6 +14,11 @@ bottleneck at 7x7, dense U-Net decoder with skips densified from the encoder, gl
       head AdaptiveAvgPool2d(1), Flatten, Linear(32->10), log_softmax
 
 Inputs are images in [0, 1] with an exactly-zero background (the data pipeline's default).
+
+Under ``torch.compile`` and ``torch.export`` the encoder runs on the dense equivalent of its sparse
+tensors (:class:`~fastvision.sparse.masked_dense.MaskedDense`: masked dense convs and max-pools,
+the same function), since the active sites' count is data-dependent and cannot be traced; eager
+execution uses the sparse kernels.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from fastvision.models.registry import image_inputs, register_model
 from fastvision.nn.sparse import ResidualSparseBlock, SparseMaxPool2d
 from fastvision.profiling import nvtx_range
 from fastvision.sparse import SparseTensor
+from fastvision.sparse.masked_dense import MaskedDense
 
 
 class ResidualDenseBlock(nn.Module):
@@ -109,7 +115,8 @@ class SparseUNetMNIST(nn.Module):
         if images.dim() != 4 or images.shape[1:] != (1, 28, 28):
             raise ValueError(f"images must have shape [B, 1, 28, 28], got {tuple(images.shape)}")
         with nvtx_range("fastvision.SparseUNetMNIST.encoder"):
-            x = SparseTensor.from_dense(images)
+            tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            x = (MaskedDense if tracing else SparseTensor).from_dense(images)
             x = self.enc1(x)
             skip1 = x.to_dense()  # [B, 32, 28, 28]
             x = self.enc2(self.pool1(x))

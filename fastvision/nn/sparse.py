@@ -1,4 +1,7 @@
-"""Modules on :class:`~fastvision.sparse.SparseTensor`: submanifold conv, max-pool, ReLU, residual block."""
+"""Modules on :class:`~fastvision.sparse.SparseTensor`: submanifold conv, max-pool, ReLU, residual block.
+
+Each also takes the traceable dense equivalent, :class:`~fastvision.sparse.masked_dense.MaskedDense`.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +16,15 @@ from fastvision.ops.sparse_max_pool2d import sparse_max_pool2d, sparse_max_pool2
 from fastvision.profiling import nvtx_range
 from fastvision.sparse import SparseTensor
 from fastvision.sparse.kernel_map import check_kernel_size
+from fastvision.sparse.masked_dense import MaskedDense
 
 
-def _check_sparse(x: object) -> SparseTensor:
-    if not isinstance(x, SparseTensor):
-        raise TypeError(f"x must be a SparseTensor (SparseTensor.from_dense(...)), got {type(x).__name__}")
+def _check_sparse(x: object) -> SparseTensor | MaskedDense:
+    if not isinstance(x, (SparseTensor, MaskedDense)):
+        raise TypeError(
+            f"x must be a SparseTensor (SparseTensor.from_dense(...)) or its traceable MaskedDense "
+            f"equivalent, got {type(x).__name__}"
+        )
     return x
 
 
@@ -49,8 +56,10 @@ class SparseConv2d(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
+    def forward(self, x: SparseTensor | MaskedDense) -> SparseTensor | MaskedDense:
         _check_sparse(x)
+        if isinstance(x, MaskedDense):
+            return x.conv2d(self.weight, self.bias, self.dilation)
         with nvtx_range("fastvision.SparseConv2d"):
             kernel_map = x.kernel_map(self.kernel_size, self.dilation)
             return x.replace_feats(sparse_conv2d(x.feats, kernel_map, self.weight, self.bias))
@@ -83,8 +92,11 @@ class SparseMaxPool2d(nn.Module):
             raise ValueError(f"spatial_shape {spatial_shape} is smaller than kernel_size {self.kernel_size}")
         return sparse_max_pool2d_output_shape(spatial_shape, self.kernel_size, self.stride)
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
+    def forward(self, x: SparseTensor | MaskedDense) -> SparseTensor | MaskedDense:
         _check_sparse(x)
+        if isinstance(x, MaskedDense):
+            self.output_shape(x.spatial_shape)
+            return x.max_pool2d(self.kernel_size, self.stride)
         with nvtx_range("fastvision.SparseMaxPool2d"):
             out_shape = self.output_shape(x.spatial_shape)
             # A SparseTensor's coordinates are canonical by construction: skip the op's check (a sync).
