@@ -1,4 +1,5 @@
-"""The ``fastvision`` command: ``bench`` (the main job), ``info``, ``export``, ``train``, ``evaluate``."""
+"""The ``fastvision`` command: ``bench`` (the main job), ``bench-inference``, ``profile``, ``info``,
+``export``, ``train``, ``evaluate``."""
 
 from __future__ import annotations
 
@@ -184,6 +185,63 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from fastvision.profiling import profile_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out or f"profiles/{args.model}")
+    try:
+        summary = profile_model(
+            args.model,
+            steps=args.steps,
+            inference_steps=args.inference_steps,
+            batch=args.batch,
+            warmup=args.warmup,
+            device=device,
+            out=out,
+            top=args.top,
+            trace=not args.no_trace,
+        )
+    except (RuntimeError, ValueError) as error:
+        print(f"fastvision profile {args.model}: {error}", file=sys.stderr)
+        return 1
+    print((out / "summary.md").read_text(), end="")
+    written = ["summary.md", "summary.json"] + ([summary["trace"]] if summary["trace"] else [])
+    print(f"wrote {', '.join(str(out / name) for name in written)}")
+    return 0
+
+
+def _cmd_bench_inference(args: argparse.Namespace) -> int:
+    from fastvision.benchmark import inference
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        message = "fastvision bench-inference: --device cuda asked for, but no CUDA device is visible"
+        print(message, file=sys.stderr)
+        return 2
+    json_path = Path(args.json) if args.json else None
+
+    def save_partial(env: dict, rows: list) -> None:
+        # Written after every model: a run cut short keeps what it measured.
+        inference.write_results(json_path, env, rows)
+
+    env, rows = inference.run(
+        args.model or None,
+        batches=args.batch or list(inference.DEFAULT_BATCHES),
+        device=device,
+        quick=args.quick,
+        budget_s=args.budget,
+        backends=args.backend or None,
+        threads=args.threads,
+        on_model=save_partial if json_path else None,
+    )
+    print(inference.format_table(env, rows))
+    if json_path:
+        inference.write_results(json_path, env, rows)
+        print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastvision.benchmark.runner import op_names
     from fastvision.benchmark.timing import NOISE_THRESHOLD
@@ -246,6 +304,62 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     export.add_argument("--out", metavar="PATH", help="default: exports/MODEL.{pt2,onnx,trt.ep}")
     export.set_defaults(handler=_cmd_export)
+
+    from fastvision.benchmark.inference import BACKENDS, DEFAULT_BATCHES
+    from fastvision.models import list_models
+
+    bench_inference = sub.add_parser(
+        "bench-inference",
+        help="per model: eager vs torch.compile vs ONNX Runtime vs TensorRT, latency and throughput",
+    )
+    bench_inference.add_argument(
+        "--model", action="append", choices=list_models(), help="model to run (repeatable; default all)"
+    )
+    bench_inference.add_argument(
+        "--batch",
+        action="append",
+        type=int,
+        help=f"batch size (repeatable; default {' and '.join(map(str, DEFAULT_BATCHES))})",
+    )
+    bench_inference.add_argument(
+        "--device", choices=["cpu", "cuda"], help="default: cuda when visible, else cpu"
+    )
+    bench_inference.add_argument(
+        "--backend", action="append", choices=BACKENDS, help="backend to run (repeatable; default all)"
+    )
+    bench_inference.add_argument(
+        "--json", metavar="PATH", help="also write results as JSON (and Markdown beside it) after every model"
+    )
+    bench_inference.add_argument("--quick", action="store_true", help="short timing budget")
+    bench_inference.add_argument(
+        "--threads", type=int, help="torch (and ONNX Runtime) intra-op threads (default: torch's default)"
+    )
+    bench_inference.add_argument(
+        "--budget",
+        type=float,
+        metavar="SECONDS",
+        help="timing budget per backend of a model and batch (default 0.25 with --quick, else 1.5)",
+    )
+    bench_inference.set_defaults(handler=_cmd_bench_inference)
+
+    profile = sub.add_parser(
+        "profile",
+        help="torch.profiler (and NVTX) over a few training and inference steps: Chrome trace and op table",
+    )
+    profile.add_argument("model", help="registered model name (fastvision info lists them)")
+    profile.add_argument("--steps", type=int, default=3, help="profiled training steps (default 3)")
+    profile.add_argument(
+        "--inference-steps", type=int, help="profiled inference steps (default: as many as --steps)"
+    )
+    profile.add_argument(
+        "--warmup", type=int, default=1, help="unprofiled steps of each kind first (default 1)"
+    )
+    profile.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    profile.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when visible, else cpu")
+    profile.add_argument("--out", metavar="DIR", help="default: profiles/MODEL")
+    profile.add_argument("--top", type=int, default=30, help="rows of the op table (default 30)")
+    profile.add_argument("--no-trace", action="store_true", help="skip the Chrome trace")
+    profile.set_defaults(handler=_cmd_profile)
 
     from fastvision.train.cli import add_subcommands
 

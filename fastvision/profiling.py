@@ -1,13 +1,23 @@
-"""NVTX ranges that mark module forwards in Nsight timelines.
+"""NVTX ranges that mark module forwards in Nsight timelines, and ``profile_model``.
 
 Uses ``torch.cuda.nvtx`` where torch has it, else the ``nvtx`` package, else does nothing. Ranges
-are skipped while torch.compile or torch.export trace, so they never cause a graph break.
+are skipped while torch.compile or torch.export trace, so they never cause a graph break. While
+:func:`profile_model` runs, each range is also a ``torch.profiler`` record (so module forwards show
+in its Chrome trace and per-module table); otherwise a range costs nothing beyond the NVTX push.
+
+``profile_model(name)`` (``fastvision profile MODEL``) runs a few training steps (forward, the
+model's task loss on a synthetic batch, backward, optimizer step) and a few inference steps after
+warm-up under ``torch.profiler`` and writes a Chrome trace and a per-op summary (``summary.md``,
+``summary.json``). On CUDA the same steps then run once more under
+``torch.autograd.profiler.emit_nvtx`` so that Nsight Systems sees every aten op as an NVTX range.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -37,14 +47,381 @@ def _tracing() -> bool:
     return compiler.is_compiling() or (hasattr(compiler, "is_exporting") and compiler.is_exporting())
 
 
+# Set by profile_model: nvtx_range then also opens a torch.profiler record of the same name.
+_RECORD_FUNCTIONS = False
+
+
 @contextlib.contextmanager
 def nvtx_range(name: str) -> Iterator[None]:
     """``with nvtx_range("fastvision.GEGLU"):`` marks the enclosed work in a profile."""
-    if _push is None or _tracing():
+    if (_push is None and not _RECORD_FUNCTIONS) or _tracing():
         yield
         return
-    _push(name)
+    record = torch.profiler.record_function(name) if _RECORD_FUNCTIONS else contextlib.nullcontext()
+    with record:
+        if _push is not None:
+            _push(name)
+        try:
+            yield
+        finally:
+            if _push is not None:
+                _pop()
+
+
+# --------------------------------------------------------------------------------------------------
+# profile_model: torch.profiler over a few training and inference steps of a registered model
+
+TRACE_GZIP_BYTES = 16 * 2**20  # a Chrome trace larger than this is written as trace.json.gz
+SURROGATE_LOSS = "surrogate: sum of the squared outputs of the inference entry (the task needs real data)"
+COST_NOTE = (
+    "fastvision ops carry their bytes and FLOPs per benchmark case (fastvision/benchmark/<op>.py), not as a "
+    "per-call bytes(args)/flops(args) function, so this table gives their time only: no GB/s or FLOP/s"
+)
+_PHASES = ("fastvision.profile.train_step", "fastvision.profile.inference_step")
+
+
+def synthetic_batch(
+    name: str, batch: int, device: str | torch.device = "cpu", seed: int = 0
+) -> tuple[tuple[torch.Tensor, ...] | None, str]:
+    """A training batch for model ``name``'s task made without data files, and what it is.
+
+    ``(None, reason)`` when the task has no synthetic batch (the caller then uses a surrogate loss).
+    """
+    from fastvision.models import example_inputs, get_model_spec
+
+    spec = get_model_spec(name)
+    generator = torch.Generator().manual_seed(seed + 1)
+    inputs = example_inputs(name, batch, seed=seed)
+    if spec.task == "classification":
+        labels = torch.randint(0, 10, (batch,), generator=generator)
+        made, what = (inputs[0], labels), "example images, random labels of 10 classes"
+    elif spec.task == "digit_sequence":
+        digits = torch.randint(0, 10, (batch, 4), generator=generator)
+        made, what = (inputs[0], digits), "example images, random 4-digit targets"
+    elif spec.task in ("denoise", "inr"):
+        made, what = (inputs[0],), "example images as the clean targets"
+    elif spec.task == "detector_regression":
+        from fastvision.data.detector import Detector
+
+        detector = Detector()
+        events = detector.simulate(batch, seed=seed)
+        live = detector.live.unsqueeze(0).expand(batch, -1).contiguous()
+        made, what = (events.observed, events.params, live), "simulated detector events"
+    else:
+        return None, f"task {spec.task!r} has no synthetic batch"
+    return tuple(t.to(device) for t in made), what
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tensor_leaves(output: object) -> list[torch.Tensor]:
+    leaves = torch.utils._pytree.tree_leaves(output)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _environment(device: torch.device) -> dict:
+    import os
+
+    from fastvision.benchmark.runner import environment
+
+    env = environment(device, 0.0)
+    env.pop("copy_bandwidth_gbps", None)
+    env["cpus"] = os.cpu_count()
+    return env
+
+
+def _load_average() -> float | None:
+    import os
+
     try:
-        yield
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def profile_model(
+    name: str,
+    *,
+    steps: int = 3,
+    inference_steps: int | None = None,
+    batch: int = 2,
+    warmup: int = 1,
+    device: str | torch.device = "cpu",
+    out: str | Path | None = None,
+    top: int = 30,
+    trace: bool = True,
+) -> dict:
+    """Profile ``steps`` training steps and ``inference_steps`` (default ``steps``) inference steps of
+    registered model ``name`` after ``warmup`` of each, and write ``trace.json`` (or ``.json.gz``),
+    ``summary.json`` and ``summary.md`` into ``out`` (default ``profiles/<name>``). Returns the summary.
+
+    A training step is forward + the model's task loss on :func:`synthetic_batch` (a surrogate loss
+    where the task has none) + backward + the step of the optimizer its training config names; an
+    inference step is ``inference_module(model, name)(*example_inputs(name, batch))`` without grad.
+    """
+    import time
+
+    import fastvision.profiling as this
+    from fastvision.models import create_model, example_inputs, get_model_spec, inference_module
+    from fastvision.train.optim import build_optimizer, is_schedule_free
+    from fastvision.train.tasks import get_task
+    from fastvision.train.trainer import resolve_config
+
+    for label, value, least in (("steps", steps, 1), ("batch", batch, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{label} must be an int >= {least}, got {value!r}")
+    inference_steps = steps if inference_steps is None else inference_steps
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("profile_model: device cuda asked for, but no CUDA device is visible")
+    out = Path(out) if out is not None else Path("profiles") / name
+    out.mkdir(parents=True, exist_ok=True)
+    spec = get_model_spec(name)
+
+    torch.manual_seed(0)
+    model = create_model(name).to(device)
+    cfg = resolve_config(name)
+    optimizer = build_optimizer(model, cfg)
+    train_batch, batch_what = synthetic_batch(name, batch, device)
+    inputs = example_inputs(name, batch, device=device)
+    module = inference_module(model, name)
+    if train_batch is not None:
+        task = get_task(spec.task)
+        loss_what = f"task {spec.task!r} loss on {batch_what}"
+
+        def loss_fn() -> torch.Tensor:
+            return task.train_step(model, train_batch, cfg).loss
+    else:
+        loss_what = f"{SURROGATE_LOSS} ({batch_what})"
+
+        def loss_fn() -> torch.Tensor:
+            return sum(t.float().square().sum() for t in _tensor_leaves(module(*inputs)))
+
+    def train_steps(n: int) -> None:
+        model.train()
+        if is_schedule_free(optimizer):
+            optimizer.train()
+        for _ in range(n):
+            with nvtx_range(_PHASES[0]):
+                optimizer.zero_grad(set_to_none=True)
+                loss_fn().backward()
+                optimizer.step()
+        _sync(device)
+
+    def inference(n: int) -> None:
+        inference_module(model, name)  # eval mode
+        with torch.no_grad():
+            for _ in range(n):
+                with nvtx_range(_PHASES[1]):
+                    module(*inputs)
+        _sync(device)
+
+    train_steps(warmup)
+    inference(warmup)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    load_start = _load_average()
+    wall_ms: dict[str, float] = {}
+    this._RECORD_FUNCTIONS = True
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            for phase, run, n in ((_PHASES[0], train_steps, steps), (_PHASES[1], inference, inference_steps)):
+                begin = time.perf_counter()
+                run(n)
+                wall_ms[phase] = (time.perf_counter() - begin) * 1e3 / max(n, 1)
     finally:
-        _pop()
+        this._RECORD_FUNCTIONS = False
+    if device.type == "cuda":
+        # A pass for Nsight Systems: every aten op as an NVTX range (emit_nvtx cannot share the run
+        # with torch.profiler: both are autograd profilers).
+        with nvtx_range("fastvision.profile.emit_nvtx"), torch.autograd.profiler.emit_nvtx():
+            train_steps(steps)
+            inference(inference_steps)
+    load_end = _load_average()
+
+    trace_path = None
+    if trace:
+        trace_path = _write_trace(prof, out / "trace.json")
+    summary = _summarize(prof, device, top)
+    summary.update(
+        model=name,
+        task=spec.task,
+        loss=loss_what,
+        optimizer=type(optimizer).__name__,
+        device=device.type,
+        batch=batch,
+        steps=steps,
+        inference_steps=inference_steps,
+        warmup=warmup,
+        inference_entry=spec.inference,
+        dtype="float32 (no autocast)",
+        parameters=sum(p.numel() for p in model.parameters()),
+        wall_ms_per_step_under_profiler={
+            "train": round(wall_ms[_PHASES[0]], 3),
+            "inference": round(wall_ms[_PHASES[1]], 3),
+        },
+        nvtx_backend=NVTX_BACKEND,
+        emit_nvtx_pass=device.type == "cuda",
+        trace=None if trace_path is None else trace_path.name,
+        trace_bytes=None if trace_path is None else trace_path.stat().st_size,
+        cost_note=COST_NOTE,
+        environment={**_environment(device), "load_avg_start": load_start, "load_avg_end": load_end},
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(format_summary(summary))
+    return summary
+
+
+def _write_trace(prof: torch.profiler.profile, path: Path) -> Path:
+    import gzip
+    import shutil
+
+    for stale in (path, path.with_name(path.name + ".gz")):
+        stale.unlink(missing_ok=True)
+    prof.export_chrome_trace(str(path))
+    if path.stat().st_size <= TRACE_GZIP_BYTES:
+        return path
+    packed = path.with_name(path.name + ".gz")
+    with path.open("rb") as src, gzip.open(packed, "wb", compresslevel=6) as dst:
+        shutil.copyfileobj(src, dst)
+    path.unlink()
+    return packed
+
+
+def _device_self_us(event: object) -> float:
+    for attribute in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, attribute, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def _summarize(prof: torch.profiler.profile, device: torch.device, top: int) -> dict:
+    """Per-op rows sorted by self time (device time on CUDA), module ranges, and the two phases."""
+    events = list(prof.key_averages())
+    on_device = device.type == "cuda"
+
+    def self_us(e: object) -> float:
+        return _device_self_us(e) if on_device else float(e.self_cpu_time_total)
+
+    total_self_us = sum(self_us(e) for e in events)
+    ranges = [e for e in events if e.key.startswith("fastvision.")]
+    ops = sorted((e for e in events if not e.key.startswith("fastvision.")), key=self_us, reverse=True)
+    rows = []
+    for e in ops[:top]:
+        rows.append(
+            {
+                "name": e.key,
+                "calls": int(e.count),
+                "self_ms": round(self_us(e) / 1e3, 3),
+                "share_pct": round(100 * self_us(e) / total_self_us, 2) if total_self_us else None,
+                "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3),
+                "cpu_total_ms": round(e.cpu_time_total / 1e3, 3),
+                "self_device_ms": round(_device_self_us(e) / 1e3, 3) if on_device else None,
+                "fastvision_op": "fastvision::" in e.key,
+                "gbps": None,  # see COST_NOTE
+                "tflops": None,
+            }
+        )
+    fastvision_ops = [e for e in ops if "fastvision::" in e.key]
+    modules = sorted(
+        (e for e in ranges if e.key not in _PHASES), key=lambda e: e.cpu_time_total, reverse=True
+    )
+    phases = {
+        e.key.removeprefix("fastvision.profile."): {
+            "calls": int(e.count),
+            "cpu_ms_per_call": round(e.cpu_time_total / 1e3 / max(e.count, 1), 3),
+        }
+        for e in ranges
+        if e.key in _PHASES
+    }
+    return {
+        "time_basis": "self device (kernel) time" if on_device else "self CPU time",
+        "total_self_ms": round(total_self_us / 1e3, 3),
+        "phases": phases,
+        "ops": rows,
+        "fastvision_ops": [
+            {
+                "name": e.key,
+                "calls": int(e.count),
+                "self_ms": round(self_us(e) / 1e3, 3),
+                "share_pct": round(100 * self_us(e) / total_self_us, 2) if total_self_us else None,
+                "gbps": None,
+                "tflops": None,
+            }
+            for e in fastvision_ops
+        ],
+        "modules": [
+            {
+                "name": e.key,
+                "calls": int(e.count),
+                "cpu_total_ms": round(e.cpu_time_total / 1e3, 3),
+                "share_pct": round(100 * e.cpu_time_total / total_self_us, 2) if total_self_us else None,
+            }
+            for e in modules[:top]
+        ],
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """``summary.md``: the header facts, the per-op table, fastvision ops, module ranges."""
+    env = summary["environment"]
+    wall = summary["wall_ms_per_step_under_profiler"]
+    lines = [
+        f"# `{summary['model']}`: torch.profiler summary ({summary['device']})",
+        "",
+        f"- device: {env.get('device')} ({summary['device']}), torch {env.get('torch')}, "
+        f"{env.get('threads')} threads, revision {env.get('git_revision')}, {env.get('date')}",
+        f"- load average (1 min) {env.get('load_avg_start')} at start, {env.get('load_avg_end')} at end, "
+        f"on {env.get('cpus')} CPUs (a shared machine: other work may have run beside the profile)",
+        f"- {summary['parameters']:,} parameters, batch {summary['batch']}, {summary['dtype']}",
+        f"- training: {summary['steps']} steps after {summary['warmup']} warm-up; loss: {summary['loss']}; "
+        f"optimizer {summary['optimizer']}",
+        f"- inference: {summary['inference_steps']} steps of `{summary['inference_entry']}` on "
+        f"`example_inputs` after {summary['warmup']} warm-up, no grad",
+        f"- wall time per step under the profiler: train {wall['train']:.1f} ms, "
+        f"inference {wall['inference']:.1f} ms (profiler overhead included)",
+        f"- table basis: {summary['time_basis']}; total {summary['total_self_ms']:.1f} ms over both phases",
+        "",
+        "## Top ops by self time",
+        "",
+        "| op | calls | self ms | share % | CPU total ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in summary["ops"]:
+        name = row["name"].replace("|", "\\|")
+        name = f"**{name}**" if row["fastvision_op"] else name
+        lines.append(
+            f"| {name} | {row['calls']} | {row['self_ms']:.3f} | {_pct(row['share_pct'])} | "
+            f"{row['cpu_total_ms']:.3f} |"
+        )
+    lines += ["", "## fastvision ops", ""]
+    if summary["fastvision_ops"]:
+        lines += ["| op | calls | self ms | share % |", "|---|---:|---:|---:|"]
+        for row in summary["fastvision_ops"]:
+            share = _pct(row["share_pct"])
+            lines.append(f"| {row['name']} | {row['calls']} | {row['self_ms']:.3f} | {share} |")
+    else:
+        lines.append(
+            "No `fastvision::` op appears in this profile: on this device the ops the model uses ran "
+            "their plain-PyTorch reference (aten ops)."
+        )
+    lines += ["", summary["cost_note"] + ".", "", "## Module ranges (NVTX names, inclusive CPU time)", ""]
+    if summary["modules"]:
+        lines += ["| range | calls | CPU total ms | share % |", "|---|---:|---:|---:|"]
+        for row in summary["modules"]:
+            lines.append(
+                f"| {row['name']} | {row['calls']} | {row['cpu_total_ms']:.3f} | {_pct(row['share_pct'])} |"
+            )
+    else:
+        lines.append("No module of this model marks its forward with `nvtx_range`.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"

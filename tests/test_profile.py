@@ -1,0 +1,43 @@
+"""fastvision.profiling.profile_model: one training and one inference step of a small model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import fastvision.profiling as profiling
+from fastvision.profiling import profile_model
+
+
+def test_profile_model_writes_trace_and_summary(tmp_path):
+    summary = profile_model("vit_mnist", steps=1, batch=2, warmup=1, out=tmp_path, top=10)
+    assert not profiling._RECORD_FUNCTIONS  # switched back off after the run
+    assert (tmp_path / summary["trace"]).exists() and summary["trace"].startswith("trace.json")
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["model"] == "vit_mnist" and data["task"] == "classification"
+    assert "classification" in data["loss"]
+    assert set(data["phases"]) == {"train_step", "inference_step"}
+    assert data["phases"]["train_step"]["calls"] == 1
+    assert 0 < len(data["ops"]) <= 10
+    shares = [row["share_pct"] for row in data["ops"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
+    assert any(row["name"].startswith("aten::") for row in data["ops"])
+    assert any(m["name"] == "fastvision.ViTMNIST" for m in data["modules"])  # the NVTX range names
+    table = (tmp_path / "summary.md").read_text()
+    assert "## Top ops by self time" in table and "fastvision.ViTMNIST" in table
+
+
+def test_profile_model_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="steps"):
+        profile_model("vit_mnist", steps=0, out=tmp_path)
+    with pytest.raises(ValueError, match="unknown model"):
+        profile_model("no_such_model", out=tmp_path)
+
+
+def test_nvtx_range_is_a_no_op_record_outside_profiling():
+    import torch
+
+    with torch.profiler.profile() as prof, profiling.nvtx_range("fastvision.Test"):
+        torch.ones(2).sum()
+    assert all(e.key != "fastvision.Test" for e in prof.key_averages())
