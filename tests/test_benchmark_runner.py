@@ -178,3 +178,46 @@ def test_table_warns_when_the_machine_was_loaded():
     assert "warning: load average" not in format_table(_ENV, rows)
     loaded = {**_ENV, "cpu_count": 2, "load_avg_start": 1.0, "load_avg_end": 7.5}
     assert "warning: load average 7.5 on 2 CPUs" in format_table(loaded, rows)
+
+
+def _timed(op, case, impl, ms, ok=True):
+    from fastvision.benchmark.runner import BenchRow
+
+    return BenchRow(op, case, impl, ok, None if ok else "max abs error 1", median_ms=ms if ok else None)
+
+
+def test_crossover_against_sdpa_from_synthetic_rows():
+    """The smallest measured N where the op beats the fastest SDPA of its size; "none" otherwise."""
+    from fastvision.benchmark.runner import crossover_lines
+
+    token, block = "topk_attention", "block_topk_attention"
+    rows = []
+    measured = [(1024, 0.5, 0.2, 0.1), (4096, 0.9, 1.5, 1.0), (16384, 2.0, 9.0, 8.0)]
+    for n, sparse_ms, sdpa_ms, flash_ms in measured:
+        rows += [
+            _timed(token, f"fwd bf16 BH32 N{n} D64 k32", "reference", 50.0),  # the definition: not the op
+            _timed(token, f"fwd bf16 BH32 N{n} D64 k32", "compile", 0.01),  # nor its compiled form
+            _timed(token, f"fwd bf16 BH32 N{n} D64 k32", "triton", sparse_ms),
+            _timed(token, f"fwd bf16 BH32 N{n} D64 k128", "triton", 100.0),  # never faster
+            _timed(token, f"fwd bf16 BH32 N{n} D64 dense", "reference", sdpa_ms),
+            _timed(token, f"fwd bf16 BH32 N{n} D64 dense", "sdpa-flash", flash_ms),
+            _timed(block, f"fwd bf16 BH32 N{n} D64 blocks1x32", "triton", 0.05),
+            _timed(block, f"fwd bf16 BH32 N{n} D64 blocks1x32", "flex", 0.01),  # the peer: not the op
+            _timed(block, f"fwd bf16 BH32 N{n} D64 dense", "reference", sdpa_ms),
+        ]
+    rows.append(_timed(token, "fwd bf16 BH32 N4096 D128 k32", "triton", 0.9))  # slower than flash
+    rows.append(_timed(token, "fwd bf16 BH32 N4096 D128 dense", "sdpa-flash", 0.8))
+    rows.append(_timed(token, "fwd bf16 BH32 N16384 D128 k32", "triton", 0.1, ok=False))  # failed check
+    rows.append(_timed(token, "fwd bf16 BH32 N16384 D128 dense", "sdpa-flash", 0.8))
+    rows.append(_timed("geglu", "fwd bf16 BH32 N16384 D128 dense", "sdpa-flash", 0.8))  # not attention
+    lines = crossover_lines(rows)
+    assert lines == [
+        "crossover vs SDPA: topk_attention (token mode) fwd bf16 BH32 D64 k128: none within the measured "
+        "sizes (N = 1024, 4096, 16384)",
+        "crossover vs SDPA: topk_attention (token mode) fwd bf16 BH32 D64 k32: N = 4096 "
+        "(0.9 ms vs SDPA 1 ms, 1.11x)",
+        "crossover vs SDPA: topk_attention (token mode) fwd bf16 BH32 D128 k32: none within the measured "
+        "sizes (N = 4096)",
+        "crossover vs SDPA: block_topk_attention (block mode) fwd bf16 BH32 D64 blocks1x32: N = 1024 "
+        "(0.05 ms vs SDPA 0.2 ms, 4.00x)",
+    ]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvision.benchmark.case import BenchCase, backend_impl
-from fastvision.benchmark.topk_attention import _add_memory_notes, _op_fn, _quantized
+from fastvision.benchmark.topk_attention import _add_memory_notes, _op_fn, _quantized, _sdpa_fn
 from fastvision.ops import OPS
 from fastvision.ops.block_topk_attention import (
     block_selection_mask,
@@ -140,16 +140,6 @@ def _block_case(q, k, v, topk_blocks, block_size, grad_out, device) -> BenchCase
         tolerance=TOLERANCE[q.dtype],
         notes=notes,
     )
-
-
-def _sdpa_fn(q, k, v, grad_out, backend) -> Callable[[], Any]:
-    from torch.nn.attention import sdpa_kernel
-
-    def attention(a, b, c):
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(a, b, c)
-
-    return _op_fn(attention, q, k, v, grad_out)
 
 
 def _dense_case(q, k, v, grad_out, device) -> BenchCase:

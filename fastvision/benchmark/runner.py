@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterable
@@ -221,8 +222,12 @@ def run(
     env["cpu_count"] = os.cpu_count()
     env["load_avg_start"] = _load_average()
     rows: list[BenchRow] = []
+    done: set[tuple[str, str]] = set()
     for op in ops:
         for case in load_cases(op, device, quick):
+            if (case.op, case.label) in done:  # listed by two ops (topk_attention includes block mode)
+                continue
+            done.add((case.op, case.label))
             rows.extend(run_case(case, device, copy_gbps, budget_s, noise_threshold))
             env["load_avg_end"] = _load_average()
             if on_case is not None:
@@ -276,9 +281,59 @@ def format_table(env: dict[str, Any], rows: list[BenchRow]) -> str:
             f"warning: load average {max(loads):g} on {cpus} CPUs while measuring: other processes competed "
             "for the CPU, and multi-threaded implementations suffer more from that than single-threaded ones"
         )
+    out += crossover_lines(rows)
     notes = {(r.impl, r.note) for r in rows if r.note}
     out += [f"note: {impl}: {note}" for impl, note in sorted(notes)]
     return "\n".join(out)
+
+
+# Sparse attention ops whose crossover N against dense SDPA is printed after the table, and what their
+# sparse cases are called. Case labels: "<fwd|fwd+bwd> <dtype> BH<B*H> N<N> D<D> <setting>", the
+# setting "dense" for the SDPA cases of the same op.
+CROSSOVER_OPS = {"topk_attention": "token mode", "block_topk_attention": "block mode"}
+_CASE_LABEL = re.compile(
+    r"^(?P<pass>\S+) (?P<dtype>\S+) BH(?P<bh>\d+) N(?P<n>\d+) D(?P<d>\d+) (?P<setting>.+)$"
+)
+# Implementations of a case that are not the op's own backends.
+_NOT_THE_OP = ("reference", "compile", "flex")
+
+
+def crossover_lines(rows: list[BenchRow]) -> list[str]:
+    """For each sparse attention op measured (``CROSSOVER_OPS``), pass (fwd, fwd+bwd), dtype, B*H,
+    D and setting (topk, or topk_blocks x block_size): the smallest measured N at which the op's
+    fastest backend has a lower median time than the fastest dense SDPA implementation of the same
+    op, pass, dtype, B*H, N and D (default, flash, memory-efficient), or "none within the measured
+    sizes". Only rows that passed their check and were timed count."""
+    sdpa: dict[tuple, float] = {}
+    sparse: dict[tuple, dict[int, float]] = {}
+    for row in rows:
+        match = _CASE_LABEL.match(row.case)
+        if row.op not in CROSSOVER_OPS or not match or not row.ok or row.median_ms is None:
+            continue
+        n = int(match["n"])
+        group = (row.op, match["pass"], match["dtype"], int(match["bh"]), int(match["d"]))
+        if match["setting"] == "dense":
+            if row.impl == "reference" or row.impl.startswith("sdpa"):
+                sdpa[(*group, n)] = min(sdpa.get((*group, n), float("inf")), row.median_ms)
+        elif row.impl not in _NOT_THE_OP and not row.impl.startswith("sdpa"):
+            times = sparse.setdefault((*group, match["setting"]), {})
+            times[n] = min(times.get(n, float("inf")), row.median_ms)
+    lines = []
+    for key in sorted(sparse, key=lambda k: (list(CROSSOVER_OPS).index(k[0]), *k[1:])):
+        op, pass_, dtype, bh, d, setting = key
+        paired = sorted((n, ms, sdpa[(op, pass_, dtype, bh, d, n)])
+                        for n, ms in sparse[key].items() if (op, pass_, dtype, bh, d, n) in sdpa)  # fmt: skip
+        if not paired:
+            continue
+        where = f"{op} ({CROSSOVER_OPS[op]}) {pass_} {dtype} BH{bh} D{d} {setting}"
+        faster = [(n, ms, dense) for n, ms, dense in paired if ms < dense]
+        if faster:
+            n, ms, dense = faster[0]
+            found = f"N = {n} ({ms:.4g} ms vs SDPA {dense:.4g} ms, {dense / ms:.2f}x)"
+        else:
+            found = f"none within the measured sizes (N = {', '.join(str(p[0]) for p in paired)})"
+        lines.append(f"crossover vs SDPA: {where}: {found}")
+    return lines
 
 
 def write_results(path: Path, env: dict[str, Any], rows: list[BenchRow]) -> None:

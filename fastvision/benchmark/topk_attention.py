@@ -32,11 +32,11 @@ from fastvision.ops import OPS
 from fastvision.ops.topk_attention import topk_attention, topk_attention_reference
 
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 3e-2)}
-HEAD_DIM = 64
+HEAD_DIMS = (64, 128)
 TOPKS = (32, 64, 128)
-# (batch, heads): B * H in {32, 256}
+# (batch, heads): B * H = 32 at every size; B * H = 256 at D = 64 up to N = 16K.
 BATCH_HEADS = ((4, 8), (32, 8))
-LENGTHS = (1024, 4096, 16384)
+LENGTHS = (1024, 4096, 16384, 32768)
 # Score elements of the dense reference (and its compiled form) at most; above, query chunks.
 DENSE_SCORE_LIMIT = 1 << 31
 CHUNK_SCORE_ELEMENTS = 1 << 28
@@ -168,16 +168,34 @@ def _topk_case(q, k, v, topk, grad_out, device) -> BenchCase:
     )
 
 
-def _dense_case(q, k, v, grad_out) -> BenchCase:
-    """Dense attention at the same size: F.scaled_dot_product_attention is the baseline here."""
+def _sdpa_fn(q, k, v, grad_out, backend) -> Callable[[], Any]:
+    """F.scaled_dot_product_attention restricted to one SDPA backend (flash, memory-efficient)."""
+    from torch.nn.attention import sdpa_kernel
+
+    def attention(a, b, c):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(a, b, c)
+
+    return _op_fn(attention, q, k, v, grad_out)
+
+
+def _dense_case(q, k, v, grad_out, device=None) -> BenchCase:
+    """Dense attention at the same size: F.scaled_dot_product_attention is the baseline here, with
+    its flash and memory-efficient backends forced on CUDA (the crossover compares with the fastest)."""
     batch, heads, num_queries, head_dim = q.shape
     flops = 4 * batch * heads * num_queries * k.shape[2] * head_dim
     backward = grad_out is not None
+    impls = {"reference": _op_fn(F.scaled_dot_product_attention, q, k, v, grad_out)}
+    if device is not None and device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        impls["sdpa-flash"] = _sdpa_fn(q, k, v, grad_out, SDPBackend.FLASH_ATTENTION)
+        impls["sdpa-mem-efficient"] = _sdpa_fn(q, k, v, grad_out, SDPBackend.EFFICIENT_ATTENTION)
     return BenchCase(
         op="topk_attention",
         label=f"{_mode(backward)} {str(q.dtype).removeprefix('torch.')} BH{batch * heads} N{num_queries} "
         f"D{head_dim} dense",
-        impls={"reference": _op_fn(F.scaled_dot_product_attention, q, k, v, grad_out)},
+        impls=impls,
         flops=3 * flops if backward else flops,
         dtype=q.dtype,
         tolerance=TOLERANCE[q.dtype],
@@ -185,15 +203,24 @@ def _dense_case(q, k, v, grad_out) -> BenchCase:
     )
 
 
+def _sizes() -> list[tuple[tuple[int, int], int, int]]:
+    """((batch, heads), N, D) of the GPU cases: B * H = 32 at every N and D; 256 at D = 64, N <= 16K."""
+    sizes = [(BATCH_HEADS[0], n, d) for d in HEAD_DIMS for n in LENGTHS]
+    return sizes + [(BATCH_HEADS[1], n, 64) for n in LENGTHS if n <= 16384]
+
+
 def cases(device: torch.device, quick: bool) -> list[BenchCase]:
+    """Token top-k and dense SDPA cases; on a GPU (not quick) also the block top-k cases of
+    ``fastvision.benchmark.block_topk_attention`` (block mode, FlexAttention with the block mask, SDPA
+    flash and memory-efficient), so that ``fastvision bench --op topk_attention`` covers both modes
+    and prints both crossovers (the runner runs a case that two ops list only once)."""
     if quick or device.type != "cuda":
-        sizes, topks, dtype, head_dim = [((1, 2), 64)], (8,), torch.float32, 16
+        sizes, topks, dtype = [((1, 2), 64, 16)], (8,), torch.float32
     else:
-        sizes = [(bh, n) for bh in BATCH_HEADS for n in LENGTHS]
-        topks, dtype, head_dim = TOPKS, torch.bfloat16, HEAD_DIM
+        sizes, topks, dtype = _sizes(), TOPKS, torch.bfloat16
     generator = torch.Generator(device="cpu").manual_seed(0)
     result = []
-    for (batch, heads), length in sizes:
+    for (batch, heads), length, head_dim in sizes:
         shape = (batch, heads, length, head_dim)
         q, k = (_quantized(shape, generator, device, dtype) for _ in range(2))
         v = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
@@ -202,5 +229,9 @@ def cases(device: torch.device, quick: bool) -> list[BenchCase]:
             g = grad_out if backward else None
             for topk in topks:
                 result.append(_add_memory_notes(_topk_case(q, k, v, topk, g, device), device))
-            result.append(_add_memory_notes(_dense_case(q, k, v, g), device))
+            result.append(_add_memory_notes(_dense_case(q, k, v, g, device), device))
+    if not quick and device.type == "cuda":
+        from fastvision.benchmark import block_topk_attention
+
+        result += block_topk_attention.cases(device, quick)
     return result
