@@ -253,6 +253,85 @@ def _run_kernel(forward_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     return (out, last) if return_last_state else out
 
 
+def selective_scan_onnx():
+    """The forward ops ``(out, last_state)`` in standard ONNX operators (onnxscript), for
+    ``torch.onnx.export``.
+
+    The recurrence is one ONNX ``Scan`` over ``L`` (its body: ``Mul``, ``Add``, ``Identity``), so
+    the graph's size does not depend on the sequence length. Around it: ``Cast`` to float32 and
+    ``CastLike`` back; ``Add`` (``delta_bias``), ``Softplus``; ``Exp``, ``Mul`` and ``Unsqueeze`` for
+    the per-step decay ``exp(delta A)`` and drive ``delta B u``; ``Reshape``/``Expand``/``Transpose``
+    (with ``Shape``, ``Concat``, ``Div``) to spread grouped ``B``/``C`` over their channels;
+    ``ConstantOfShape`` for the zero initial state; ``ReduceSum`` for ``C . h``; ``Sigmoid`` for
+    ``silu(z)``. Absent ``D``, ``z`` and ``delta_bias`` (empty tensors in the kernel ops) are left
+    out of the graph. The Scan sits in a local function (domain ``fastvision.onnx``) that the
+    exporter's optimizer inlines (``torch.onnx.export``'s default ``optimize=True``). Memory: the
+    per-step decay, drive and states are ``[batch, dim, L, N]`` float32 tensors each.
+    """
+    import onnxscript
+    from onnxscript import FLOAT
+    from onnxscript import opset18 as op
+
+    def selective_scan_states(h0, decay, drive):
+        @onnxscript.graph()
+        def step(h, a, b):
+            h_next = op.Add(op.Mul(a, h), b)
+            h_out = op.Identity(h_next)
+            return h_next, h_out
+
+        last, states = op.Scan(
+            h0, decay, drive, body=step, num_scan_inputs=2, scan_input_axes=[2, 2], scan_output_axes=[2]
+        )
+        return last, states
+
+    # The exporter reads the function's inputs and its two outputs from the annotations; they are set
+    # here because onnxscript is imported only when exporting (postponed annotations could not name it).
+    selective_scan_states.__annotations__ = {
+        "h0": FLOAT, "decay": FLOAT, "drive": FLOAT, "return": tuple[FLOAT, FLOAT]
+    }  # fmt: skip
+    selective_scan_states = onnxscript.script(
+        onnxscript.values.Opset("fastvision.onnx", 1), default_opset=op
+    )(selective_scan_states)
+
+    def absent(value) -> bool:
+        return value.shape is not None and len(value.shape) == 1 and value.shape[0] == 0
+
+    def per_step(bc, u):
+        """``[dim, N]`` -> ``[dim, 1, N]``; ``[batch, G, N, L]`` -> ``[batch, dim, L, N]`` (float32)."""
+        fixed = len(bc.shape) == 2  # the rank, read before any op (traced values carry no shape)
+        bc = op.Cast(bc, to=FLOAT.dtype)
+        if fixed:
+            return op.Unsqueeze(bc, [1])
+        per_group = op.Div(op.Shape(u, start=1, end=2), op.Shape(bc, start=1, end=2))
+        target = op.Concat(op.Shape(bc, start=0, end=2), per_group, op.Shape(bc, start=2), axis=0)
+        spread = op.Expand(op.Unsqueeze(bc, [2]), target)  # [batch, G, dim / G, N, L]
+        flat = op.Concat(op.Shape(bc, start=0, end=1), op.Constant(value_ints=[-1]),
+                         op.Shape(bc, start=2), axis=0)  # fmt: skip
+        return op.Transpose(op.Reshape(spread, flat), perm=[0, 1, 3, 2])
+
+    def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool = False):
+        u32, delta = op.Cast(u, to=FLOAT.dtype), op.Cast(delta, to=FLOAT.dtype)
+        if not absent(delta_bias):
+            delta = op.Add(delta, op.Unsqueeze(delta_bias, [1]))
+        if delta_softplus:
+            delta = op.Softplus(delta)
+        step_delta = op.Unsqueeze(delta, [-1])  # [batch, dim, L, 1]
+        decay = op.Exp(op.Mul(step_delta, op.Unsqueeze(A, [1])))  # [batch, dim, L, N]
+        drive = op.Mul(op.Mul(step_delta, op.Unsqueeze(u32, [-1])), per_step(B, u))
+        state_shape = op.Concat(op.Shape(u, start=0, end=2), op.Shape(A, start=1, end=2), axis=0)
+        h0 = op.ConstantOfShape(state_shape)  # float32 zeros [batch, dim, N]
+        last, states = selective_scan_states(h0, decay, drive)  # states [batch, dim, L, N]
+        y = op.ReduceSum(op.Mul(states, per_step(C, u)), [-1], keepdims=0)
+        if not absent(D):
+            y = op.Add(y, op.Mul(u32, op.Unsqueeze(D, [1])))
+        if not absent(z):
+            z32 = op.Cast(z, to=FLOAT.dtype)
+            y = op.Mul(y, op.Mul(z32, op.Sigmoid(z32)))
+        return op.CastLike(y, u), last
+
+    return selective_scan
+
+
 def _triton_supports(u, delta, A, *_):
     if A.shape[1] > 64:
         return f"the triton backend keeps N x chunk states on chip and takes N up to 64, got {A.shape[1]}"
@@ -267,11 +346,12 @@ SELECTIVE_SCAN = define_op(
         device=lambda u, *_: u.device,
         kernels={
             "cpu": KernelBackend(
-                "selective_scan_forward", "selective_scan_backward", AUTOGRAD, native=True, call=_run_kernel
+                "selective_scan_forward", "selective_scan_backward", AUTOGRAD, native=True, call=_run_kernel,
+                onnx=selective_scan_onnx,
             ),
             "triton": KernelBackend(
                 "selective_scan_triton_forward", "selective_scan_triton_backward", AUTOGRAD,
-                supports=_triton_supports, call=_run_kernel,
+                supports=_triton_supports, call=_run_kernel, onnx=selective_scan_onnx,
             ),
         },
         gpu_order=("triton",),
