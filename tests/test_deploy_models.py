@@ -129,3 +129,26 @@ def test_export_cli_writes_and_checks(tmp_path, capsys):
     assert main(["export", "vit_mnist", "--format", "pt2", "--batch", "2", "--out", str(out)]) == 0
     assert out.exists()
     assert "max |exported - eager|" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("name", MODELS)
+def test_inference_cuda_graphs_capture(name):
+    """``mode="reduce-overhead"`` captures the whole inference forward in CUDA graphs: no host sync,
+    no data-dependent shape (the sparse encoder traces through MaskedDense, masked_gather takes its
+    static ``max_count``)."""
+    torch.manual_seed(0)
+    module = inference_module(create_model(name).cuda(), name)
+    inputs = example_inputs(name, batch=2, device="cuda")
+    compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        expected = module(*inputs)
+        for _ in range(3):  # warm-up, record, replay
+            got = compiled(*inputs)
+    got = [t.clone() for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
+    leaves = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+    for want, have in zip(leaves, got, strict=True):
+        if want.is_floating_point():
+            torch.testing.assert_close(have, want, atol=2e-3, rtol=2e-3)
+        else:
+            assert torch.equal(have, want)
