@@ -138,13 +138,14 @@ def _reference(name: str, sample: Sample) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("name, label", _params())
-def test_op_exports_to_onnx(name, label, tmp_path):
+def test_op_exports_to_onnx(name, label, tmp_path, record_property):
     sample = next(s for s in SAMPLES[name](torch.float32) if s.label == label)
     module = _Call(name, sample).eval()
     inputs = [sample.args[i] for i in module.positions]
     path = export_onnx(module, inputs, tmp_path / f"{name}.onnx")
     op_types, _ = check_standard(path)
     print(f"\n{name}[{label}] ONNX operators: {', '.join(op_types)}")
+    record_property("onnx_operators", " ".join(op_types))
     outputs = run_onnxruntime(path, inputs)
     expected = _reference(name, sample)
     assert_matches(outputs, expected, *ONNX_TOLERANCE[name])
@@ -249,6 +250,22 @@ def test_selective_scan_onnx_dynamic_length(tmp_path):
         inputs = _scan_inputs(run_length, "grouped", seed=run_length + 10)
         outputs = run_onnxruntime(path, [inputs[n] for n in names])
         assert_matches(outputs, _scan_reference(inputs, True), *ONNX_TOLERANCE["selective_scan"])
+
+
+def test_selective_scan_onnx_half_inputs(tmp_path):
+    """float16 u, delta, B, C, z: the scan runs in float32 and the output is rounded to float16 once."""
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    inputs = _scan_inputs(9, "grouped", seed=21)
+    for n in ("u", "delta", "B", "C", "z"):
+        inputs[n] = inputs[n].half()
+    tensors = [inputs[n] for n in names]
+    path = export_onnx(_Scan(names, True), tensors, tmp_path / "scan16.onnx")
+    check_standard(path)
+    out, last = run_onnxruntime(path, tensors)
+    assert out.dtype == torch.float16 and last.dtype == torch.float32
+    expected = _scan_reference(inputs, True)
+    torch.testing.assert_close(out.double(), expected[0], atol=8e-3, rtol=8e-3)  # float16's harness x4
+    torch.testing.assert_close(last.double(), expected[1], atol=4e-5, rtol=4e-5)
 
 
 # --- masked_gather: the reference lowering, static or data-dependent slot count ---------------------------
