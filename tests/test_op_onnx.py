@@ -33,8 +33,6 @@ STANDARD_DOMAINS = {"", "ai.onnx"}
 ONNX_UNSUPPORTED: dict[str | tuple[str, str], str] = {
     "sparse_max_pool2d": "its output sites are data-dependent at every step: the reference cannot be "
     "traced (reference_traceable=False) and the cpu/cuda kernel ops have no ONNX translation",
-    "sparse_conv2d": "its reference backend is the registered op sparse_conv2d_gather_gemm, which has no "
-    "ONNX translation (it would be Gather over the kernel map, MatMul per offset, ScatterND-add)",
 }
 
 # (atol, rtol) of ONNX Runtime (float32) against the float64 reference, per op: the shared harness's

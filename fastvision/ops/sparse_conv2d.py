@@ -348,6 +348,28 @@ def _run_neighbors(forward_op, feats, kernel_map, weight, bias):
     return _with_bias(forward_op(feats, kernel_map.neighbors, weight), bias)
 
 
+def sparse_conv2d_onnx():
+    """The neighbour-table form ``(feats, neighbors, weight)`` in standard ONNX operators: Gather of
+    each site's ``K*K`` neighbour rows (absent ones read a zero row), then one MatMul with the
+    ``[K*K*Cin, Cout]`` weight. The kernel map's tensors are inputs or constants of the graph."""
+    from onnxscript import INT64
+    from onnxscript import opset18 as op
+
+    def sparse_conv2d(feats, neighbors, weight):
+        channels = op.Shape(feats, start=1, end=2)
+        row_shape = op.Concat(op.Constant(value_ints=[1]), channels, axis=0)
+        zero_row = op.Expand(op.CastLike(0.0, feats), row_shape)
+        padded = op.Concat(zero_row, feats, axis=0)  # row 0 stands for "no neighbour" (-1)
+        index = op.Add(op.Cast(neighbors, to=INT64.dtype), op.Constant(value_int=1))
+        rows = op.Gather(padded, index, axis=0)  # [N, K*K, Cin]
+        flat = op.Reshape(rows, op.Constant(value_ints=[0, -1]))
+        out_channels = op.Shape(weight, start=2, end=3)
+        matrix = op.Reshape(weight, op.Concat(op.Constant(value_ints=[-1]), out_channels, axis=0))
+        return op.MatMul(flat, matrix)
+
+    return sparse_conv2d
+
+
 def _transform_reference(feats, kernel_map, weight, bias):
     km = kernel_map
     out = sparse_conv2d_pairs_reference(feats, km.in_indices, km.out_indices, km.offset_starts, weight)
@@ -367,7 +389,7 @@ SPARSE_CONV2D = define_op(
             ),
             "triton": KernelBackend(
                 "sparse_conv2d_triton_forward", "sparse_conv2d_triton_backward", NEIGHBORS_AUTOGRAD,
-                supports=only_dtypes("triton", FLOAT_DTYPES), call=_run_neighbors,
+                supports=only_dtypes("triton", FLOAT_DTYPES), call=_run_neighbors, onnx=sparse_conv2d_onnx,
             ),
         },
         # Not yet measured on a GPU: Triton is the only GPU kernel, and it fuses what the reference
