@@ -109,6 +109,12 @@ class Row:
     shared_bytes: int | None = None
     sass_instructions: int | None = None
     local_memory_instructions: int | None = None
+    # The outermost loop of the SASS (see loop_profile): static size, its cheapest iteration, and the
+    # largest loop nested in it; per score where the module declares SASS_LOOP_WORK for the kernel.
+    loop_static: int | None = None
+    loop_fast_path: int | None = None
+    loop_inner_step: int | None = None
+    loop_scores_per_thread: float | None = None
     allowance_bytes: int = 0
     allowance_reason: str = ""
     verdict: str = "ok"
@@ -195,6 +201,83 @@ def parse_sass(text: str) -> dict[str, tuple[int, int]]:
     return {name: (n, local) for name, (n, local) in counts.items()}
 
 
+_SASS_CODE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_TARGET = re.compile(r"0x([0-9a-f]+)\s*$")
+
+
+def parse_sass_code(text: str) -> dict[str, list[tuple[int, bool, str, str]]]:
+    """``cuobjdump --dump-sass`` → {name: [(address, predicated, opcode, operands)]}, NOPs left out."""
+    code: dict[str, list[tuple[int, bool, str, str]]] = {}
+    current = None
+    for line in text.splitlines():
+        match = _SASS_FUNCTION.match(line)
+        if match:
+            current = match.group(1)
+            code[current] = []
+            continue
+        match = _SASS_CODE.match(line) if current is not None else None
+        if match and match.group(3).split(".")[0] != "NOP":
+            address, predicate, opcode, operands = match.groups()
+            code[current].append((int(address, 16), bool(predicate), opcode, operands))
+    return code
+
+
+def loop_profile(code: list[tuple[int, bool, str, str]]) -> dict[str, int] | None:
+    """Static instruction counts of the outermost loop of one kernel's SASS (the backward branch with
+    the longest span that holds no unconditional EXIT): ``static``, the instructions between its head
+    and its back edge; ``fast_path``, the fewest instructions from the head to the back edge along
+    the code's branches (the cheapest iteration: every conditional branch may go either way;
+    ``BRA.DIV``, taken only by a diverged warp, is not followed); ``inner_step``, the instructions
+    of the largest loop nested in it (0 if none).
+    ``None`` when the kernel has no loop."""
+    index = {address: i for i, (address, *_rest) in enumerate(code)}
+
+    def target(i: int) -> int | None:
+        _, _, opcode, operands = code[i]
+        if opcode.split(".")[0] != "BRA" or opcode.startswith("BRA.DIV"):
+            return None
+        match = _TARGET.search(operands)
+        return index.get(int(match.group(1), 16)) if match else None
+
+    exits = [i for i, (_, predicated, opcode, _) in enumerate(code) if opcode == "EXIT" and not predicated]
+    # A backward branch over the kernel's final EXIT is a jump back from out-of-line code (e.g. the
+    # shuffles of a diverged warp), not a loop.
+    back_edges = [
+        (t, i)
+        for i in range(len(code))
+        if (t := target(i)) is not None and t <= i and not any(t <= e <= i for e in exits)
+    ]
+    if not back_edges:
+        return None
+    head, tail = max(back_edges, key=lambda edge: edge[1] - edge[0])
+    inner = [i - t + 1 for t, i in back_edges if head < t and i < tail]
+    # Breadth-first search over instructions (each costs one) from the head to the back edge.
+    distance = {head: 1}
+    frontier = [head]
+    while frontier and tail not in distance:
+        following = []
+        for i in frontier:
+            _, predicated, opcode, operands = code[i]
+            unconditional = not predicated and not re.match(r"\s*!?U?P\d", operands)
+            successors = []
+            jump = target(i)
+            if jump is not None:
+                successors.append(jump)
+            ends = opcode.split(".")[0] in ("EXIT", "RET") or (jump is not None and unconditional)
+            if not (ends and unconditional):
+                successors.append(i + 1)
+            for j in successors:
+                if head <= j <= tail and j not in distance:
+                    distance[j] = distance[i] + 1
+                    following.append(j)
+        frontier = following
+    return {
+        "static": tail - head + 1,
+        "fast_path": distance.get(tail, 0),
+        "inner_step": max(inner, default=0),
+    }
+
+
 def _demangle(names: list[str]) -> dict[str, str]:
     tool = shutil.which("c++filt")
     if tool is None or not names:
@@ -269,6 +352,10 @@ def _compile_one(module_name: str, index: int) -> dict[str, Any]:
     fields = next(iter(resources.values()))
     counts = parse_sass(sass)
     n_instructions, n_local = next(iter(counts.values())) if counts else (None, None)
+    code = parse_sass_code(sass)
+    loop = loop_profile(next(iter(code.values()))) if code else None
+    if loop:
+        result.update({f"loop_{k}": v for k, v in loop.items()})
     return {
         **result,
         "registers": fields.get("REG"),
@@ -326,7 +413,19 @@ def launch_key(launch: KernelLaunch, ptxas: str | None) -> str:
     return hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()[:24]
 
 
-_MEASURED = ("registers", "spill_bytes", "shared_bytes", "sass_instructions", "local_memory_instructions")
+_MEASURED = (
+    "registers", "spill_bytes", "shared_bytes", "sass_instructions", "local_memory_instructions",
+    "loop_static", "loop_fast_path", "loop_inner_step",
+)  # fmt: skip
+
+
+def loop_work(launch: KernelLaunch) -> int | None:
+    """Scores (elements) one program handles per iteration of the kernel's main loop, from
+    ``SASS_LOOP_WORK`` (kernel name → function of the constexprs) in the module defining the kernel."""
+    fn = getattr(launch.kernel, "fn", None)
+    module = importlib.import_module(fn.__module__) if fn is not None else None
+    work = getattr(module, "SASS_LOOP_WORK", {}).get(launch.name)
+    return int(work(launch.constexprs)) if work else None
 
 
 def load_cache(paths: list[Path]) -> dict[str, dict[str, Any]]:
@@ -385,6 +484,11 @@ def check_triton(
     for name, index, key in planned:
         launch = _CONFIGS[name][index]
         allowance = _allowance(getattr(importlib.import_module(name), "SPILL_ALLOWANCE", {}), launch.name)
+        fn = getattr(launch.kernel, "fn", None)
+        if not allowance.bytes and fn is not None and fn.__module__ != name:
+            # A kernel another module launches: the allowance written next to the kernel.
+            defining = getattr(importlib.import_module(fn.__module__), "SPILL_ALLOWANCE", {})
+            allowance = _allowance(defining, launch.name)
         row = Row(
             backend="triton",
             module=name.rsplit(".", 1)[-1],
@@ -405,12 +509,17 @@ def check_triton(
             row.shared_bytes = None if shared is None else shared + result.get("static_shared", 0)
             row.sass_instructions = result.get("sass")
             row.local_memory_instructions = result.get("local_instructions")
+            row.loop_static, row.loop_fast_path = result.get("loop_static"), result.get("loop_fast_path")
+            row.loop_inner_step = result.get("loop_inner_step")
             if "error" in result:
                 row.compile_error = result["error"]
                 row.problems.append(result["error"])
         else:
             for field_name, value in cache[key].items():
                 setattr(row, field_name, value)
+        work_per_iteration = loop_work(launch)
+        if work_per_iteration:
+            row.loop_scores_per_thread = work_per_iteration / (launch.num_warps * 32)
         rows.append(_judge(row, launch.num_warps * 32))
     return rows, missing, broken, len(work)
 
@@ -588,6 +697,30 @@ def format_markdown(report: dict[str, Any]) -> str:
     if report["broken"]:
         out += ["", "Modules that fail to enumerate their configurations:"]
         out += [f"- {b}" for b in report["broken"]]
+    looped = [r for r in triton_rows if r.loop_scores_per_thread and r.loop_fast_path]
+    if looped:
+        out += [
+            "",
+            "## Main loop: SASS instructions per score (a prediction, not a measurement)",
+            "",
+            "For kernels whose module declares `SASS_LOOP_WORK` (scores per program per iteration of "
+            "its main loop). From the SASS control flow of the outermost loop: *fast path*, the fewest "
+            "instructions from the loop head to its back edge (every conditional branch may go either "
+            "way; for the top-k selection: a key block with no candidate); *inner step*, the largest "
+            "loop nested in it (the selection: appending one candidate per row). Per score: "
+            "instructions x threads / scores of one iteration, i.e. instructions each thread issues "
+            "per score it owns. Static counts: latency, tensor-core time and memory are not in them.",
+            "",
+            "| module | kernel | config | warps | scores/thread | loop static | fast path | per score "
+            "| inner step | per score |",
+            "|" + "---|" * 10,
+        ]
+        for r in looped:
+            per = r.loop_scores_per_thread
+            cells = [r.module, f"`{r.kernel}`", r.config, r.num_warps, f"{per:g}", r.loop_static]
+            cells += [r.loop_fast_path, f"{r.loop_fast_path / per:.1f}", r.loop_inner_step]
+            cells += [f"{r.loop_inner_step / per:.1f}" if r.loop_inner_step else "-"]
+            out.append("| " + " | ".join(_cell(c).replace("|", "\\|") for c in cells) + " |")
     out += ["", f"## CUDA ({report['cuda_note']})", ""]
     if cuda_rows:
         out += ["Shared memory is the static amount; dynamic shared memory is set at launch.", ""]

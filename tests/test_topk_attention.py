@@ -348,3 +348,100 @@ def test_huge_topk_is_dense_attention(backend, topk):
     with fastvision.use_backend(backend):
         out = topk_attention(q, k, v, topk)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+# --- the selection's threshold, candidate buffer and merges (Triton) ------------------------------
+
+
+def _check_selection(q, k, topk, scale=0.25, extract=None):
+    """The Triton selection equals the float64 definition (as sets, ties included)."""
+    from fastvision.triton_kernels.topk_attention import select_topk
+
+    indices = select_topk(q, k, topk, scale, extract=extract)
+    assert indices.dtype == torch.int32 and indices.shape == (*q.shape[:3], topk)
+    mask = _selection_mask((q.double() @ k.double().transpose(-2, -1)) * scale, topk)
+    got = torch.zeros_like(mask).scatter_(-1, indices.long(), True)
+    assert torch.equal(got, mask)
+    assert (indices.sort(dim=-1).values.diff(dim=-1) > 0).all(), "an index selected twice"
+
+
+def _small_integers(shape, seed, low=-2, high=3, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high, shape, generator=generator).to(device=DEVICE, dtype=dtype)
+
+
+# extract=0: every block with a candidate is merged whole; extract=64 (>= BLOCK_N): candidates always
+# go through the buffer, which fills and is merged many times; None: the launcher's tile.
+EXTRACTS = [
+    pytest.param(0, id="merge-blocks"),
+    pytest.param(64, id="buffer-only"),
+    pytest.param(None, id="tile"),
+]
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
+@pytest.mark.parametrize("extract", EXTRACTS)
+@pytest.mark.parametrize("topk", [1, 5, 33])
+def test_selection_keys_in_increasing_score_order(topk, extract):
+    """Scores rise with the key index: every block improves every query, so every block brings
+    candidates (the buffer fills and is merged again and again); the last keys are the answer."""
+    num_keys = 150  # not a multiple of the 32- or 64-key blocks
+    q = _small_integers((1, 2, 7, 16), seed=100, low=1, high=4)
+    k = torch.zeros((1, 2, num_keys, 16), device=DEVICE)
+    k[..., 0] = torch.arange(num_keys, device=DEVICE) / 8  # exact scores q0 * j / 8 * 0.25
+    _check_selection(q, k, topk, extract=extract)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
+@pytest.mark.parametrize("extract", EXTRACTS)
+@pytest.mark.parametrize(("num_queries", "num_keys", "topk"), [(9, 700, 6), (1, 333, 100), (20, 257, 64)])
+def test_selection_random_scores(num_queries, num_keys, topk, extract):
+    """Continuous scores in random key order: a few candidates per block after the first ones."""
+    q = _random((1, 2, num_queries, 16), torch.float32, seed=num_keys)
+    k = _random((1, 2, num_keys, 16), torch.float32, seed=num_keys + 1)
+    _check_selection(q, k, topk, extract=extract)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
+@pytest.mark.parametrize("extract", EXTRACTS)
+@pytest.mark.parametrize("topk", [1, 7, 40])
+def test_selection_ties_at_the_threshold(topk, extract):
+    """Scores from {-1, 0, 1} entries: hundreds of keys share the k-th score; the lower index wins."""
+    q = _small_integers((1, 2, 11, 16), seed=101, low=-1, high=2)
+    k = _small_integers((1, 2, 301, 16), seed=102, low=-1, high=2)
+    k[:, :, 200:] = k[:, :, :101]  # exact duplicates of early keys, later
+    _check_selection(q, k, topk, extract=extract)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
+@pytest.mark.parametrize("extract", EXTRACTS)
+def test_selection_signed_zero_scores(extract):
+    """-0.0 and +0.0 are one score: zero keys (and zero queries) tie, taken by the lower index."""
+    q = _small_integers((1, 1, 6, 16), seed=103, low=-1, high=2)
+    q[:, :, 0] = -0.0  # a query whose every score is a zero
+    k = _small_integers((1, 1, 90, 16), seed=104, low=-1, high=2)
+    k[:, :, ::3] = -0.0  # a third of the keys score exactly zero
+    k[:, :, 1::3] = 0.0
+    _check_selection(q, k, 20, scale=1.0, extract=extract)
+    _check_selection(q, k, 20, scale=1.0, extract=extract)  # the same answer again
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("topk", [3, 17])
+def test_selection_half_inputs(dtype, topk):
+    """16-bit inputs (exact small integers): float32 scores, the same selection as float64."""
+    q = _small_integers((2, 1, 13, 32), seed=105, dtype=dtype)
+    k = _small_integers((2, 1, 201, 32), seed=106, dtype=dtype)
+    _check_selection(q, k, topk)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_many_candidates_forward_backward(backend):
+    """The op (forward and backward) on keys in increasing score order, against float64."""
+    q = _small_integers((1, 2, 5, 16), seed=107, low=1, high=4)
+    k = torch.zeros((1, 2, 97, 16), device=DEVICE)
+    k[..., 0] = torch.arange(97, device=DEVICE) / 32
+    k[..., 1:] = _random((1, 2, 97, 15), torch.float32, seed=108) / 64
+    v = _random((1, 2, 97, 16), torch.float32, seed=109)
+    _check_forward_backward(q, k, v, 9, backend)

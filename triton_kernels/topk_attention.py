@@ -3,21 +3,46 @@
 Three kernels, each with a one-axis grid of ``B * H * ceil(Nq / BLOCK_M)`` programs (axis 0 takes
 2**31 - 1; axes 1 and 2 only 65,535), query blocks of one (batch, head) adjacent so they share keys in L2:
 
-1. ``_select_topk_kernel`` finds the ``topk`` keys of each query. It streams key blocks of
-   ``BLOCK_N`` keys, computes the score tile ``scale * Q K^T`` with ``tl.dot`` and keeps, per query,
-   a sorted buffer of the ``BLOCK_N >= topk`` best keys seen so far. Each score is packed with its
-   key index into one int64 (order-preserving float bits in the high word, ``2**32 - 1 - index`` in
-   the low word), so one integer sort orders by score and breaks ties towards the lower key index,
-   and the index travels with its score. Merging a block: sort the block ascending, take the
-   elementwise max with the buffer (sorted descending), which by the bitonic-merge property holds
-   the ``BLOCK_N`` best of the union, and sort that descending. A block none of whose scores
-   beats the current k-th best of any query of the tile is skipped: with keys in random order a
-   query's top-k changes about ``topk * ln(Nk / topk)`` times in all, mostly in the first blocks,
-   so late blocks usually cost only the matmul and two row reductions (a tile merges when any of
-   its ``BLOCK_M`` queries needs it). The first ``topk`` indices are stored as int32.
-   Above ``TRITON_MAX_TOPK`` the register buffer would be too large; the selection then runs in
-   torch over query chunks (temporary memory bounded by ``_CHUNK_ELEMENTS`` scores) with the same
-   packed keys, so the tie rule is the same.
+1. ``_select_topk_kernel`` finds the ``topk`` keys of each query in one flash-style pass over key
+   blocks of ``BLOCK_N`` keys: the score tile ``scale * Q K^T`` comes from ``tl.dot`` (float32
+   accumulation). Each score is packed with its key index into one int64 (order-preserving float
+   bits in the high word, ``2**32 - 1 - index`` in the low word), so one integer order sorts by
+   score and breaks ties towards the lower key index, and the index travels with its score. Per
+   query the kernel keeps ``best``, the ``BLOCK_N >= topk`` best keys merged so far (sorted
+   descending), the float32 score of its ``topk``-th entry (the *threshold*, ``-inf`` until it
+   holds ``topk`` keys), and a candidate buffer of ``BLOCK_N`` packed keys with a fill count.
+
+   - *Filter*: every key of a block has a higher index than every key already merged, so a key
+     whose score does not strictly beat the threshold can never be selected (an equal score loses
+     the tie, and the threshold only rises). One float comparison per score gives the block's
+     candidates, a row sum their count per query, and a max over the tile's queries the count of
+     its fullest row. A block without candidates (most blocks, after the first ones) costs the dot,
+     the comparison and these two reductions.
+   - *Append*: when the fullest row has 1..``EXTRACT`` candidates, they are appended to the
+     buffers one per row per step (``EXTRACT`` steps at most): each step takes the lowest column
+     still marked in each row (a row min), its score (a row max over that column), packs the pair
+     and writes it to slot ``fill`` of the row's buffer (an elementwise select), then unmarks the
+     column. Triton cannot scatter into registers; this compaction is exact and costs a few
+     elementwise operations per score per step, and the count of steps is the tile's largest
+     per-row count, not its total.
+   - *Merge*: when some row's buffer would overflow, the buffer is merged into ``best`` and
+     emptied (and the threshold raised); a block with more than ``EXTRACT`` candidates in some row
+     (the first blocks, where everything beats the threshold) is merged whole instead of appended.
+     A merge sorts the incoming keys ascending (tl.sort on a GPU, a sorting network when
+     interpreting), takes the elementwise max with ``best`` (sorted descending): by the
+     bitonic-merge property that is a bitonic sequence holding the ``BLOCK_N`` best of both, so the
+     last bitonic stage alone (``log2 BLOCK_N`` compare-exchange steps) sorts it. The loop runs one
+     block past the last key, which merges what the buffers still hold.
+
+   With keys in random order a query's top-k changes about ``topk * ln(Nk / topk)`` times in all,
+   mostly early; each merge takes up to ``BLOCK_N`` candidates, so after the first blocks the
+   buffer is merged once every several blocks and the per-block cost is the dot, one comparison
+   per score and the count reductions, plus an append step when some row has a candidate. The
+   first ``topk`` indices of ``best`` are stored as int32. Above ``TRITON_MAX_TOPK`` the register
+   buffers would be too large; the selection then runs in torch over query chunks (temporary
+   memory bounded by ``_CHUNK_ELEMENTS`` scores) with the same packed keys, so the tie rule is the
+   same. The instruction counts of the loop's paths (SASS, per score) are in
+   ``bench/results/kernel_budget.md``.
 2. ``_sparse_forward_kernel`` gathers the selected K and V rows of each query and runs an online
    (flash-style) softmax over them on CUDA cores (each query has its own keys, so there is no
    shared matmul), writing the output and the log-sum-exp.
@@ -39,8 +64,9 @@ backward use exactly the forward's keys.
 Costs per (batch, head), element size ``e``, ``Nq`` queries, ``Nk`` keys, ``k = topk``:
 
 - selection: ``2 Nq Nk D`` FLOPs of ``tl.dot``, reads Q once and K ``ceil(Nq / BLOCK_M)`` times
-  (from L2 mostly), writes ``4 Nq k`` bytes of indices; sorting ``O(BLOCK_N log^2 BLOCK_N)`` per
-  query for each key block that is merged.
+  (from L2 mostly), writes ``4 Nq k`` bytes of indices; one comparison per score and two row
+  reductions per block; ``O(BLOCK_N)`` per query per append step; ``O(BLOCK_N log^2 BLOCK_N)``
+  per query for each merge (a few per query after the first blocks).
 - forward: ``4 Nq k D`` FLOPs (the attention proper), gathers ``2 Nq k D e`` bytes of K/V rows
   (from L2 where neighbouring queries share keys), writes ``Nq D e + 4 Nq`` bytes.
 - backward: ``8 Nq k D`` FLOPs in each of the dq and dk/dv passes (scores and probabilities are
@@ -55,6 +81,7 @@ Math in float32 throughout; scores for the selection use ``tl.dot`` with float32
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -116,6 +143,38 @@ def _network_merge(x, M: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, DES
 
 
 @triton.jit
+def _pack_row(score, key):
+    """``_pack_keys`` of one score per row: ``score`` [M] float32, ``key`` [M] integer key index."""
+    score = tl.where(score == 0.0, 0.0, score)
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) + (4294967295 - key.to(tl.int64))
+
+
+@triton.jit
+def _kth_score(best, cols, topk):
+    """Float32 score of slot ``topk - 1`` of each row of ``best`` (sorted descending); ``-inf`` while
+    the slot is empty. The inverse of the packing's order-preserving map (it is its own inverse)."""
+    kth = tl.max(tl.where(cols[None, :] == topk - 1, best, -9223372036854775807), axis=1)
+    ordered = (kth >> 32).to(tl.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return tl.where(kth == -9223372036854775807, float("-inf"), bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _merge_into(best, packed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOG_N: tl.constexpr,
+                NATIVE_SORT: tl.constexpr):  # fmt: skip
+    """The ``BLOCK_N`` best of ``best`` (sorted descending) and ``packed`` (any order), sorted
+    descending: sort ``packed`` ascending, take the elementwise max (a bitonic sequence holding the
+    ``BLOCK_N`` best of both), then the last bitonic stage sorts it."""
+    if NATIVE_SORT:
+        ascending = tl.sort(packed, dim=1)
+    else:
+        ascending = _network_sort(packed, BLOCK_M, BLOCK_N, LOG_N, False)
+    return _network_merge(tl.maximum(best, ascending), BLOCK_M, BLOCK_N, LOG_N, True)
+
+
+@triton.jit
 def _select_topk_kernel(
     q_ptr, k_ptr, idx_ptr,
     num_queries, num_keys, topk, heads, scale,
@@ -123,7 +182,7 @@ def _select_topk_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, NATIVE_SORT: tl.constexpr, LOG_N: tl.constexpr,
-    DOT_CHUNK: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, EXTRACT: tl.constexpr,
 ):  # fmt: skip
     # Scores are tl.dot over head-dim slices of DOT_CHUNK (float32 IEEE products run on CUDA cores,
     # and a whole [D, BLOCK_N] float32 operand per step would not fit in registers); the slices
@@ -147,7 +206,11 @@ def _select_topk_kernel(
             q = q.to(tl.float32)
 
     best = tl.full([BLOCK_M, BLOCK_N], -9223372036854775807, tl.int64)  # sorted descending
-    for start in range(0, num_keys, BLOCK_N):
+    cand = tl.full([BLOCK_M, BLOCK_N], -9223372036854775807, tl.int64)  # candidates, unsorted
+    fill = tl.zeros([BLOCK_M], tl.int32)  # candidates held per row (slots 0 .. fill - 1)
+    threshold = tl.full([BLOCK_M], float("-inf"), tl.float32)  # score of the topk-th of best
+    # One pass more than the key blocks: the last one has no key and merges what the buffer holds.
+    for start in range(0, num_keys + BLOCK_N, BLOCK_N):
         keys = start + cols
         key_ok = keys < num_keys
         k_offsets = keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd
@@ -165,19 +228,30 @@ def _select_topk_kernel(
             else:
                 scores = tl.dot(q, k_tile, scores)
         scores = tl.where(key_ok[None, :], scores * scale, float("-inf"))
-        packed = _pack_keys(scores, keys)
-        # A key that does not beat the current k-th best can never be selected (the k-th best
-        # only rises), so blocks without such a key skip the merge.
-        kth_best = tl.max(tl.where(cols[None, :] == topk - 1, best, -9223372036854775807), axis=1)
-        improves = tl.max(packed, axis=1) > kth_best
-        if tl.max(improves.to(tl.int32), axis=0) > 0:
-            # best (descending) vs block (ascending): the elementwise max is the BLOCK_N best of both
-            if NATIVE_SORT:
-                merged = tl.maximum(best, tl.sort(packed, dim=1))
-                best = tl.sort(merged, dim=1, descending=True)
-            else:
-                merged = tl.maximum(best, _network_sort(packed, BLOCK_M, BLOCK_N, LOG_N, False))
-                best = _network_merge(merged, BLOCK_M, BLOCK_N, LOG_N, True)
+        # Every key of this block has a higher index than every key in best, so one that does not
+        # beat the topk-th score strictly can never be selected (ties go to the lower index, and the
+        # topk-th only rises): one comparison per score.
+        above = scores > threshold[:, None]
+        most = tl.max(tl.sum(above.to(tl.int32), axis=1), axis=0)  # candidates of the fullest row
+        whole = most > EXTRACT  # many candidates (the first blocks): merge the block itself
+        if whole | (tl.max(fill, axis=0) + most > BLOCK_N) | (start >= num_keys):
+            if whole:
+                incoming = tl.where(above, _pack_keys(scores, keys), -9223372036854775807)
+            else:  # the buffer would overflow (or this is the end): merge it and empty it
+                incoming = cand
+                cand = tl.full([BLOCK_M, BLOCK_N], -9223372036854775807, tl.int64)
+                fill = tl.zeros([BLOCK_M], tl.int32)
+            best = _merge_into(best, incoming, BLOCK_M, BLOCK_N, LOG_N, NATIVE_SORT)
+            threshold = _kth_score(best, cols, topk)
+        # Append each row's candidates to its buffer, one per row per step (lowest column first).
+        for _ in range(tl.where(whole, 0, most)):
+            col = tl.min(tl.where(above, cols[None, :], BLOCK_N), axis=1)
+            taken = cols[None, :] == col[:, None]
+            score = tl.max(tl.where(taken, scores, float("-inf")), axis=1)
+            slot = (cols[None, :] == fill[:, None]) & (col < BLOCK_N)[:, None]
+            cand = tl.where(slot, _pack_row(score, start + col)[:, None], cand)
+            fill += (col < BLOCK_N).to(tl.int32)
+            above = above & (cols[None, :] != col[:, None])
 
     selected = (4294967295 - (best & 4294967295)).to(tl.int32)
     idx_base = idx_ptr + pid_bh.to(tl.int64) * num_queries * topk
@@ -385,7 +459,16 @@ _ONE_SLOT = SpillAllowance(
     "(SASS counts in the budget table), against about 1,300-1,500 instructions; the gathered rows stay "
     "in registers",
 )
+# Scores per program per iteration of the selection's key-block loop: bench/kernel_budget.py divides
+# the loop's SASS instruction counts by it (instructions per score, a prediction).
+SASS_LOOP_WORK = {"_select_topk_kernel": lambda constexprs: constexprs["BLOCK_M"] * constexprs["BLOCK_N"]}
 SPILL_ALLOWANCE: dict[str, SpillAllowance] = {
+    "_select_topk_kernel": SpillAllowance(
+        112,
+        "BLOCK_N = 256 (topk 129-256) only: the best and candidate buffers, 2 x 16 x 256 int64 on 256 "
+        "threads, leave a few values on the stack (float32 D = 64 and 16-bit D = 128; LDL/STL counts in "
+        "the table); every other tile class spills nothing",
+    ),
     "_sparse_backward_dq_kernel": _ONE_SLOT,
     "_sparse_backward_dkdv_kernel": _ONE_SLOT,
 }
@@ -398,10 +481,13 @@ class Tile:
     num_warps: int
     num_stages: int = 3
     dot_chunk: int = 1 << 30  # selection: head-dim slice of each tl.dot (capped at D)
+    extract: int = 8  # selection: a block with more candidates in some row is merged whole
 
 
 def selection_tile(topk: int, head_dim: int, dtype: torch.dtype, interpret: bool = False) -> Tile:
-    """Tile of the selection kernel. BLOCK_N (a power of two >= topk) is also the buffer width.
+    """Tile of the selection kernel. BLOCK_N (a power of two >= topk) is also the width of the
+    ``best`` and candidate buffers. A block whose fullest row has more than ``extract`` candidates
+    is merged whole; fewer are appended to the candidate buffers one per row per step.
 
     Float32 scores use IEEE products on CUDA cores, whose tl.dot holds its operands in registers: a
     whole ``[D, BLOCK_N]`` key tile (128 KB at D = 128, BLOCK_N = 256) spills, so the dot runs over
@@ -413,8 +499,8 @@ def selection_tile(topk: int, head_dim: int, dtype: torch.dtype, interpret: bool
     block_n = max(32, triton.next_power_of_2(topk))
     if interpret:  # the interpreter's cost grows with the tile; 16 is tl.dot's smallest M on GPU
         return Tile(16, block_n, 4)
-    block_m = 64 if block_n <= 32 else 32 if block_n <= 128 else 16
-    num_warps = 8 if block_m * block_n >= 4096 else 4
+    block_m = 64 if block_n <= 32 else 32 if block_n <= 64 else 16
+    num_warps = 8 if block_m * block_n >= 2048 else 4
     if dtype == torch.float32:
         dot_chunk = 16
     else:  # tensor cores; the 256-wide buffer leaves room for a 32-deep slice of K only
@@ -508,15 +594,23 @@ def _selection_constexprs(
         "IEEE_FP32": dtype == torch.float32,
         "NATIVE_SORT": not interpret if native_sort is None else native_sort,
         "LOG_N": tile.block_n.bit_length() - 1, "DOT_CHUNK": min(head_dim, tile.dot_chunk),
+        "EXTRACT": tile.extract,
     }  # fmt: skip
 
 
 def select_topk(
-    q: torch.Tensor, k: torch.Tensor, topk: int, scale: float, native_sort: bool | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    topk: int,
+    scale: float,
+    native_sort: bool | None = None,
+    extract: int | None = None,
 ) -> torch.Tensor:
     """``[B, H, Nq, topk]`` int32 indices of each query's best keys, best first (needs topk < Nk).
 
     ``native_sort`` picks tl.sort (default on GPU) or the sorting network (default when interpreting).
+    ``extract`` overrides the tile's ``EXTRACT`` (tests: 0 merges every block that has a candidate
+    whole, ``BLOCK_N`` always goes through the candidate buffer); the result does not depend on it.
     """
     batch, heads, num_queries, head_dim = q.shape
     num_keys = k.shape[2]
@@ -527,6 +621,8 @@ def select_topk(
         return indices
     interpret = _interpret(q)
     tile = selection_tile(topk, head_dim, q.dtype, interpret)
+    if extract is not None:
+        tile = dataclasses.replace(tile, extract=extract)
     _select_topk_kernel[select_topk_grid(batch, heads, num_queries, head_dim, topk, q.dtype, interpret)](
         q, k, indices, num_queries, num_keys, topk, heads, scale, *_strides(q), *_strides(k),
         **_selection_constexprs(tile, head_dim, q.dtype, interpret, native_sort),
