@@ -114,7 +114,10 @@ class Row:
     loop_static: int | None = None
     loop_fast_path: int | None = None
     loop_inner_step: int | None = None
+    loop_slow_path: int | None = None
     loop_scores_per_thread: float | None = None
+    # Arguments specialized as a real launch would (LAUNCH_SPECIALIZATION; empty: none, general code).
+    specialization: str = ""
     allowance_bytes: int = 0
     allowance_reason: str = ""
     verdict: str = "ok"
@@ -228,7 +231,9 @@ def loop_profile(code: list[tuple[int, bool, str, str]]) -> dict[str, int] | Non
     and its back edge; ``fast_path``, the fewest instructions from the head to the back edge along
     the code's branches (the cheapest iteration: every conditional branch may go either way;
     ``BRA.DIV``, taken only by a diverged warp, is not followed); ``inner_step``, the instructions
-    of the largest loop nested in it (0 if none).
+    of the largest loop nested in it (0 if none); ``slow_path``, the costliest single pass (the most
+    instructions on a shortest head-to-back-edge path through any one instruction, nested loops
+    entered once).
     ``None`` when the kernel has no loop."""
     index = {address: i for i, (address, *_rest) in enumerate(code)}
 
@@ -271,10 +276,39 @@ def loop_profile(code: list[tuple[int, bool, str, str]]) -> dict[str, int] | Non
                     distance[j] = distance[i] + 1
                     following.append(j)
         frontier = following
+    # The costliest single pass: for each instruction, the shortest head-to-tail path through it
+    # (nested loops entered once, not repeated); the largest (the selection: a merge).
+    succ = {i: [] for i in range(head, tail + 1)}
+    for i in range(head, tail + 1):
+        _, predicated, opcode, operands = code[i]
+        unconditional = not predicated and not re.match(r"\s*!?U?P\d", operands)
+        jump = target(i)
+        nexts = [jump] if jump is not None else []
+        ends = opcode.split(".")[0] in ("EXIT", "RET") or (jump is not None and unconditional)
+        if not (ends and unconditional):
+            nexts.append(i + 1)
+        succ[i] = [j for j in nexts if head <= j <= tail and (j > i or i == tail)]
+
+    def reach(start: int, edges: dict[int, list[int]]) -> dict[int, int]:
+        seen, queue = {start: 1}, [start]
+        for i in queue:
+            for j in edges.get(i, []):
+                if j not in seen:
+                    seen[j] = seen[i] + 1
+                    queue.append(j)
+        return seen
+
+    back: dict[int, list[int]] = {}
+    for i, nexts in succ.items():
+        for j in nexts:
+            back.setdefault(j, []).append(i)
+    forward, backward = reach(head, succ), reach(tail, back)
+    through = [forward[i] + backward[i] - 1 for i in forward if i in backward]
     return {
         "static": tail - head + 1,
         "fast_path": distance.get(tail, 0),
         "inner_step": max(inner, default=0),
+        "slow_path": max(through, default=0),
     }
 
 
@@ -325,8 +359,9 @@ def _compile_one(module_name: str, index: int) -> dict[str, Any]:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
+        signature, constexprs, attrs = specialized(launch)
         compiled = triton.compile(
-            ASTSource(launch.kernel, dict(launch.signature), constexprs=dict(launch.constexprs)),
+            ASTSource(launch.kernel, signature, constexprs=constexprs, attrs=attrs),
             target=GPUTarget("cuda", ARCH, 32),
             options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
         )
@@ -395,6 +430,62 @@ def _variant(launch: KernelLaunch) -> str:
     return " ".join(parts)
 
 
+def launch_values(launch: KernelLaunch) -> dict[str, int]:
+    """Argument values of a typical launch, from ``LAUNCH_SPECIALIZATION`` (kernel name → function of
+    the constexprs giving {argument: value}) in the module defining the kernel; empty when none is
+    declared. A pointer's value is the alignment of its address in bytes."""
+    fn = getattr(launch.kernel, "fn", None)
+    module = importlib.import_module(fn.__module__) if fn is not None else None
+    declared = getattr(module, "LAUNCH_SPECIALIZATION", {}).get(launch.name)
+    return dict(declared(launch.constexprs)) if declared else {}
+
+
+def _int_specialization(value: int) -> tuple[str, Any]:
+    """Triton's launch-time specialization of an integer argument: ("constexpr", 1) for 1, else
+    (type, "D") when it is a multiple of 16, (type, "") otherwise."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.nvidia.compiler import CUDABackend
+
+        return tuple(native_specialize_impl(CUDABackend, value, False, True, True))
+    except (ImportError, TypeError):  # the same rule, where Triton's own function is not there
+        return ("constexpr", 1) if value == 1 else ("i32", "D" if value % 16 == 0 else "")
+
+
+def specialized(launch: KernelLaunch) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int], list]]:
+    """(signature, constexprs, attrs) for ``triton.compile``: what a launch with ``launch_values``
+    compiles, as Triton specializes a real launch: an integer equal to 1 becomes the constant 1, an
+    integer that is a multiple of 16 and a pointer aligned to 16 bytes get ``tt.divisibility = 16``.
+    Arguments without a declared value are not specialized (the general code)."""
+    signature, constexprs = dict(launch.signature), dict(launch.constexprs)
+    attrs: dict[tuple[int], list] = {}
+    names = list(signature)
+    for name, value in launch_values(launch).items():
+        kind = signature[name]
+        if kind.startswith("*"):
+            divisible = value % 16 == 0
+        else:
+            specialization = _int_specialization(int(value))
+            if specialization[0] == "constexpr":
+                signature[name], constexprs[name] = "constexpr", specialization[1]
+                continue
+            divisible = specialization[1] == "D"
+        if divisible:
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def specialization_label(launch: KernelLaunch) -> str:
+    """The assumed specialization in words (empty: none)."""
+    signature, constexprs, attrs = specialized(launch)
+    names = list(signature)
+    ones = [n for n in names if n not in launch.constexprs and signature[n] == "constexpr"]
+    divisible = [names[i] for (i,) in sorted(attrs)]
+    parts = [f"=1: {','.join(ones)}"] if ones else []
+    parts += [f"%16: {','.join(divisible)}"] if divisible else []
+    return " ".join(parts)
+
+
 def launch_key(launch: KernelLaunch, ptxas: str | None) -> str:
     """A hash of everything the compiled code depends on: Triton's key of the kernel's source and the
     jit functions it calls, the signature, constexprs, options, target, Triton and ptxas versions."""
@@ -410,12 +501,15 @@ def launch_key(launch: KernelLaunch, ptxas: str | None) -> str:
         launch.num_warps,
         launch.num_stages,
     ]
+    values = launch_values(launch)
+    if values:
+        fields.append(sorted(values.items()))
     return hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()[:24]
 
 
 _MEASURED = (
     "registers", "spill_bytes", "shared_bytes", "sass_instructions", "local_memory_instructions",
-    "loop_static", "loop_fast_path", "loop_inner_step",
+    "loop_static", "loop_fast_path", "loop_inner_step", "loop_slow_path",
 )  # fmt: skip
 
 
@@ -496,6 +590,7 @@ def check_triton(
             config=_config_label(launch),
             dtype=_dtype_of(launch),
             variant=_variant(launch),
+            specialization=specialization_label(launch),
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
             allowance_bytes=allowance.bytes,
@@ -511,6 +606,7 @@ def check_triton(
             row.local_memory_instructions = result.get("local_instructions")
             row.loop_static, row.loop_fast_path = result.get("loop_static"), result.get("loop_fast_path")
             row.loop_inner_step = result.get("loop_inner_step")
+            row.loop_slow_path = result.get("loop_slow_path")
             if "error" in result:
                 row.compile_error = result["error"]
                 row.problems.append(result["error"])
@@ -707,20 +803,42 @@ def format_markdown(report: dict[str, Any]) -> str:
             "its main loop). From the SASS control flow of the outermost loop: *fast path*, the fewest "
             "instructions from the loop head to its back edge (every conditional branch may go either "
             "way; for the top-k selection: a key block with no candidate); *inner step*, the largest "
-            "loop nested in it (the selection: appending one candidate per row). Per score: "
+            "loop nested in it (the selection: appending one candidate per row); *slowest pass*, the most "
+            "instructions of one pass through the loop, nested loops entered once (the selection: a merge "
+            "of a whole key block). Per score: "
             "instructions x threads / scores of one iteration, i.e. instructions each thread issues "
             "per score it owns. Static counts: latency, tensor-core time and memory are not in them.",
             "",
             "| module | kernel | config | warps | scores/thread | loop static | fast path | per score "
-            "| inner step | per score |",
-            "|" + "---|" * 10,
+            "| inner step | per score | slowest pass | per score |",
+            "|" + "---|" * 12,
         ]
         for r in looped:
             per = r.loop_scores_per_thread
             cells = [r.module, f"`{r.kernel}`", r.config, r.num_warps, f"{per:g}", r.loop_static]
             cells += [r.loop_fast_path, f"{r.loop_fast_path / per:.1f}", r.loop_inner_step]
             cells += [f"{r.loop_inner_step / per:.1f}" if r.loop_inner_step else "-"]
+            cells += [r.loop_slow_path, f"{r.loop_slow_path / per:.1f}" if r.loop_slow_path else "-"]
             out.append("| " + " | ".join(_cell(c).replace("|", "\\|") for c in cells) + " |")
+    specialized_kernels = sorted(
+        {(r.module, r.kernel, r.specialization) for r in triton_rows if r.specialization}
+    )
+    if specialized_kernels:
+        out += [
+            "",
+            "## Launch specialization assumed",
+            "",
+            "A real launch specializes on its arguments: an integer equal to 1 becomes the constant 1, an "
+            "integer that is a multiple of 16 and a pointer aligned to 16 bytes are marked divisible by 16 "
+            "(vectorized loads follow). These kernels compile with the argument values their module "
+            "declares in `LAUNCH_SPECIALIZATION` (contiguous tensors from torch's allocator); a launch "
+            "that differs (e.g. a non-contiguous input) compiles another variant. Kernels not listed "
+            "compile with no specialization (general code: scalar loads).",
+            "",
+            "| module | kernel | =1: constant; %16: divisible by 16 |",
+            "|---|---|---|",
+        ]
+        out += [f"| {module} | `{kernel}` | {spec} |" for module, kernel, spec in specialized_kernels]
     out += ["", f"## CUDA ({report['cuda_note']})", ""]
     if cuda_rows:
         out += ["Shared memory is the static amount; dynamic shared memory is set at launch.", ""]

@@ -147,3 +147,20 @@ def test_fastvision_info_prints_the_committed_table(capsys):
     assert main(["info", "--kernels"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# Kernel budgets on sm_90") and "| verdict |" in out
+
+
+def test_selection_compiles_as_a_contiguous_launch():
+    """The selection kernel is compiled as Triton specializes a launch on contiguous tensors: unit
+    head-dim strides become the constant 1, the other strides and the pointers divisible by 16."""
+    kb = _module()
+    from fastvision.triton_kernels.topk_attention import launch_configs
+
+    launch = next(c for c in launch_configs() if c.name == "_select_topk_kernel")
+    signature, constexprs, attrs = kb.specialized(launch)
+    assert signature["stride_qd"] == signature["stride_kd"] == "constexpr"
+    assert constexprs["stride_qd"] == constexprs["stride_kd"] == 1
+    names = list(signature)
+    divisible = {names[i] for (i,) in attrs}
+    assert {"q_ptr", "k_ptr", "idx_ptr", "stride_qn", "stride_kn", "stride_qh", "stride_kb"} <= divisible
+    assert "num_keys" not in divisible and signature["num_keys"] == "i32"  # sizes stay general
+    assert "stride_qd" in kb.specialization_label(launch)

@@ -14,35 +14,42 @@ Three kernels, each with a one-axis grid of ``B * H * ceil(Nq / BLOCK_M)`` progr
 
    - *Filter*: every key of a block has a higher index than every key already merged, so a key
      whose score does not strictly beat the threshold can never be selected (an equal score loses
-     the tie, and the threshold only rises). One float comparison per score gives the block's
-     candidates, a row sum their count per query, and a max over the tile's queries the count of
-     its fullest row. A block without candidates (most blocks, after the first ones) costs the dot,
-     the comparison and these two reductions.
-   - *Append*: when the fullest row has 1..``EXTRACT`` candidates, they are appended to the
-     buffers one per row per step (``EXTRACT`` steps at most): each step takes the lowest column
-     still marked in each row (a row min), its score (a row max over that column), packs the pair
-     and writes it to slot ``fill`` of the row's buffer (an elementwise select), then unmarks the
-     column. Triton cannot scatter into registers; this compaction is exact and costs a few
-     elementwise operations per score per step, and the count of steps is the tile's largest
-     per-row count, not its total.
-   - *Merge*: when some row's buffer would overflow, the buffer is merged into ``best`` and
-     emptied (and the threshold raised); a block with more than ``EXTRACT`` candidates in some row
-     (the first blocks, where everything beats the threshold) is merged whole instead of appended.
-     A merge sorts the incoming keys ascending (tl.sort on a GPU, a sorting network when
-     interpreting), takes the elementwise max with ``best`` (sorted descending): by the
-     bitonic-merge property that is a bitonic sequence holding the ``BLOCK_N`` best of both, so the
-     last bitonic stage alone (``log2 BLOCK_N`` compare-exchange steps) sorts it. The loop runs one
-     block past the last key, which merges what the buffers still hold.
+     the tie, and the threshold only rises). One float comparison per score (and-ed with the
+     key-in-range mask: one ``FSETP`` in SASS) gives the block's candidates, a row sum their count
+     per query, and a max over the tile's queries the count of its fullest row.
+   - *Append*: when the fullest row has 1..``EXTRACT`` candidates (8 for a 32-wide buffer, 12 for
+     wider ones: the crossover of step and merge costs in a simulation of the loop), they are
+     appended to the buffers one per row per step: ``marked`` holds the column of each candidate
+     not yet appended (``BLOCK_N`` elsewhere); each step takes each row's lowest marked column (a
+     row min), its score (a row max over that column), packs the pair and writes it to slot
+     ``fill`` of the row's buffer (an elementwise select), then unmarks the column. Triton cannot
+     scatter into registers; this compaction is exact, costs a few elementwise operations per score
+     per step, and the count of steps is the tile's largest per-row count, not its total.
+   - *Merge*: when some row's buffer would overflow (``fill + count > BLOCK_N``), the buffer is
+     merged into ``best`` and emptied (and the threshold raised); a block with more than
+     ``EXTRACT`` candidates in some row (the first blocks, where everything beats the threshold) is
+     merged whole instead of appended. A merge sorts the incoming keys ascending (tl.sort on a GPU,
+     a sorting network when interpreting), takes the elementwise max with ``best`` (sorted
+     descending): by the bitonic-merge property that is a bitonic sequence holding the ``BLOCK_N``
+     best of both, so the last bitonic stage alone (``log2 BLOCK_N`` compare-exchange steps) sorts
+     it. The loop runs one block past the last key, which merges what the buffers still hold.
 
    With keys in random order a query's top-k changes about ``topk * ln(Nk / topk)`` times in all,
    mostly early; each merge takes up to ``BLOCK_N`` candidates, so after the first blocks the
-   buffer is merged once every several blocks and the per-block cost is the dot, one comparison
-   per score and the count reductions, plus an append step when some row has a candidate. The
-   first ``topk`` indices of ``best`` are stored as int32. Above ``TRITON_MAX_TOPK`` the register
-   buffers would be too large; the selection then runs in torch over query chunks (temporary
-   memory bounded by ``_CHUNK_ELEMENTS`` scores) with the same packed keys, so the tie rule is the
-   same. The instruction counts of the loop's paths (SASS, per score) are in
-   ``bench/results/kernel_budget.md``.
+   buffer is merged once every several blocks. With 64 (or 16-32) queries per tile, though, some
+   query of the tile almost always has a candidate: nearly every block costs its dot, the
+   comparison, the count reductions and one to a few append steps. The first ``topk`` indices of
+   ``best`` are stored as int32. Above ``TRITON_MAX_TOPK`` the register buffers would be too large;
+   the selection then runs in torch over query chunks (temporary memory bounded by
+   ``_CHUNK_ELEMENTS`` scores) with the same packed keys, so the tie rule is the same.
+
+   Predicted cost (SASS instructions per score, static counts of the sm_90 code compiled as a launch
+   on contiguous tensors, ``bench/results/kernel_budget.md``; not measured on a GPU), bf16, D = 64:
+   a block without candidates 12.7 (topk <= 32, 4 warps) to 21.9 (topk <= 128), an append step
+   13.4 to 19.0, a merge 162 to 378. Weighted by a simulation of the loop on random scores
+   (counts of blocks, steps and merges per program), the whole selection is predicted at about 81
+   (N = 4K) and 39 (N = 32K) instructions per score for topk = 32, 359 and 139 for topk = 128
+   (where whole-block merges dominate), against about 5-6 for a flash SDPA forward.
 2. ``_sparse_forward_kernel`` gathers the selected K and V rows of each query and runs an online
    (flash-style) softmax over them on CUDA cores (each query has its own keys, so there is no
    shared matmul), writing the output and the log-sum-exp.
@@ -227,14 +234,15 @@ def _select_topk_kernel(
                 scores = tl.dot(q, k_tile, scores, input_precision="ieee")
             else:
                 scores = tl.dot(q, k_tile, scores)
-        scores = tl.where(key_ok[None, :], scores * scale, float("-inf"))
+        scores = scores * scale
         # Every key of this block has a higher index than every key in best, so one that does not
         # beat the topk-th score strictly can never be selected (ties go to the lower index, and the
-        # topk-th only rises): one comparison per score.
-        above = scores > threshold[:, None]
-        most = tl.max(tl.sum(above.to(tl.int32), axis=1), axis=0)  # candidates of the fullest row
+        # topk-th only rises): one comparison per score (keys past the end are never candidates).
+        above = (scores > threshold[:, None]) & key_ok[None, :]
+        count = tl.sum(above.to(tl.int32), axis=1)
+        most = tl.max(count, axis=0)  # candidates of the fullest row
         whole = most > EXTRACT  # many candidates (the first blocks): merge the block itself
-        if whole | (tl.max(fill, axis=0) + most > BLOCK_N) | (start >= num_keys):
+        if whole | (tl.max(fill + count, axis=0) > BLOCK_N) | (start >= num_keys):
             if whole:
                 incoming = tl.where(above, _pack_keys(scores, keys), -9223372036854775807)
             else:  # the buffer would overflow (or this is the end): merge it and empty it
@@ -243,15 +251,17 @@ def _select_topk_kernel(
                 fill = tl.zeros([BLOCK_M], tl.int32)
             best = _merge_into(best, incoming, BLOCK_M, BLOCK_N, LOG_N, NATIVE_SORT)
             threshold = _kth_score(best, cols, topk)
-        # Append each row's candidates to its buffer, one per row per step (lowest column first).
+        # Append each row's candidates to its buffer, one per row per step (lowest column first):
+        # ``marked`` holds the column of each candidate not yet appended, BLOCK_N elsewhere.
+        marked = tl.where(above, cols[None, :], BLOCK_N)
         for _ in range(tl.where(whole, 0, most)):
-            col = tl.min(tl.where(above, cols[None, :], BLOCK_N), axis=1)
-            taken = cols[None, :] == col[:, None]
+            col = tl.min(marked, axis=1)  # BLOCK_N: the row has no candidate left
+            taken = marked == col[:, None]
             score = tl.max(tl.where(taken, scores, float("-inf")), axis=1)
-            slot = (cols[None, :] == fill[:, None]) & (col < BLOCK_N)[:, None]
-            cand = tl.where(slot, _pack_row(score, start + col)[:, None], cand)
+            slot = tl.where(col < BLOCK_N, fill, BLOCK_N)  # BLOCK_N: no slot written
+            cand = tl.where(cols[None, :] == slot[:, None], _pack_row(score, start + col)[:, None], cand)
             fill += (col < BLOCK_N).to(tl.int32)
-            above = above & (cols[None, :] != col[:, None])
+            marked = tl.where(taken, BLOCK_N, marked)
 
     selected = (4294967295 - (best & 4294967295)).to(tl.int32)
     idx_base = idx_ptr + pid_bh.to(tl.int64) * num_queries * topk
@@ -462,12 +472,27 @@ _ONE_SLOT = SpillAllowance(
 # Scores per program per iteration of the selection's key-block loop: bench/kernel_budget.py divides
 # the loop's SASS instruction counts by it (instructions per score, a prediction).
 SASS_LOOP_WORK = {"_select_topk_kernel": lambda constexprs: constexprs["BLOCK_M"] * constexprs["BLOCK_N"]}
+
+
+def _contiguous_launch(constexprs: dict) -> dict[str, int]:
+    """Argument values of a selection launch on contiguous ``[B, H, N, D]`` tensors from torch's
+    allocator, on which Triton specializes (bench/kernel_budget.py compiles what such a launch
+    compiles): pointers 16-byte aligned, unit head-dim strides, the other strides multiples of D
+    (itself a multiple of 16). Sizes (``num_queries``, ``topk``, ...) are left general."""
+    head_dim, rows, heads = constexprs["HEAD_DIM"], 1000, 8  # any N, H: only divisibility matters
+    strides = {"b": heads * rows * head_dim, "h": rows * head_dim, "n": head_dim, "d": 1}
+    values = {"q_ptr": 16, "k_ptr": 16, "idx_ptr": 16}
+    values.update({f"stride_{t}{axis}": stride for t in "qk" for axis, stride in strides.items()})
+    return values
+
+
+LAUNCH_SPECIALIZATION = {"_select_topk_kernel": _contiguous_launch}
 SPILL_ALLOWANCE: dict[str, SpillAllowance] = {
     "_select_topk_kernel": SpillAllowance(
         112,
-        "BLOCK_N = 256 (topk 129-256) only: the best and candidate buffers, 2 x 16 x 256 int64 on 256 "
-        "threads, leave a few values on the stack (float32 D = 64 and 16-bit D = 128; LDL/STL counts in "
-        "the table); every other tile class spills nothing",
+        "BLOCK_N = 256 (topk 129-256) only: headroom for the best and candidate buffers, 2 x 16 x 256 "
+        "int64 on 256 threads (compiled as a launch on contiguous tensors, no configuration spills today; "
+        "LDL/STL counts in the table); every other tile class spills nothing",
     ),
     "_sparse_backward_dq_kernel": _ONE_SLOT,
     "_sparse_backward_dkdv_kernel": _ONE_SLOT,
@@ -493,19 +518,29 @@ def selection_tile(topk: int, head_dim: int, dtype: torch.dtype, interpret: bool
     whole ``[D, BLOCK_N]`` key tile (128 KB at D = 128, BLOCK_N = 256) spills, so the dot runs over
     head-dim slices of 16 (16-bit inputs with a 256-wide buffer: 32). Two stages at most: a third
     prefetched key tile passes sm_90's 227 KB of shared memory at D = 128, BLOCK_N = 256. 8 warps
-    share the sort of a ``[BLOCK_M, BLOCK_N]`` int64 buffer of 4096 entries, so that no thread holds
-    more of it than its registers take.
+    share the sort of a ``[BLOCK_M, BLOCK_N]`` int64 buffer of 2048-4096 entries, so that no thread
+    holds more of it than its registers take; 16-bit inputs with a 32-wide buffer use 4 warps (one
+    warpgroup: 7-19% fewer SASS instructions per score predicted, bench/results/kernel_budget.md).
     """
     block_n = max(32, triton.next_power_of_2(topk))
     if interpret:  # the interpreter's cost grows with the tile; 16 is tl.dot's smallest M on GPU
         return Tile(16, block_n, 4)
     block_m = 64 if block_n <= 32 else 32 if block_n <= 64 else 16
     num_warps = 8 if block_m * block_n >= 2048 else 4
+    if block_n == 32 and dtype != torch.float32:
+        # One warpgroup holds the whole 64 x 32 tile: row reductions stay within warps (no shared
+        # memory round trip per step) and the loop's fixed cost spreads over 16 scores per thread.
+        # Float32 (CUDA-core dot) would spill with 4 warps.
+        num_warps = 4
     if dtype == torch.float32:
         dot_chunk = 16
     else:  # tensor cores; the 256-wide buffer leaves room for a 32-deep slice of K only
         dot_chunk = 32 if block_n >= 256 else head_dim
-    return Tile(block_m, block_n, num_warps, num_stages=2, dot_chunk=dot_chunk)
+    # Appending costs about one tile-wide pass per candidate of the fullest row, a merge about log2^2
+    # BLOCK_N passes: a simulation of the loop on random scores (N = 4K-32K) puts the crossover near
+    # 8 candidates for BLOCK_N = 32 and 12 for wider buffers.
+    extract = 8 if block_n <= 32 else 12
+    return Tile(block_m, block_n, num_warps, num_stages=2, dot_chunk=dot_chunk, extract=extract)
 
 
 def sparse_tile(head_dim: int, backward: bool = False, interpret: bool = False) -> Tile:
