@@ -14,6 +14,8 @@
 #   bench-full   fastvision bench, one op at a time (each op gets a share of what is left)
 #   pytest-bench pytest-benchmark, one bench/test_<op>.py at a time
 #   memcheck     compute-sanitizer memcheck over the op tests' cuda/triton cases, one file at a time
+#   deploy       fastvision bench-inference on the GPU (eager, compile, reduce-overhead, ONNX Runtime,
+#                TensorRT where present) and fastvision profile of the small models (summaries)
 #   tests-rest   the rest of the test suite on the GPU (models, training, export)
 #
 # Every stage writes its results into the output folder as soon as they exist (benchmark JSON is
@@ -175,7 +177,7 @@ trap 'exit 130' INT TERM
 
 echo "GPU pass: ${GPU_NAME:-no GPU visible}, arch ${TORCH_CUDA_ARCH_LIST}, budget ${BUDGET}s, results in $OUT"
 
-ALL_GROUPS="build tests bench-quick bench-full pytest-bench memcheck tests-rest"
+ALL_GROUPS="build tests bench-quick bench-full pytest-bench memcheck deploy tests-rest"
 # GPU_PASS_ALLOW_NO_GPU=1 runs the stages anyway: for checking the pass's own mechanics on a CPU machine.
 if [ "$DRY" = 0 ] && [ "${GPU_PASS_ALLOW_NO_GPU:-0}" != 1 ] && { [ -z "$GPU_NAME" ] || ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }; then
   for group in $ALL_GROUPS; do record "$group" skipped-no-gpu 0 0 null "no CUDA device visible"; done
@@ -201,6 +203,7 @@ QUICK_CAP="${GPU_PASS_BENCH_QUICK_CAP:-$(pct 12)}"
 FULL_CAP="${GPU_PASS_BENCH_FULL_CAP:-$(pct 25)}"
 PB_CAP="${GPU_PASS_PYTEST_BENCH_CAP:-$(pct 12)}"
 MC_CAP="${GPU_PASS_MEMCHECK_CAP:-$(pct 15)}"
+DEPLOY_CAP="${GPU_PASS_DEPLOY_CAP:-$(pct 15)}"
 
 run build build 30 "$BUILD_CAP" "$OUT/build.log" bash -c build
 
@@ -263,6 +266,19 @@ if command -v compute-sanitizer >/dev/null || [ "$DRY" = 1 ]; then
 else
   record memcheck skipped 0 0 null "compute-sanitizer not found"
 fi
+
+# ---- inference benchmark and profiles on the GPU (the small models; the CPU ones are in profiles/)
+mkdir -p "$OUT/profiles"
+deploy_end=$(($(now) + DEPLOY_CAP))
+run deploy:bench-inference deploy 30 "$(share "$deploy_end" 4 60)" "$OUT/inference.txt" \
+  "$PY" -m fastvision bench-inference --quick --device cuda --model vit_mnist --model sparse_unet_mnist \
+  --model sparse_moe_denoiser --model mamba_ginr_small --json "$OUT/inference.json"
+set -- vit_mnist sparse_moe_denoiser mamba_ginr_small
+while [ $# -gt 0 ]; do
+  run "deploy:profile-$1" deploy 15 "$(share "$deploy_end" $# 20)" "$OUT/profiles/$1.log" \
+    "$PY" -m fastvision profile "$1" --device cuda --steps 3 --no-trace --out "$OUT/profiles/$1"
+  shift
+done
 
 # ---- the rest of the suite on the GPU
 IGNORES=()

@@ -445,13 +445,55 @@ def test_sparse_unet_training_steps_lower_the_loss():
     assert losses[-1] < 0.9 * losses[0], losses
 
 
-def test_models_with_kernel_maps_refuse_tracing_with_a_clear_error():
-    from fastvision.models import create_model
+def test_kernel_maps_refuse_tracing_with_a_clear_error():
+    from fastvision.nn.sparse import SparseConv2d
 
-    model = create_model("sparse_unet_mnist").eval()
+    class SparseLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = SparseConv2d(1, 4)
+
+        def forward(self, images):
+            return self.conv(SparseTensor.from_dense(images)).to_dense()
+
+    module = SparseLayer().eval()
     x = torch.rand(1, 1, 28, 28) * (torch.rand(1, 1, 28, 28) > 0.7)
     message = "build_kernel_map cannot be traced"
     with pytest.raises(NotImplementedError, match=message):
-        torch.export.export(model, (x,))
+        torch.export.export(module, (x,))
     with pytest.raises(Exception, match=message):
-        torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        torch.compile(module, fullgraph=True, backend="aot_eager")(x)
+
+
+def test_sparse_model_traces_through_its_dense_equivalent():
+    """Under compile/export the sparse U-Net's encoder runs on MaskedDense: the same function."""
+    from fastvision.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("sparse_unet_mnist").eval()
+    x = torch.rand(3, 1, 28, 28) * (torch.rand(3, 1, 28, 28) > 0.7)
+    with torch.no_grad():
+        eager = model(x)
+        traced = torch.export.export(model, (x,)).module()(x)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(traced, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_dense_matches_sparse_modules():
+    from fastvision.nn.sparse import ResidualSparseBlock, SparseMaxPool2d
+    from fastvision.sparse.masked_dense import MaskedDense
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 11, 13) * (torch.rand(2, 1, 11, 13) > 0.6)
+    block, pool = ResidualSparseBlock(3, 5), SparseMaxPool2d(3, stride=2)
+    sparse, dense = SparseTensor.from_dense(x), MaskedDense.from_dense(x)
+    with torch.no_grad():
+        torch.testing.assert_close(dense.__class__.from_dense(x).to_dense(), sparse.to_dense())
+        sparse, dense = block(sparse), block(dense)
+        torch.testing.assert_close(dense.to_dense(), sparse.to_dense(), atol=1e-5, rtol=1e-5)
+        sparse, dense = pool(sparse), pool(dense)
+        torch.testing.assert_close(dense.to_dense(), sparse.to_dense(), atol=1e-5, rtol=1e-5)
+    active = torch.zeros(2, 1, *sparse.spatial_shape, dtype=torch.bool)
+    active[sparse.coords[:, 0], 0, sparse.coords[:, 1], sparse.coords[:, 2]] = True
+    assert torch.equal(dense.mask, active)
