@@ -4,14 +4,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import platform
 import sys
 from pathlib import Path
 
 import torch
+
+from fastvision.benchmark.timing import module_version
 
 OPTIONAL_EXTRAS = {
     "triton": "triton",
@@ -25,15 +25,6 @@ OPTIONAL_EXTRAS = {
     "onnxruntime": "onnxruntime",
     "schedulefree": "schedulefree",
 }
-
-
-def _version(module_name: str) -> str | None:
-    if importlib.util.find_spec(module_name) is None:
-        return None
-    try:
-        return getattr(importlib.import_module(module_name), "__version__", "present")
-    except Exception as exc:  # noqa: BLE001  (a broken optional install is reported, not fatal)
-        return f"present but fails to import ({type(exc).__name__})"
 
 
 def info() -> dict:
@@ -57,7 +48,7 @@ def info() -> dict:
         "backends_available": fastvision.available_backends(),
         "forced_backend": fastvision.forced_backend(),
         "nvtx": NVTX_BACKEND,
-        "optional": {name: _version(module) for name, module in OPTIONAL_EXTRAS.items()},
+        "optional": {name: module_version(module) for name, module in OPTIONAL_EXTRAS.items()},
         "models": list_models(),
         "ops": _ops_table(),
     }

@@ -133,15 +133,6 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
-def _load_average() -> float | None:
-    import os
-
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
 def profile_model(
     name: str,
     *,
@@ -224,7 +215,9 @@ def profile_model(
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    load_start = _load_average()
+    from fastvision.benchmark.timing import load_average
+
+    load_start = load_average()
     wall_ms: dict[str, float] = {}
     this._RECORD_FUNCTIONS = True
     try:
@@ -241,7 +234,7 @@ def profile_model(
         with nvtx_range("fastvision.profile.emit_nvtx"), torch.autograd.profiler.emit_nvtx():
             train_steps(steps)
             inference(inference_steps)
-    load_end = _load_average()
+    load_end = load_average()
 
     trace_path = None
     if trace:

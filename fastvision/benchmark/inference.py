@@ -41,7 +41,14 @@ from typing import Any
 
 import torch
 
-from fastvision.benchmark.timing import NOISE_THRESHOLD, interleaved_samples_ms, paired_ratio, spread
+from fastvision.benchmark.timing import (
+    NOISE_THRESHOLD,
+    interleaved_samples_ms,
+    load_average,
+    module_version,
+    paired_ratio,
+    spread,
+)
 
 BACKENDS = ("eager", "compile", "compile-reduce-overhead", "onnxruntime", "tensorrt")
 DEFAULT_BATCHES = (1, 32)
@@ -288,27 +295,11 @@ def environment(device: torch.device) -> dict[str, Any]:
     env = runner_environment(device, 0.0)
     env.pop("copy_bandwidth_gbps", None)
     env["cpus"] = os.cpu_count()
-    env["onnxruntime"] = _version("onnxruntime")
+    env["onnxruntime"] = module_version("onnxruntime")
     env["onnxruntime_intra_op_threads"] = torch.get_num_threads()
-    env["torch_tensorrt"] = _version("torch_tensorrt")
+    env["torch_tensorrt"] = module_version("torch_tensorrt")
     env["ratio"] = "vs_eager: median over rounds of eager time / backend time (above 1: faster than eager)"
     return env
-
-
-def _version(module: str) -> str | None:
-    if importlib.util.find_spec(module) is None:
-        return None
-    try:
-        return getattr(importlib.import_module(module), "__version__", "present")
-    except Exception as exc:  # noqa: BLE001
-        return f"present but fails to import ({type(exc).__name__})"
-
-
-def _load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
 
 
 def run(
@@ -351,9 +342,9 @@ def run(
     env["load_avg"] = {}
     rows: list[InferenceRow] = []
     for name in models:
-        start, begin = _load_average(), time.perf_counter()
+        start, begin = load_average(), time.perf_counter()
         rows += bench_model(name, batches, device, budget_s, backends, noise_threshold)
-        env["load_avg"][name] = {"start": start, "end": _load_average()}
+        env["load_avg"][name] = {"start": start, "end": load_average()}
         env.setdefault("model_seconds", {})[name] = round(time.perf_counter() - begin, 1)
         if on_model is not None:
             on_model(env, rows)

@@ -26,6 +26,7 @@ from fastvision.benchmark.timing import (
     NOISE_THRESHOLD,
     copy_bandwidth_gbps,
     interleaved_samples_ms,
+    load_average,
     paired_ratio,
     spread,
 )
@@ -220,7 +221,7 @@ def run(
     )
     env["noise_threshold_pct"] = round(100 * noise_threshold, 1)
     env["cpu_count"] = os.cpu_count()
-    env["load_avg_start"] = _load_average()
+    env["load_avg_start"] = load_average()
     rows: list[BenchRow] = []
     done: set[tuple[str, str]] = set()
     for op in ops:
@@ -229,19 +230,11 @@ def run(
                 continue
             done.add((case.op, case.label))
             rows.extend(run_case(case, device, copy_gbps, budget_s, noise_threshold))
-            env["load_avg_end"] = _load_average()
+            env["load_avg_end"] = load_average()
             if on_case is not None:
                 on_case(env, rows)
-    env["load_avg_end"] = _load_average()
+    env["load_avg_end"] = load_average()
     return env, rows
-
-
-def _load_average() -> float | None:
-    """The machine's 1-minute load average (runnable processes), where the OS reports one."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -5,6 +5,9 @@ that throughput is reported against."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -207,3 +210,21 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None) -> floa
     dst = torch.empty_like(src)
     ms = median_time_ms(lambda: dst.copy_(src), device, budget_s=1.0)
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (runnable processes), where the OS reports one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def module_version(module_name: str) -> str | None:
+    """``__version__`` of an optional module; ``None`` when absent, a note when it fails to import."""
+    if importlib.util.find_spec(module_name) is None:
+        return None
+    try:
+        return getattr(importlib.import_module(module_name), "__version__", "present")
+    except Exception as exc:  # noqa: BLE001  (a broken optional install is reported, not fatal)
+        return f"present but fails to import ({type(exc).__name__})"
