@@ -228,6 +228,8 @@ class AdaptiveSparseAttentionMoE(nn.Module):
 
     # ------------------------------------------------------------------------------------ routing
     def _record_balance(self, probs: torch.Tensor, assignment: torch.Tensor) -> None:
+        if torch.compiler.is_exporting():
+            return  # an exported (inference) program has no training statistics to keep
         routed = F.one_hot(assignment, self.num_experts).float().mean(dim=(0, 1))  # f_e
         mean_prob = probs.mean(dim=(0, 1))  # P_e
         self.aux_loss = self.balance_weight * self.num_experts * (routed * mean_prob).sum()
