@@ -148,9 +148,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from fastvision import deploy
-    from fastvision.models import create_model, example_inputs, inference_module
+    from fastvision.models import create_model, example_inputs, get_model_spec, inference_module
     from fastvision.train.distributed import resolve_device
 
+    try:
+        get_model_spec(args.model)
+    except ValueError as error:
+        print(f"fastvision export: {error}", file=sys.stderr)
+        return 2
     device = resolve_device(args.device)
     model = create_model(args.model).to(device)
     if args.checkpoint:

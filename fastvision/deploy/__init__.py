@@ -88,10 +88,10 @@ def save_tensorrt(module: torch.nn.Module, example_inputs: Sequence[Any], path: 
 
     The engine calls the fastvision plugins generated at compile time: a process that loads it
     imports fastvision first (which registers the ops the plugins wrap)."""
+    compiled = compile_tensorrt(module, example_inputs)  # raises a clear error without torch-tensorrt
     import torch_tensorrt
 
     path = Path(path)
-    compiled = compile_tensorrt(module, example_inputs)
     torch_tensorrt.save(compiled, str(path), inputs=list(example_inputs))
     return path
 
