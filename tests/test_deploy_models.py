@@ -152,3 +152,13 @@ def test_inference_cuda_graphs_capture(name):
             torch.testing.assert_close(have, want, atol=2e-3, rtol=2e-3)
         else:
             assert torch.equal(have, want)
+
+
+def test_export_cli_reports_bad_requests(tmp_path, capsys):
+    from fastvision.cli import main
+
+    assert main(["export", "no_such_model", "--out", str(tmp_path / "x.pt2")]) == 2
+    assert "unknown model 'no_such_model'" in capsys.readouterr().err
+    if importlib.util.find_spec("torch_tensorrt") is None:
+        assert main(["export", "vit_mnist", "--format", "tensorrt", "--out", str(tmp_path / "x.ep")]) == 1
+        assert "needs torch-tensorrt" in capsys.readouterr().err
