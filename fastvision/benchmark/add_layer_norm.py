@@ -2,10 +2,11 @@
 against the eager reference, ``torch.compile`` of it, every fastvision backend, and Liger-Kernel's
 LayerNorm (with the residual add done outside it) when present.
 
-Traffic floor for ``[M, D]`` inputs of s bytes and float32 statistics: the forward reads x and
-residual and writes the output and per-row mean and rstd (3MDs + 8M); the backward recomputes
-x + residual, so it reads x, residual, the output gradient and the statistics and writes one input
-gradient, which serves both inputs (4MDs + 8M). The [D] parameters and their gradients add 2Ds each.
+Traffic floor for ``[M, D]`` inputs of s bytes and float32 statistics: the forward's is
+``OPS["add_layer_norm"].cost`` (reads x and residual and writes the output and per-row mean and
+rstd, 3MDs + 8M, and reads the [D] parameters, 2Ds); the backward recomputes x + residual, so it
+reads x, residual, the output gradient and the statistics and writes one input gradient, which
+serves both inputs (4MDs + 8M), and reads weight and writes both parameter gradients (3Ds).
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ def _label(kind: str, x: torch.Tensor) -> str:
     return f"{kind} {str(x.dtype).removeprefix('torch.')} {x.shape[0]}x{x.shape[1]}"
 
 
-def _forward_bytes(x: torch.Tensor) -> int:
-    rows, dim = x.shape
-    return 3 * rows * dim * x.element_size() + 8 * rows + 2 * dim * x.element_size()
+def _forward_bytes(x, residual, weight, bias) -> int:
+    return OPS["add_layer_norm"].cost_of(x, residual, weight, bias, EPS).bytes_moved
 
 
 def _backward_bytes(x: torch.Tensor) -> int:
@@ -61,7 +61,7 @@ def _forward_case(x, residual, weight, bias, device: torch.device) -> BenchCase:
         op="add_layer_norm",
         label=_label("fwd", x),
         impls=impls,
-        bytes_moved=_forward_bytes(x),
+        bytes_moved=_forward_bytes(x, residual, weight, bias),
         dtype=x.dtype,
         tolerance=TOLERANCE[x.dtype],
         notes=notes,
@@ -105,7 +105,7 @@ def _forward_backward_case(x, residual, weight, bias, device: torch.device) -> B
         op="add_layer_norm",
         label=_label("fwd+bwd", x),
         impls=impls,
-        bytes_moved=_forward_bytes(x) + _backward_bytes(x),
+        bytes_moved=_forward_bytes(x, residual, weight, bias) + _backward_bytes(x),
         dtype=x.dtype,
         tolerance=TOLERANCE[x.dtype],
         notes=notes,

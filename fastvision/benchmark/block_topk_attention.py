@@ -6,8 +6,9 @@ runs on the device), with dense SDPA cases at each size as the baseline to beat
 GPU sizes (bf16, B * H = 32): N = 1K, 4K, 16K, 32K; D = 64 and 128; ``topk_blocks * block_size`` of
 32 (blocks of 32), 128 (blocks of 64) and ``N / 8`` (blocks of 64, the goal's bound: faster than
 flash SDPA for N >= 8192 at that sparsity). FLOPs count the attention proper,
-``4 B H Nq topk_blocks block_size D`` (three times that with the backward); the dense cases count
-``4 B H Nq Nk D``, so TFLOP/s compare with flash attention's and the time ratio is the speed-up.
+``OPS["block_topk_attention"].cost``: ``4 B H Nq topk_blocks block_size D`` (three times that with
+the backward); the dense cases count ``4 B H Nq Nk D`` (``OPS["topk_attention"].cost`` at
+``topk = Nk``), so TFLOP/s compare with flash attention's and the time ratio is the speed-up.
 
 Inputs are multiples of 1/2 in [-1, 1]: block means (of up to 128 rows) and block scores are then
 exact float32 numbers in every implementation, so all select the same blocks. FlexAttention gets the
@@ -127,8 +128,7 @@ def _block_case(q, k, v, topk_blocks, block_size, grad_out, device) -> BenchCase
         notes["flex"] = (
             "FlexAttention (torch.compile) with the same selected blocks as mask_mod; mask not timed"
         )
-    selected_keys = min(topk_blocks * block_size, num_keys)
-    flops = 4 * batch * heads * num_queries * selected_keys * head_dim
+    flops = OPS["block_topk_attention"].cost_of(q, k, v, topk_blocks, block_size).flops
     backward = grad_out is not None
     return BenchCase(
         op="block_topk_attention",
@@ -146,8 +146,7 @@ def _dense_case(q, k, v, grad_out, device) -> BenchCase:
     """Dense attention at the same size: the baseline the block cases are compared with."""
     from torch.nn.attention import SDPBackend
 
-    batch, heads, num_queries, head_dim = q.shape
-    flops = 4 * batch * heads * num_queries * k.shape[2] * head_dim
+    flops = OPS["topk_attention"].cost_of(q, k, v, k.shape[2]).flops  # top-Nk attention is dense attention
     backward = grad_out is not None
     impls = {"reference": _op_fn(F.scaled_dot_product_attention, q, k, v, grad_out)}
     notes = {"reference": "sdpa: dense F.scaled_dot_product_attention (all Nk keys), the baseline"}

@@ -1,8 +1,8 @@
 """GEGLU benchmark cases: forward and backward, exact and tanh GELU, against the eager reference,
 ``torch.compile`` of it, every fastvision backend and Liger-Kernel's GEGLU (tanh only) when present.
 
-Traffic floor with N output elements of s bytes: forward reads 2N and writes N (3Ns); backward
-reads value, gate and the output gradient (3N) and writes both input gradients (2N) (5Ns).
+Forward traffic floor: ``OPS["geglu"].cost`` (read 2N, write N: 3Ns for N outputs of s bytes).
+Backward: reads value, gate and the output gradient (3N) and writes both input gradients (2N) (5Ns).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ def _backward_ops(backend: str):
 
 
 def _forward_case(x: torch.Tensor, approximate: str, device: torch.device) -> BenchCase:
-    n_out = x.numel() // 2
     impls = {
         "reference": lambda: geglu_reference(x, approximate),
         "compile": (lambda f: lambda: f(x, approximate))(torch.compile(geglu_reference)),
@@ -47,7 +46,7 @@ def _forward_case(x: torch.Tensor, approximate: str, device: torch.device) -> Be
         op="geglu",
         label=f"fwd {approximate} {str(x.dtype).removeprefix('torch.')} {x.shape[0]}x{x.shape[1]}",
         impls=impls,
-        bytes_moved=3 * n_out * x.element_size(),
+        bytes_moved=OPS["geglu"].cost_of(x, approximate).bytes_moved,
         dtype=x.dtype,
         tolerance=TOLERANCE[x.dtype],
         notes=notes,

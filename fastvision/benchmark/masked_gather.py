@@ -2,8 +2,9 @@
 the seed's vectorized reference, its per-sample loop, ``torch.compile`` of the reference (fixed
 ``max_count`` only), and every fastvision backend.
 
-Traffic floor with B samples, S = H W sites, n gathered sites, C channels of e bytes and M slots:
-the mask once (B S), the gathered elements once (n C e), the outputs once (B M (C e + 8 + 1) + 8 B).
+Traffic floor with B samples, S = H W sites, n gathered sites, C channels of e bytes and M slots,
+``OPS["masked_gather"].cost``: the mask once (B S), the gathered elements once (n C e), the outputs
+once (B M (C e + 8 + 1) + 8 B).
 Backward: the slot gradients and slot sites once (B M (C e + 8)) and the zero-filled input gradient
 (B C S e).
 """
@@ -35,16 +36,12 @@ def _forward_case(x, mask, max_count, device, loop: bool) -> BenchCase:
         impls["compile"] = (lambda f: lambda: f(x, mask, max_count))(torch.compile(masked_gather_reference))
     for backend in OPS["masked_gather"].runnable(device)[1:]:
         impls[backend] = backend_impl(backend, lambda: masked_gather(x, mask, max_count))
-    gathered = int(mask.sum())
-    slots = max_count if max_count is not None else int(mask.flatten(1).sum(1).max())
-    element = x.element_size()
-    moved = batch * height * width + gathered * channels * element + batch * slots * (channels * element + 9)
     size = f"{batch}x{channels}x{height}x{width} M={'max' if max_count is None else max_count}"
     return BenchCase(
         op="masked_gather",
         label=f"fwd {str(x.dtype).removeprefix('torch.')} {size}",
         impls=impls,
-        bytes_moved=moved + 8 * batch,
+        bytes_moved=OPS["masked_gather"].cost_of(x, mask, max_count).bytes_moved,
         dtype=x.dtype,
         tolerance=(0.0, 0.0),
         notes={"loop": "the per-sample loop the vectorized reference replaces"} if loop else {},

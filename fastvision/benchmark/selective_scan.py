@@ -2,10 +2,11 @@
 D, z gating, delta bias and softplus), against the sequential reference, every fastvision backend,
 and mamba-ssm's CUDA ``selective_scan_fn`` when installed.
 
-Traffic floor with ``b d L`` elements of e bytes and ``b N L`` of B and C: the forward reads u, delta,
-z once (3 b d L e) and B, C once (2 b N L e) and writes the output (b d L e); the backward reads the
-inputs and the output gradient twice and writes du, ddelta, dz, dB, dC. FLOPs: about 6 N per step
-and channel forward, 20 N backward.
+Traffic floor with ``b d L`` elements of e bytes and ``b N L`` of B and C: the forward's is
+``OPS["selective_scan"].cost`` (reads u, delta, z once, 3 b d L e, and B, C once, 2 b N L e, and
+writes the output, b d L e); forward + backward counts three times that (the backward reads the
+inputs and the output gradient twice and writes du, ddelta, dz, dB, dC). FLOPs: the forward's cost,
+about 6 N per step and channel, plus about 20 N per step and channel backward.
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ def _label(kind, batch, dim, length, state, dtype):
 
 def _cases_for(batch, dim, length, state, dtype, device, reference: bool) -> list[BenchCase]:
     args = _inputs(batch, dim, length, state, dtype, device)
-    e = args[0].element_size()
-    forward_bytes = 4 * batch * dim * length * e + 2 * batch * state * length * e
+    forward = OPS["selective_scan"].cost_of(*args, True)
+    backward_flops = 20 * state * batch * dim * length
     peer = _mamba_ssm() if device.type == "cuda" else None
 
-    def forward(fn):
+    def run_forward(fn):
         return lambda: fn(*args, True)
 
     def step(fn):
@@ -62,8 +63,8 @@ def _cases_for(batch, dim, length, state, dtype, device, reference: bool) -> lis
 
     result = []
     for kind, make, moved, flops in (
-        ("fwd", forward, forward_bytes, 6 * state * batch * dim * length),
-        ("fwd+bwd", step, 3 * forward_bytes, 26 * state * batch * dim * length),
+        ("fwd", run_forward, forward.bytes_moved, forward.flops),
+        ("fwd+bwd", step, 3 * forward.bytes_moved, forward.flops + backward_flops),
     ):
         impls = {"reference": make(selective_scan_reference)} if reference else {}
         first = "reference"

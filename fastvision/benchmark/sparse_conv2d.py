@@ -13,7 +13,8 @@ until a target fraction of the sites is active. Two kinds of case:
   tensors (``nn.Conv2d`` weights, each conv masked to the active sites so both compute the same
   function). ``fwd`` and ``fwd+bwd``.
 
-``flops`` counts the useful work (the kernel-map pairs), so the dense rows' TFLOP/s show how much
+``flops`` counts the useful work (the kernel-map pairs), ``OPS["sparse_conv2d"].cost`` of each conv
+(the encoder: summed over its convs and 1x1 projections), so the dense rows' TFLOP/s show how much
 of their work is wasted on empty sites. ``python -m fastvision.benchmark.sparse_conv2d`` prints the
 encoder timings per density and the crossover density where the sparse path stops winning.
 """
@@ -94,17 +95,25 @@ def _sparse_encoder(channels: tuple[int, int, int], device: torch.device):
     return blocks, sparse_forward, dense_forward
 
 
+def _conv_flops(kernel_map, cin: int, cout: int) -> int:
+    """``OPS["sparse_conv2d"].cost`` of one conv (shape-only: meta feats and weight)."""
+    feats = torch.empty((kernel_map.num_sites, cin), device="meta")
+    weight = torch.empty((kernel_map.num_offsets, cin, cout), device="meta")
+    return OPS["sparse_conv2d"].cost(feats, kernel_map, weight, None).flops
+
+
 def _encoder_flops(images: torch.Tensor, channels: tuple[int, int, int]) -> int:
-    """Useful flops of the sparse encoder's convs: 2 x kernel-map pairs x channel products."""
+    """Useful flops of the sparse encoder's convs: each block's two 3x3 convs and, where the channel
+    count changes, its 1x1 projection (2 x kernel-map pairs x channel products each)."""
     mask = (images != 0).any(1, keepdim=True).to(torch.float32)
     total = 0
     for cin, cout in ((channels[0], channels[1]), (channels[1], channels[2])):
         x = SparseTensor.from_dense(mask)
-        pairs = x.kernel_map(3).in_indices.numel()
-        projection = x.num_sites * cin * cout if cin != cout else 0
-        total += pairs * (cin * cout + cout * cout) + projection
+        total += _conv_flops(x.kernel_map(3), cin, cout) + _conv_flops(x.kernel_map(3), cout, cout)
+        if cin != cout:
+            total += _conv_flops(x.kernel_map(1), cin, cout)
         mask = F.max_pool2d(mask, 2)
-    return 2 * total
+    return total
 
 
 def _encoder_cases(images: torch.Tensor, device: torch.device, with_compile: bool) -> list[BenchCase]:
@@ -179,7 +188,7 @@ def _layer_case(images: torch.Tensor, channels: int, device: torch.device) -> Be
             **triton,
             "sparse+map": with_fresh_map,
         },
-        flops=2 * kernel_map.in_indices.numel() * channels * channels,
+        flops=OPS["sparse_conv2d"].cost_of(x.feats, kernel_map, weight).flops,
         tolerance=(1e-4, 1e-4),
         notes={
             "reference": "dense F.conv2d over the whole canvas, read at the active sites",

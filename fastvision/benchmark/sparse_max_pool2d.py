@@ -1,10 +1,11 @@
 """sparse_max_pool2d benchmark cases: forward and backward on random sparse maps (canonical coords,
 up to 25% density), 2x2 windows with stride 2 (the seed-000 encoder) and 3x3 with stride 2 (overlap).
 
-Traffic floor of the forward with N inputs, M outputs, C channels of s bytes and i-byte coords: read
-feats and coords (N*C*s + 3*N*i), write the pooled feats, coords and the int32 argmax that the
-backward needs (M*C*s + 3*M*i + 4*M*C). Backward: read the output gradient and the argmax
-(M*C*s + 4*M*C), write the input gradient (N*C*s).
+Traffic floor of the forward with N inputs, M outputs, C channels of s bytes and i-byte coords,
+``OPS["sparse_max_pool2d"].cost``: read feats and coords (N*C*s + 3*N*i), write the pooled feats and
+coords (M*C*s + 3*M*i); the int32 argmax and window map saved for backward are extra traffic on
+top of it. Backward: read the output gradient and the argmax (M*C*s + 4*M*C), write the input
+gradient (N*C*s).
 
 ``compile`` (torch.compile of the reference) is left out: the reference's output size is data-dependent
 (``torch.unique``, ``.max()`` read back to size the key space), so dynamo breaks the graph there and
@@ -51,7 +52,7 @@ def _cases_for(
 ) -> list[BenchCase]:
     coords, feats = random_sparse_map(sites, CHANNELS, dtype, device)
     out_coords, _ = sparse_max_pool2d_reference(coords, feats, kernel, stride)
-    n, m, s, i = sites, out_coords.shape[0], feats.element_size(), coords.element_size()
+    n, m, s = sites, out_coords.shape[0], feats.element_size()
     name = f"{str(dtype).removeprefix('torch.')} {sites // 1000}k sites x{CHANNELS} k{kernel}s{stride}"
 
     forward_impls = {"reference": lambda: sparse_max_pool2d_reference(coords, feats, kernel, stride)}
@@ -63,9 +64,7 @@ def _cases_for(
         op="sparse_max_pool2d",
         label=f"fwd {name} -> {m // 1000}k",
         impls=forward_impls,
-        # The design-independent floor: read feats and coords once, write the pooled feats and coords
-        # once. The int32 argmax and window map saved for backward are extra traffic on top of it.
-        bytes_moved=n * CHANNELS * s + 3 * n * i + m * CHANNELS * s + 3 * m * i,
+        bytes_moved=OPS["sparse_max_pool2d"].cost_of(coords, feats, kernel, stride).bytes_moved,
         dtype=dtype,
         tolerance=TOLERANCE[dtype],
     )

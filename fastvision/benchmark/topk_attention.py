@@ -2,10 +2,11 @@
 ``torch.compile`` of it and the Triton backend, plus a dense ``F.scaled_dot_product_attention``
 case at each size (the dense baseline the top-k cases are compared with).
 
-FLOPs count the attention proper: ``4 B H Nq topk D`` forward (scores and weighted sum over the
-selected keys), three times that for forward+backward. The selection's ``2 B H Nq Nk D`` of
-score matmul is work the sparse op adds and is not counted. The dense cases count
-``4 B H Nq Nk D`` (and three times that), so their TFLOP/s are comparable with flash attention's.
+FLOPs count the attention proper, ``OPS["topk_attention"].cost``: ``4 B H Nq topk D`` forward
+(scores and weighted sum over the selected keys), three times that for forward+backward. The
+selection's ``2 B H Nq Nk D`` of score matmul is work the sparse op adds and is not counted. The
+dense cases count the same cost at ``topk = Nk``, ``4 B H Nq Nk D`` (and three times that), so their
+TFLOP/s are comparable with flash attention's.
 
 Inputs are multiples of 1/2 in [-1, 1] (values are random normal): every score is then an exact
 float32 number in every implementation, so all of them select the same keys (ties by the lower
@@ -154,7 +155,7 @@ def _topk_case(q, k, v, topk, grad_out, device) -> BenchCase:
         impls[backend] = backend_impl(
             backend, _op_fn(lambda a, b, c: topk_attention(a, b, c, topk), q, k, v, grad_out)
         )
-    flops = 4 * batch * heads * num_queries * min(topk, num_keys) * head_dim
+    flops = OPS["topk_attention"].cost_of(q, k, v, topk).flops
     backward = grad_out is not None
     return BenchCase(
         op="topk_attention",
@@ -183,7 +184,7 @@ def _dense_case(q, k, v, grad_out, device=None) -> BenchCase:
     """Dense attention at the same size: F.scaled_dot_product_attention is the baseline here, with
     its flash and memory-efficient backends forced on CUDA (the crossover compares with the fastest)."""
     batch, heads, num_queries, head_dim = q.shape
-    flops = 4 * batch * heads * num_queries * k.shape[2] * head_dim
+    flops = OPS["topk_attention"].cost_of(q, k, v, k.shape[2]).flops  # top-Nk attention is dense attention
     backward = grad_out is not None
     impls = {"reference": _op_fn(F.scaled_dot_product_attention, q, k, v, grad_out)}
     if device is not None and device.type == "cuda":

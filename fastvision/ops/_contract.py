@@ -20,6 +20,11 @@ changes the op's semantics.
 
 ``OPS`` (``fastvision.ops.OPS``) lists every declared op; the tests, benchmarks, ONNX table,
 ``fastvision info`` and the kernel-budget check read it.
+
+Each op declares its cost model once, ``OpSpec.cost(*checked) -> OpCost``: the minimal DRAM bytes
+and the useful FLOPs of one forward call. The benchmark cases take their bytes and FLOPs from it, and
+the profiler records it per call inside :func:`record_op_costs` (off by default: outside it an op call
+reads one module-level flag, which torch.compile folds away).
 """
 
 from __future__ import annotations
@@ -40,6 +45,15 @@ Reason = str | None
 
 def _never(*_args: Any) -> Reason:
     return None
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """The cost of one forward call: the minimal DRAM traffic (read every input and write every output
+    once, in bytes) and the useful floating-point operations (0 for an op that only moves data)."""
+
+    bytes_moved: int
+    flops: int
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,8 @@ class OpSpec:
             cases (``None`` where there are none).
         reference_traceable: whether torch.compile / torch.export can trace the reference (an op
             whose reference cannot says so with a clear error).
+        cost: ``cost(*checked) -> OpCost`` of one forward call on the checked arguments (the
+            benchmark cases and the profiler read it; every op in ``OPS`` has one).
     """
 
     name: str
@@ -121,12 +137,19 @@ class OpSpec:
     triton_module: str | None = None
     benchmark_module: str | None = None
     reference_traceable: bool = True
+    cost: Callable[..., OpCost] | None = None
     _absent: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def backends(self) -> tuple[str, ...]:
         """Every backend the op has, built or not: ``reference`` first."""
         return ("reference", *(b for b in self.kernels if b != "reference"))
+
+    def cost_of(self, *args: Any, **kwargs: Any) -> OpCost:
+        """The :class:`OpCost` of one forward call on these public arguments (checked first)."""
+        if self.cost is None:
+            raise NotImplementedError(f"{self.name} declares no cost model (OpSpec.cost)")
+        return self.cost(*self.check(*args, **kwargs))
 
     def built(self, backend: str) -> Reason:
         """Why ``backend`` is absent from this installation, or ``None`` when present."""
@@ -208,10 +231,44 @@ class OpSpec:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         checked = self.check(*args, **kwargs)
         transform = active_transform(checked)
-        return self.run(self._choose(checked, transform), checked, transform)
+        backend = self._choose(checked, transform)
+        if _cost_records[0] is not None and transform is None and not torch.compiler.is_compiling():
+            return self._run_recorded(_cost_records[0], backend, checked)
+        return self.run(backend, checked, transform)
+
+    def _run_recorded(self, records: list, backend: str, checked: tuple) -> Any:
+        """:meth:`run` inside a ``fastvision.op.<name>`` profiler range, after appending
+        ``(name, OpCost or None)`` to ``records`` (the cost is computed in a range of its own,
+        ``fastvision.op_cost``, so that a profile can tell its time apart)."""
+        cost = None
+        if self.cost is not None:
+            with torch.profiler.record_function("fastvision.op_cost"):
+                cost = self.cost(*checked)
+        records.append((self.name, cost))
+        with torch.profiler.record_function(f"fastvision.op.{self.name}"):
+            return self.run(backend, checked)
 
 
 OPS: dict[str, OpSpec] = {}
+
+# The per-call cost records while record_op_costs() is active, else None (a plain global: tracing
+# reads it as a constant, so the off state adds nothing to a compiled graph).
+_cost_records: list[list | None] = [None]
+
+
+@contextlib.contextmanager
+def record_op_costs():
+    """Within: every eager op call appends ``(name, OpCost)`` to the yielded list and runs inside a
+    ``torch.profiler.record_function("fastvision.op.<name>")`` range (``fastvision.profiling`` uses it).
+    Calls traced by torch.compile / torch.export, or under a torch.func transform, are not recorded."""
+    previous = _cost_records[0]
+    records: list = []
+    _cost_records[0] = records
+    try:
+        yield records
+    finally:
+        _cost_records[0] = previous
+
 
 # True while fastvision.deploy exports to ONNX (a plain global, so tracing reads it).
 _onnx_export: list[bool] = [False]

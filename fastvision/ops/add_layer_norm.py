@@ -22,7 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
-from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, leaf, triton_launch
+from fastvision.ops._contract import (
+    AutogradRule,
+    KernelBackend,
+    OpCost,
+    OpSpec,
+    define_op,
+    leaf,
+    triton_launch,
+)
 
 # Longest row the Triton kernels take: MAX_DIM in triton_kernels/add_layer_norm.py.
 TRITON_MAX_DIM = 65536
@@ -251,9 +259,19 @@ def _triton_supports(x, residual, weight, bias, eps):
     return None
 
 
+def _cost(x, residual, weight, bias, eps) -> OpCost:
+    """Read x and residual, write out ([M, D]) and float32 mean and rstd ([M]), read weight/bias
+    ([D]); 6 FLOPs per element (add, sum, subtract, square, sum, scale) plus 1 each for weight, bias."""
+    elements, rows = x.numel(), x.numel() // max(x.shape[-1], 1)
+    params = [p for p in (weight, bias) if p is not None]
+    moved = 3 * elements * x.element_size() + 8 * rows + sum(p.numel() * p.element_size() for p in params)
+    return OpCost(moved, (6 + len(params)) * elements)
+
+
 ADD_LAYER_NORM = define_op(
     OpSpec(
         name="add_layer_norm",
+        cost=_cost,
         reference=add_layer_norm_reference,
         check=_check,
         device=lambda x, *_: x.device,

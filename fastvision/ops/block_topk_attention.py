@@ -23,7 +23,15 @@ from __future__ import annotations
 import torch
 
 from fastvision.ops._checks import check_attention_inputs, check_scale
-from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, leaf, triton_launch
+from fastvision.ops._contract import (
+    AutogradRule,
+    KernelBackend,
+    OpCost,
+    OpSpec,
+    define_op,
+    leaf,
+    triton_launch,
+)
 from fastvision.ops.topk_attention import _selection_mask
 
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -206,9 +214,19 @@ def _run(forward_op, q, k, v, topk_blocks, block_size, scale):
     return forward_op(q, k, v, topk_blocks, block_size, scale)[0]
 
 
+def _cost(q, k, v, topk_blocks, block_size, scale) -> OpCost:
+    """Read q, k, v and write out once; FLOPs of scores and weighted sum over the selected keys,
+    ``4 B H Nq min(topk_blocks block_size, Nk) D`` (block selection not counted)."""
+    batch, heads, num_queries, head_dim = q.shape
+    moved = (2 * q.numel() + k.numel() + v.numel()) * q.element_size()
+    selected = min(topk_blocks * block_size, k.shape[2])
+    return OpCost(moved, 4 * batch * heads * num_queries * selected * head_dim)
+
+
 BLOCK_TOPK_ATTENTION = define_op(
     OpSpec(
         name="block_topk_attention",
+        cost=_cost,
         reference=block_topk_attention_reference,
         check=_check,
         device=lambda q, *_: q.device,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvision.ops._checks import check_choice, check_dtype, check_tensor
-from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, triton_launch
+from fastvision.ops._contract import AutogradRule, KernelBackend, OpCost, OpSpec, define_op, triton_launch
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -107,10 +107,17 @@ def _check(x: torch.Tensor, approximate: str = "none") -> tuple[torch.Tensor, st
     return x, approximate
 
 
+def _cost(x: torch.Tensor, approximate: str) -> OpCost:
+    """Read x (2N elements), write N; per output GELU (erf form 5 FLOPs, tanh form 9) and the product."""
+    outputs = x.numel() // 2
+    return OpCost(3 * outputs * x.element_size(), (10 if approximate == "tanh" else 6) * outputs)
+
+
 _native = KernelBackend("geglu_forward", "geglu_backward", AUTOGRAD, native=True, onnx=geglu_onnx)
 GEGLU = define_op(
     OpSpec(
         name="geglu",
+        cost=_cost,
         reference=geglu_reference,
         check=_check,
         device=lambda x, approximate: x.device,

@@ -21,7 +21,15 @@ import math
 import torch
 
 from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
-from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, leaf, triton_launch
+from fastvision.ops._contract import (
+    AutogradRule,
+    KernelBackend,
+    OpCost,
+    OpSpec,
+    define_op,
+    leaf,
+    triton_launch,
+)
 
 
 def grn_reference(
@@ -142,9 +150,16 @@ def _run_kernel(forward_op, x, gamma, beta, eps, mask):
     return forward_op(x, gamma, beta, mask, eps)
 
 
+def _cost(x, gamma, beta, eps, mask) -> OpCost:
+    """Read x twice (statistics, then apply) and write out (3 N e; the [C] parameters and the mask are
+    not counted); 6 FLOPs per element (square, sum, scale, gamma, beta, residual), 7 with the mask."""
+    return OpCost(3 * x.numel() * x.element_size(), (6 if mask is None else 7) * x.numel())
+
+
 GRN = define_op(
     OpSpec(
         name="grn",
+        cost=_cost,
         reference=grn_reference,
         check=_check,
         device=lambda x, *_: x.device,

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
-from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, triton_launch
+from fastvision.ops._contract import AutogradRule, KernelBackend, OpCost, OpSpec, define_op, triton_launch
 
 
 class MaskedGather(NamedTuple):
@@ -185,9 +185,23 @@ def _run_kernel(forward_op, x, mask, max_count):
 _native = KernelBackend(
     "masked_gather_forward", "masked_gather_backward", AUTOGRAD, native=True, call=_run_kernel
 )
+def _cost(x, mask, max_count) -> OpCost:
+    """Read the mask (B S) and the n gathered sites' C channels once, write B M slots of values, int64
+    sites and bool validity, and B int64 counts (M = max_count, else the largest count); no FLOPs.
+    Counts the mask: one reduction and one host sync (the profiler's per-call record pays them)."""
+    batch, channels = x.shape[:2]
+    counts = mask.flatten(1).sum(1)
+    gathered = int(counts.sum()) if batch else 0
+    slots = max_count if max_count is not None else (int(counts.max()) if batch else 0)
+    element = x.element_size()
+    moved = mask.numel() + gathered * channels * element + batch * slots * (channels * element + 9)
+    return OpCost(moved + 8 * batch, 0)
+
+
 MASKED_GATHER = define_op(
     OpSpec(
         name="masked_gather",
+        cost=_cost,
         reference=masked_gather_reference,
         check=_check,
         device=lambda x, *_: x.device,

@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
-from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, leaf, triton_launch
+from fastvision.ops._contract import (
+    AutogradRule,
+    KernelBackend,
+    OpCost,
+    OpSpec,
+    define_op,
+    leaf,
+    triton_launch,
+)
 
 MAX_STATE = 256
 
@@ -338,9 +346,21 @@ def _triton_supports(u, delta, A, *_):
     return None
 
 
+def _cost(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state) -> OpCost:
+    """Read u, delta, z, B, C and write out once (A, D, delta_bias not counted), plus the float32 last
+    state when returned; about 6 FLOPs per step, channel and state (exp, decay, input, readout)."""
+    batch, dim, length = u.shape
+    streams = 3 if z is None else 4
+    moved = streams * u.numel() * u.element_size() + sum(t.numel() * t.element_size() for t in (B, C))
+    if return_last_state:
+        moved += 4 * batch * dim * A.shape[1]
+    return OpCost(moved, 6 * A.shape[1] * batch * dim * length)
+
+
 SELECTIVE_SCAN = define_op(
     OpSpec(
         name="selective_scan",
+        cost=_cost,
         reference=selective_scan_reference,
         check=_check,
         device=lambda u, *_: u.device,

@@ -32,6 +32,7 @@ from fastvision.ops._checks import FLOAT_DTYPES, check_dtype, check_tensor
 from fastvision.ops._contract import (
     AutogradRule,
     KernelBackend,
+    OpCost,
     OpSpec,
     define_op,
     leaf,
@@ -376,9 +377,22 @@ def _transform_reference(feats, kernel_map, weight, bias):
     return _with_bias(out, bias)
 
 
+def _cost(feats, kernel_map, weight, bias) -> OpCost:
+    """Read feats, weight, bias and the P int64 index pairs once, write [N, Cout]; 2 P Cin Cout FLOPs
+    (a multiply-add per kernel-map pair and channel pair; the bias add is not counted)."""
+    pairs = kernel_map.in_indices.numel()
+    _, cin, cout = weight.shape
+    element = feats.element_size()
+    moved = (feats.numel() + weight.numel() + feats.shape[0] * cout) * element + 16 * pairs
+    if bias is not None:
+        moved += bias.numel() * element
+    return OpCost(moved, 2 * pairs * cin * cout)
+
+
 SPARSE_CONV2D = define_op(
     OpSpec(
         name="sparse_conv2d",
+        cost=_cost,
         reference=_transform_reference,
         check=_check,
         device=lambda feats, *_: feats.device,

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 import torch
 
 from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
-from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op
+from fastvision.ops._contract import AutogradRule, KernelBackend, OpCost, OpSpec, define_op
 
 COORD_DTYPES = (torch.int32, torch.int64)
 # Max pooling does no arithmetic, so float64 costs nothing extra (and makes gradcheck possible).
@@ -292,12 +292,24 @@ def _run_kernel(forward_op, coords, feats, kernel, step, shape, check_coords):
     return out_coords, out_feats
 
 
+def _cost(coords, feats, kernel, step, shape, check_coords) -> OpCost:
+    """Read feats and coords of the N inputs, write feats and coords of the M outputs (the argmax and
+    window map the kernels save for backward are extra); no FLOPs (a max is a comparison). M comes
+    from the reference on zero channels (its output sites only: a unique over the candidate windows)."""
+    n, channels = feats.shape
+    with torch.no_grad():
+        m = sparse_max_pool2d_reference(coords, feats[:, :0], kernel, step, shape)[0].shape[0]
+    s, i = feats.element_size(), coords.element_size()
+    return OpCost(n * channels * s + 3 * n * i + m * channels * s + 3 * m * i, 0)
+
+
 _native = KernelBackend(
     "sparse_max_pool2d_forward", "sparse_max_pool2d_backward", AUTOGRAD, native=True, call=_run_kernel
 )
 SPARSE_MAX_POOL2D = define_op(
     OpSpec(
         name="sparse_max_pool2d",
+        cost=_cost,
         reference=_run_reference,
         check=_check,
         device=lambda coords, feats, *_: feats.device,

@@ -22,7 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from fastvision.ops._checks import check_attention_inputs, check_scale
-from fastvision.ops._contract import AutogradRule, KernelBackend, OpSpec, define_op, leaf, triton_launch
+from fastvision.ops._contract import (
+    AutogradRule,
+    KernelBackend,
+    OpCost,
+    OpSpec,
+    define_op,
+    leaf,
+    triton_launch,
+)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
@@ -182,9 +190,18 @@ def _run_selection(forward_op, q, k, v, topk, scale):
     return forward_op(q, k, v, topk, scale)[0]
 
 
+def _cost(q, k, v, topk, scale) -> OpCost:
+    """Read q, k, v and write out once; FLOPs of scores and weighted sum over the selected keys,
+    ``4 B H Nq min(topk, Nk) D`` (the selection's ``2 B H Nq Nk D`` is extra work, not counted)."""
+    batch, heads, num_queries, head_dim = q.shape
+    moved = (2 * q.numel() + k.numel() + v.numel()) * q.element_size()
+    return OpCost(moved, 4 * batch * heads * num_queries * min(topk, k.shape[2]) * head_dim)
+
+
 TOPK_ATTENTION = define_op(
     OpSpec(
         name="topk_attention",
+        cost=_cost,
         reference=topk_attention_reference,
         check=_check,
         device=lambda q, *_: q.device,
