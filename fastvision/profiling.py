@@ -8,7 +8,9 @@ in its Chrome trace and per-module table); otherwise a range costs nothing beyon
 ``profile_model(name)`` (``fastvision profile MODEL``) runs a few training steps (forward, the
 model's task loss on a synthetic batch, backward, optimizer step) and a few inference steps after
 warm-up under ``torch.profiler`` and writes a Chrome trace and a per-op summary (``summary.md``,
-``summary.json``). On CUDA the same steps then run once more under
+``summary.json``). Each fastvision op call runs inside a ``fastvision.op.<name>`` range and records
+the cost of its arguments (``OpSpec.cost``: bytes and FLOPs of one forward call), so the summary
+gives per op its calls, time, bytes, FLOPs, GB/s and GFLOP/s. On CUDA the same steps then run once more under
 ``torch.autograd.profiler.emit_nvtx`` so that Nsight Systems sees every aten op as an NVTX range.
 """
 
@@ -74,10 +76,19 @@ def nvtx_range(name: str) -> Iterator[None]:
 TRACE_GZIP_BYTES = 16 * 2**20  # a Chrome trace larger than this is written as trace.json.gz
 SURROGATE_LOSS = "surrogate: sum of the squared outputs of the inference entry (the task needs real data)"
 COST_NOTE = (
-    "fastvision ops carry their bytes and FLOPs per benchmark case (fastvision/benchmark/<op>.py), not as a "
-    "per-call bytes(args)/flops(args) function, so this table gives their time only: no GB/s or FLOP/s"
+    "Forward calls of each fastvision op (autograd's backward kernels run outside its range and show "
+    "above by name, time only): bytes and FLOPs are its cost model (OpSpec.cost, the minimal DRAM "
+    "traffic and useful FLOPs of one call) summed over the calls' arguments; time is the inclusive "
+    "time of its `fastvision.op.<name>` range"
+)
+CPU_COST_NOTE = (
+    "On the CPU most ops run their plain-PyTorch reference (several aten ops, intermediates in memory), "
+    "so GB/s and GFLOP/s here measure that reference against the kernels' traffic floor: they say little "
+    "about the GPU kernels"
 )
 _PHASES = ("fastvision.profile.train_step", "fastvision.profile.inference_step")
+_OP_RANGE = "fastvision.op."
+_COST_RANGE = "fastvision.op_cost"
 
 
 def synthetic_batch(
@@ -219,9 +230,11 @@ def profile_model(
 
     load_start = load_average()
     wall_ms: dict[str, float] = {}
+    from fastvision.ops._contract import record_op_costs
+
     this._RECORD_FUNCTIONS = True
     try:
-        with torch.profiler.profile(activities=activities) as prof:
+        with record_op_costs() as op_costs, torch.profiler.profile(activities=activities) as prof:
             for phase, run, n in ((_PHASES[0], train_steps, steps), (_PHASES[1], inference, inference_steps)):
                 begin = time.perf_counter()
                 run(n)
@@ -240,6 +253,7 @@ def profile_model(
     if trace:
         trace_path = _write_trace(prof, out / "trace.json")
     summary = _summarize(prof, device, top)
+    summary["op_costs"] = _op_costs(prof, op_costs, device, summary["total_self_ms"])
     summary.update(
         model=name,
         task=spec.task,
@@ -261,7 +275,7 @@ def profile_model(
         emit_nvtx_pass=device.type == "cuda",
         trace=None if trace_path is None else trace_path.name,
         trace_bytes=None if trace_path is None else trace_path.stat().st_size,
-        cost_note=COST_NOTE,
+        cost_note=COST_NOTE if device.type == "cuda" else f"{COST_NOTE}. {CPU_COST_NOTE}",
         environment={**_environment(device), "load_avg_start": load_start, "load_avg_end": load_end},
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -293,6 +307,63 @@ def _device_self_us(event: object) -> float:
     return 0.0
 
 
+def _device_total_us(event: object) -> float:
+    for attribute in ("device_time_total", "cuda_time_total"):
+        value = getattr(event, attribute, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def _op_costs(prof: torch.profiler.profile, records: list, device: torch.device, total_ms: float) -> dict:
+    """Per fastvision op: forward calls, inclusive time of its ``fastvision.op.<name>`` ranges (device
+    time on CUDA, CPU time otherwise), the recorded bytes and FLOPs summed, GB/s and GFLOP/s."""
+    on_device = device.type == "cuda"
+    totals: dict[str, list] = {}  # name -> [calls, bytes, flops, every call has a cost]
+    for name, cost in records:
+        entry = totals.setdefault(name, [0, 0, 0, True])
+        entry[0] += 1
+        if cost is None:
+            entry[3] = False
+        else:
+            entry[1] += cost.bytes_moved
+            entry[2] += cost.flops
+    range_us: dict[str, float] = {}
+    cost_us = 0.0
+    for e in prof.key_averages():
+        if on_device and str(getattr(e, "device_type", "")).endswith("CUDA"):
+            continue  # the GPU-side copy of a user range: its CPU-side event carries its kernels' time
+        if e.key.startswith(_OP_RANGE):
+            name = e.key.removeprefix(_OP_RANGE)
+            us = _device_total_us(e) if on_device else float(e.cpu_time_total)
+            range_us[name] = range_us.get(name, 0.0) + us
+        elif e.key == _COST_RANGE:
+            cost_us += float(e.cpu_time_total)
+    rows = []
+    for name, (calls, moved, flops, known) in totals.items():
+        us = range_us.get(name)
+        seconds = us / 1e6 if us else None
+        rows.append(
+            {
+                "name": name,
+                "calls": calls,
+                "time_ms": None if us is None else round(us / 1e3, 3),
+                "share_pct": round(100 * us / 1e3 / total_ms, 2) if us is not None and total_ms else None,
+                "bytes": moved if known else None,
+                "flops": flops if known else None,
+                "gbps": round(moved / seconds / 1e9, 3) if known and seconds and moved else None,
+                "gflops": round(flops / seconds / 1e9, 3) if known and seconds and flops else None,
+            }
+        )
+    rows.sort(key=lambda row: row["time_ms"] or 0.0, reverse=True)
+    where = "device" if on_device else "CPU"
+    return {
+        "time_basis": f"inclusive {where} time of the op's range",
+        "cost_cpu_ms": round(cost_us / 1e3, 3),
+        "ops": rows,
+    }
+
+
 def _summarize(prof: torch.profiler.profile, device: torch.device, top: int) -> dict:
     """Per-op rows sorted by self time (device time on CUDA), module ranges, and the two phases."""
     events = list(prof.key_averages())
@@ -302,7 +373,10 @@ def _summarize(prof: torch.profiler.profile, device: torch.device, top: int) -> 
         return _device_self_us(e) if on_device else float(e.self_cpu_time_total)
 
     total_self_us = sum(self_us(e) for e in events)
-    ranges = [e for e in events if e.key.startswith("fastvision.")]
+    ranges = [
+        e for e in events
+        if e.key.startswith("fastvision.") and not e.key.startswith(_OP_RANGE) and e.key != _COST_RANGE
+    ]  # fmt: skip
     ops = sorted((e for e in events if not e.key.startswith("fastvision.")), key=self_us, reverse=True)
     rows = []
     for e in ops[:top]:
@@ -316,8 +390,6 @@ def _summarize(prof: torch.profiler.profile, device: torch.device, top: int) -> 
                 "cpu_total_ms": round(e.cpu_time_total / 1e3, 3),
                 "self_device_ms": round(_device_self_us(e) / 1e3, 3) if on_device else None,
                 "fastvision_op": "fastvision::" in e.key,
-                "gbps": None,  # see COST_NOTE
-                "tflops": None,
             }
         )
     fastvision_ops = [e for e in ops if "fastvision::" in e.key]
@@ -343,8 +415,6 @@ def _summarize(prof: torch.profiler.profile, device: torch.device, top: int) -> 
                 "calls": int(e.count),
                 "self_ms": round(self_us(e) / 1e3, 3),
                 "share_pct": round(100 * self_us(e) / total_self_us, 2) if total_self_us else None,
-                "gbps": None,
-                "tflops": None,
             }
             for e in fastvision_ops
         ],
@@ -392,7 +462,8 @@ def format_summary(summary: dict) -> str:
             f"| {name} | {row['calls']} | {row['self_ms']:.3f} | {_pct(row['share_pct'])} | "
             f"{row['cpu_total_ms']:.3f} |"
         )
-    lines += ["", "## fastvision ops", ""]
+    lines += _format_op_costs(summary)
+    lines += ["", "## fastvision kernels (`fastvision::` custom ops, forward and backward; time only)", ""]
     if summary["fastvision_ops"]:
         lines += ["| op | calls | self ms | share % |", "|---|---:|---:|---:|"]
         for row in summary["fastvision_ops"]:
@@ -403,7 +474,7 @@ def format_summary(summary: dict) -> str:
             "No `fastvision::` op appears in this profile: on this device the ops the model uses ran "
             "their plain-PyTorch reference (aten ops)."
         )
-    lines += ["", summary["cost_note"] + ".", "", "## Module ranges (NVTX names, inclusive CPU time)", ""]
+    lines += ["", "## Module ranges (NVTX names, inclusive CPU time)", ""]
     if summary["modules"]:
         lines += ["| range | calls | CPU total ms | share % |", "|---|---:|---:|---:|"]
         for row in summary["modules"]:
@@ -414,6 +485,37 @@ def format_summary(summary: dict) -> str:
         lines.append("No module of this model marks its forward with `nvtx_range`.")
     lines.append("")
     return "\n".join(lines)
+
+
+def _format_op_costs(summary: dict) -> list[str]:
+    costs = summary.get("op_costs")
+    lines = ["", "## fastvision ops: forward calls, bytes, FLOPs, achieved GB/s and GFLOP/s", ""]
+    if not costs or not costs["ops"]:
+        return [*lines, "No fastvision op ran in this profile."]
+    lines += [
+        f"Time basis: {costs['time_basis']}. {summary['cost_note']}. Computing the costs took "
+        f"{costs['cost_cpu_ms']:.1f} ms of CPU time (`fastvision.op_cost` ranges; their aten ops are in the "
+        "tables above).",
+        "",
+        "| op | calls | time ms | share % | MB moved | MFLOP | GB/s | GFLOP/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in costs["ops"]:
+        cells = [
+            _num(row["time_ms"], ".3f"),
+            _pct(row["share_pct"]),
+            _num(None if row["bytes"] is None else row["bytes"] / 1e6, ".3f"),
+            _num(None if row["flops"] is None else row["flops"] / 1e6, ".3f"),
+            _num(row["gbps"], ".3f"),
+            _num(row["gflops"], ".3f"),
+        ]
+        lines.append(f"| {row['name']} | {row['calls']} | " + " | ".join(cells) + " |")
+    lines += ["", "A `-`: no FLOPs to count (the op only moves data), or no time measured."]
+    return lines
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _pct(value: float | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -26,6 +27,25 @@ def test_profile_model_writes_trace_and_summary(tmp_path):
     assert any(m["name"] == "fastvision.ViTMNIST" for m in data["modules"])  # the NVTX range names
     table = (tmp_path / "summary.md").read_text()
     assert "## Top ops by self time" in table and "fastvision.ViTMNIST" in table
+    assert all(not m["name"].startswith("fastvision.op") for m in data["modules"])  # op ranges apart
+
+
+def test_profile_model_reports_op_bytes_flops_and_throughput(tmp_path):
+    from fastvision.ops._contract import _cost_records
+
+    profile_model("vit_mnist", steps=1, inference_steps=1, batch=2, warmup=0, out=tmp_path, trace=False)
+    assert _cost_records[0] is None  # the recorder is off again
+    data = json.loads((tmp_path / "summary.json").read_text())
+    rows = {row["name"]: row for row in data["op_costs"]["ops"]}
+    # vit_mnist: 4 encoder blocks, 2 AddLayerNorms each, one training and one inference forward
+    assert rows["add_layer_norm"]["calls"] == 16
+    for row in rows.values():
+        for key in ("time_ms", "bytes", "flops", "gbps", "gflops"):
+            assert isinstance(row[key], (int, float)) and math.isfinite(row[key]) and row[key] > 0, key
+        assert row["gbps"] == pytest.approx(row["bytes"] / (row["time_ms"] * 1e-3) / 1e9, rel=1e-2)
+    table = (tmp_path / "summary.md").read_text()
+    assert "## fastvision ops: forward calls, bytes, FLOPs, achieved GB/s and GFLOP/s" in table
+    assert "| add_layer_norm | 16 |" in table and "say little about the GPU kernels" in table
 
 
 def test_profile_model_rejects_bad_arguments(tmp_path):
