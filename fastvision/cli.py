@@ -158,12 +158,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 2
     device = resolve_device(args.device)
     model = create_model(args.model).to(device)
-    if args.checkpoint:
-        from fastvision.train.trainer import init_weights
+    try:
+        inputs = example_inputs(args.model, args.batch, device=device)
+        if args.checkpoint:
+            from fastvision.train.checkpoint import CheckpointError
+            from fastvision.train.trainer import init_weights
 
-        print(f"weights: {init_weights(model, args.checkpoint, device)}")
+            try:
+                print(f"weights: {init_weights(model, args.checkpoint, device)}")
+            except (CheckpointError, OSError) as error:
+                raise ValueError(f"--checkpoint {args.checkpoint}: {error}") from None
+    except ValueError as error:
+        print(f"fastvision export: {error}", file=sys.stderr)
+        return 2
     module = inference_module(model, args.model)
-    inputs = example_inputs(args.model, args.batch, device=device)
     suffix = {"pt2": ".pt2", "onnx": ".onnx", "tensorrt": ".trt.ep"}[args.format]
     out = Path(args.out or f"exports/{args.model}{suffix}")
     try:

@@ -162,3 +162,30 @@ def test_export_cli_reports_bad_requests(tmp_path, capsys):
     if importlib.util.find_spec("torch_tensorrt") is None:
         assert main(["export", "vit_mnist", "--format", "tensorrt", "--out", str(tmp_path / "x.ep")]) == 1
         assert "needs torch-tensorrt" in capsys.readouterr().err
+
+
+def test_max_abs_difference_sees_nan_and_infinities():
+    ones = torch.ones(3)
+    assert deploy.max_abs_difference(ones, [torch.tensor([1.0, 1.5, 1.0])]) == 0.5
+    assert deploy.max_abs_difference(ones, [torch.tensor([1.0, float("nan"), 1.0])]) == float("inf")
+    assert deploy.max_abs_difference(ones, [torch.tensor([1.0, float("inf"), 1.0])]) == float("inf")
+    same = torch.tensor([float("nan"), float("-inf"), 2.0])
+    assert deploy.max_abs_difference(same, [same.clone()]) == 0.0
+    assert deploy.max_abs_difference(same, [torch.tensor([float("nan"), float("inf"), 2.0])]) == float("inf")
+
+
+def test_export_cli_rejects_bad_batch_and_checkpoint(tmp_path, capsys):
+    from fastvision.cli import main
+
+    assert main(["export", "vit_mnist", "--batch", "0", "--out", str(tmp_path / "x.pt2")]) == 2
+    assert "batch must be a positive int" in capsys.readouterr().err
+    missing = tmp_path / "missing.pt"
+    assert main(["export", "vit_mnist", "--checkpoint", str(missing), "--out", str(tmp_path / "x.pt2")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_inference_module_checks_its_model():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        inference_module(object(), "vit_mnist")
+    with pytest.raises(ValueError, match="generate"):
+        inference_module(torch.nn.Linear(2, 2), "digit_seq_transformer")

@@ -89,3 +89,9 @@ def test_cli_parses():
     argv = ["bench-inference", "--model", MODEL, "--batch", "1", "--batch", "8", "--quick", "--threads", "1"]
     args = build_parser().parse_args(argv)
     assert args.model == [MODEL] and args.batch == [1, 8] and args.quick and args.threads == 1
+
+
+def test_run_rejects_a_bad_budget():
+    for budget in (-1.0, 0, float("nan"), True):
+        with pytest.raises(ValueError, match="budget_s must be a positive number"):
+            inference.run(["vit_mnist"], batches=(1,), budget_s=budget)

@@ -220,6 +220,9 @@ def _scan_reference(inputs: dict, delta_softplus: bool):
 )
 def test_selective_scan_onnx_is_one_scan(bc, optional, delta_softplus, tmp_path):
     """Exports at L = 1, 6 and 17 have the same nodes (one Scan, no unrolling) and match the reference."""
+    spec = OPS["selective_scan"]
+    if all(spec.built(b) is not None for b, kernel in spec.kernels.items() if kernel.onnx is not None):
+        pytest.skip("no selective_scan backend with the Scan translation is built (it exports unrolled)")
     names = ["u", "delta", "A", "B", "C", *optional]
     graphs = []
     for length in (1, 6, 17):

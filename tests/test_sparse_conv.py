@@ -487,13 +487,33 @@ def test_masked_dense_matches_sparse_modules():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 11, 13) * (torch.rand(2, 1, 11, 13) > 0.6)
     block, pool = ResidualSparseBlock(3, 5), SparseMaxPool2d(3, stride=2)
-    sparse, dense = SparseTensor.from_dense(x), MaskedDense.from_dense(x)
-    with torch.no_grad():
-        torch.testing.assert_close(dense.__class__.from_dense(x).to_dense(), sparse.to_dense())
-        sparse, dense = block(sparse), block(dense)
-        torch.testing.assert_close(dense.to_dense(), sparse.to_dense(), atol=1e-5, rtol=1e-5)
-        sparse, dense = pool(sparse), pool(dense)
-        torch.testing.assert_close(dense.to_dense(), sparse.to_dense(), atol=1e-5, rtol=1e-5)
+    x_sparse, x_dense = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    sparse, dense = SparseTensor.from_dense(x_sparse), MaskedDense.from_dense(x_dense)
+    torch.testing.assert_close(dense.to_dense(), sparse.to_dense())
+    sparse, dense = block(sparse), block(dense)
+    torch.testing.assert_close(dense.to_dense(), sparse.to_dense(), atol=1e-5, rtol=1e-5)
+    sparse, dense = pool(sparse), pool(dense)
+    torch.testing.assert_close(dense.to_dense(), sparse.to_dense(), atol=1e-5, rtol=1e-5)
     active = torch.zeros(2, 1, *sparse.spatial_shape, dtype=torch.bool)
     active[sparse.coords[:, 0], 0, sparse.coords[:, 1], sparse.coords[:, 2]] = True
     assert torch.equal(dense.mask, active)
+    # Gradients: the same at active input sites, zero at inactive ones in both.
+    upstream = torch.randn_like(sparse.to_dense())
+    (grad_sparse,) = torch.autograd.grad((sparse.to_dense() * upstream).sum(), x_sparse)
+    (grad_dense,) = torch.autograd.grad((dense.to_dense() * upstream).sum(), x_dense)
+    torch.testing.assert_close(grad_dense, grad_sparse, atol=1e-5, rtol=1e-5)
+    assert (grad_dense[(x == 0).all(dim=1, keepdim=True).expand_as(x)] == 0).all()
+
+
+@pytest.mark.parametrize(("kernel_size", "dilation"), [(1, 1), (3, 2), (5, 1), (5, 3)])
+def test_masked_dense_conv_matches_sparse_conv(kernel_size, dilation):
+    from fastvision.nn.sparse import SparseConv2d
+    from fastvision.sparse.masked_dense import MaskedDense
+
+    torch.manual_seed(kernel_size * 10 + dilation)
+    x = torch.randn(2, 3, 12, 9) * (torch.rand(2, 1, 12, 9) > 0.5)
+    conv = SparseConv2d(3, 4, kernel_size, dilation=dilation)
+    with torch.no_grad():
+        expected = conv(SparseTensor.from_dense(x)).to_dense()
+        got = conv(MaskedDense.from_dense(x)).to_dense()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

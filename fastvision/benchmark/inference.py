@@ -48,12 +48,16 @@ from fastvision.benchmark.timing import (
     module_version,
     paired_ratio,
     spread,
+    synchronize,
 )
 
 BACKENDS = ("eager", "compile", "compile-reduce-overhead", "onnxruntime", "tensorrt")
 DEFAULT_BATCHES = (1, 32)
 DEFAULT_BUDGET_S = 1.5
 QUICK_BUDGET_S = 0.25
+# Largest |backend - eager| accepted, relative to the output's magnitude (at least 1): float32
+# programs reorder reductions; more than this is a wrong result, not rounding.
+OUTPUT_TOLERANCE = 1e-3
 ONNX_EXPORT_BATCH = 2  # a dynamic-batch export traces a batch above 1 (size 1 would specialize)
 
 
@@ -93,19 +97,10 @@ def _no_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _leaves(output: Any) -> list[torch.Tensor]:
-    return [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed_first_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     begin = time.perf_counter()
     out = fn()
-    _sync(device)
+    synchronize(device)
     return out, time.perf_counter() - begin
 
 
@@ -223,7 +218,7 @@ def _bench_batch(
     onnx_model: _OnnxModel | None,
     noise_threshold: float,
 ) -> list[InferenceRow]:
-    from fastvision.deploy import max_abs_difference
+    from fastvision.deploy import max_abs_difference, tensor_leaves
     from fastvision.models import example_inputs
 
     rows = {b: InferenceRow(name, batch, b, True) for b in dict.fromkeys(["eager", *backends])}
@@ -235,6 +230,8 @@ def _bench_batch(
             row.ok, row.error = False, f"eager failed: {_message(exc)}"
         return list(rows.values())
     fns: dict[str, Callable[[], Any]] = {"eager": lambda: eager(*inputs)}
+    floats = [t for t in tensor_leaves(expected) if t.is_floating_point() and t.numel()]
+    scale = max([1.0, *(t.abs().max().item() for t in floats)])
     for backend, row in rows.items():
         if backend == "eager":
             continue
@@ -246,7 +243,7 @@ def _bench_batch(
             if backend in compiled:
                 fn = (lambda f: lambda: f(*inputs))(compiled[backend])
                 out, row.setup_s = _timed_first_call(fn, device)
-                row.max_abs_diff = max_abs_difference(expected, _leaves(out))
+                row.max_abs_diff = max_abs_difference(expected, tensor_leaves(out))
             elif backend == "onnxruntime":
                 session, row.setup_s, row.note = onnx_model.session_for(batch)
                 feeds = {
@@ -265,9 +262,14 @@ def _bench_batch(
                 engine = _no_grad(compile_tensorrt(module, inputs))
                 row.setup_s = time.perf_counter() - begin
                 fn = (lambda f: lambda: f(*inputs))(engine)
-                row.max_abs_diff = max_abs_difference(expected, _leaves(fn()))
+                row.max_abs_diff = max_abs_difference(expected, tensor_leaves(fn()))
             else:
                 raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+            allowed = OUTPUT_TOLERANCE * scale
+            if not row.max_abs_diff <= allowed:  # a wrong backend is reported, never timed
+                difference = f"{row.max_abs_diff:.3g} (> {allowed:.3g})"
+                row.ok, row.error = False, f"output differs from eager by {difference}"
+                continue
             fns[backend] = fn
         except Exception as exc:  # noqa: BLE001  (reported in the row; the other backends still run)
             row.ok, row.error = False, _message(exc)
@@ -332,7 +334,12 @@ def run(
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backends {unknown}; known: {', '.join(BACKENDS)}")
+    if not isinstance(quick, bool):
+        raise TypeError(f"quick must be a bool, got {type(quick).__name__}")
     budget_s = budget_s if budget_s is not None else (QUICK_BUDGET_S if quick else DEFAULT_BUDGET_S)
+    numeric = isinstance(budget_s, (int, float)) and not isinstance(budget_s, bool)
+    if not numeric or not 0 < budget_s < float("inf"):
+        raise ValueError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")

@@ -22,7 +22,7 @@ _L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than any current L2, so each rep s
 NOISE_THRESHOLD = 0.1
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -141,7 +141,7 @@ def interleaved_samples_ms(
     for name, fn in fns.items():
         try:
             fn()
-            _synchronize(device)
+            synchronize(device)
             estimate_s += _estimate_s(fn, device, clock, budget_s / max(1, len(fns)))
             live[name] = fn
         except Exception as exc:  # noqa: BLE001  (reported by name, the others still run)
@@ -175,7 +175,7 @@ def _estimate_s(
     for _ in range(3):
         start = clock()
         fn()
-        _synchronize(device)
+        synchronize(device)
         elapsed = clock() - start
         best, spent = min(best, elapsed), spent + elapsed
         if spent > budget_s / 4:

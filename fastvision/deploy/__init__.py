@@ -30,6 +30,11 @@ from fastvision.ops._contract import onnx_export_dispatch, onnx_translation_tabl
 FORMATS = ("pt2", "onnx", "tensorrt")
 
 
+def tensor_leaves(outputs: Any) -> list[torch.Tensor]:
+    """The tensors of a (nested) model output, in pytree order: how exported outputs are compared."""
+    return [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+
+
 def batch_dynamic_shapes(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple:
     """``dynamic_shapes`` making dim 0 (the batch) of every input one shared symbolic size."""
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -104,7 +109,9 @@ def export(
     *,
     dynamic_batch: bool = False,
 ) -> Path:
-    """Write ``module`` (its ``forward`` on ``example_inputs``) as ``format`` (pt2, onnx, tensorrt)."""
+    """Write ``module`` (its ``forward`` on ``example_inputs``) as ``format`` (pt2, onnx, tensorrt).
+
+    The module is put in eval mode (exports are inference programs)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if not isinstance(module, torch.nn.Module):
@@ -112,6 +119,13 @@ def export(
     if not isinstance(example_inputs, (tuple, list)):
         kind = type(example_inputs).__name__
         raise TypeError(f"example_inputs must be a tuple of the forward's inputs, got {kind}")
+    kinds = [type(value).__name__ for value in example_inputs if not isinstance(value, torch.Tensor)]
+    if kinds:
+        raise TypeError(f"example_inputs must hold tensors only, got {', '.join(kinds)}")
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or pathlib.Path, got {type(path).__name__}")
+    if not isinstance(dynamic_batch, bool):
+        raise TypeError(f"dynamic_batch must be a bool, got {type(dynamic_batch).__name__}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         if format == "pt2":
@@ -127,8 +141,7 @@ def run_exported(path: str | Path, format: str, example_inputs: Sequence[torch.T
     """Load an exported artifact and run it on ``example_inputs``; its outputs, flattened."""
     path = Path(path)
     if format == "pt2":
-        outputs = torch.export.load(path).module()(*example_inputs)
-        return [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+        return tensor_leaves(torch.export.load(path).module()(*example_inputs))
     if format == "onnx":
         import onnxruntime
 
@@ -141,14 +154,14 @@ def run_exported(path: str | Path, format: str, example_inputs: Sequence[torch.T
     if format == "tensorrt":
         import torch_tensorrt
 
-        outputs = torch_tensorrt.load(str(path)).module()(*example_inputs)
-        return [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+        return tensor_leaves(torch_tensorrt.load(str(path)).module()(*example_inputs))
     raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
 
 
 def max_abs_difference(expected: Any, got: Sequence[torch.Tensor]) -> float:
-    """Largest |expected - got| over the flattened outputs (integer outputs compared exactly)."""
-    leaves = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+    """Largest |expected - got| over the flattened outputs (integer outputs compared exactly);
+    ``inf`` where one side is NaN or infinite and the other is not."""
+    leaves = tensor_leaves(expected)
     if len(leaves) != len(got):
         raise ValueError(f"the exported program returns {len(got)} outputs, eager {len(leaves)}")
     worst = 0.0
@@ -156,10 +169,17 @@ def max_abs_difference(expected: Any, got: Sequence[torch.Tensor]) -> float:
         have = have.to(want.device)
         if want.shape != have.shape:
             raise ValueError(f"output shape {tuple(have.shape)} differs from eager {tuple(want.shape)}")
-        if want.numel():
-            worst = max(worst, (want.double() - have.double()).abs().max().item())
+        if not want.numel():
+            continue
+        want, have = want.double(), have.double()
+        if not torch.equal(torch.isnan(want), torch.isnan(have)):
+            return float("inf")
+        finite = torch.isfinite(want) & torch.isfinite(have)
+        if not torch.equal(want[~finite].nan_to_num(), have[~finite].nan_to_num()):
+            return float("inf")  # infinities of different signs or places
+        if finite.any():
+            worst = max(worst, (want[finite] - have[finite]).abs().max().item())
     return worst
-
 
 __all__ = [
     "FORMATS",
@@ -172,5 +192,6 @@ __all__ = [
     "run_exported",
     "save_program",
     "save_tensorrt",
+    "tensor_leaves",
     "unsupported_onnx_ops",
 ]

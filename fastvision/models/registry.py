@@ -123,7 +123,12 @@ class InferenceEntry(nn.Module):
 
 
 def inference_module(model: nn.Module, name: str) -> nn.Module:
-    """``model`` (in eval mode) as the module whose ``forward`` is model ``name``'s inference entry."""
+    """``model``, switched to eval mode, as the module whose ``forward`` is model ``name``'s
+    inference entry."""
     method = get_model_spec(name).inference
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(getattr(model, method, None)):
+        raise ValueError(f"model {name!r} infers through .{method}(), which {type(model).__name__} lacks")
     model.eval()
     return model if method == "forward" else InferenceEntry(model, method).eval()

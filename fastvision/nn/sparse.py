@@ -59,7 +59,7 @@ class SparseConv2d(nn.Module):
     def forward(self, x: SparseTensor | MaskedDense) -> SparseTensor | MaskedDense:
         _check_sparse(x)
         if isinstance(x, MaskedDense):
-            return x.conv2d(self.weight, self.bias, self.dilation)
+            return x.conv2d(self.weight, self.bias, self.kernel_size, self.dilation)
         with nvtx_range("fastvision.SparseConv2d"):
             kernel_map = x.kernel_map(self.kernel_size, self.dilation)
             return x.replace_feats(sparse_conv2d(x.feats, kernel_map, self.weight, self.bias))

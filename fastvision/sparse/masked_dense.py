@@ -38,7 +38,10 @@ class MaskedDense:
         """The sites of ``x`` (``[B, C, H, W]``) where any channel is nonzero (as ``SparseTensor``)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor [B, C, H, W], got {getattr(x, 'shape', x)}")
-        return cls(x, (x != 0).any(dim=1, keepdim=True))
+        mask = (x != 0).any(dim=1, keepdim=True)
+        # Re-zero the inactive sites through the mask: no gradient reaches them (as with the sparse
+        # tensor, which never reads them).
+        return cls(torch.where(mask, x, 0.0), mask)
 
     @property
     def spatial_shape(self) -> tuple[int, int]:
@@ -51,9 +54,11 @@ class MaskedDense:
     def to_dense(self) -> torch.Tensor:
         return self.feats
 
-    def conv2d(self, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> MaskedDense:
+    def conv2d(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: int, dilation: int
+    ) -> MaskedDense:
         """Submanifold convolution with the offset-major ``weight`` ``[K*K, Cin, Cout]``."""
-        size = round(weight.shape[0] ** 0.5)
+        size = kernel_size
         dense_weight = weight.view(size, size, weight.shape[1], weight.shape[2]).permute(3, 2, 0, 1)
         out = F.conv2d(self.feats, dense_weight, bias, padding=(size // 2) * dilation, dilation=dilation)
         return self.replace_feats(out)
