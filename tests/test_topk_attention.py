@@ -353,13 +353,14 @@ def test_huge_topk_is_dense_attention(backend, topk):
 # --- the selection's threshold, candidate buffer and merges (Triton) ------------------------------
 
 
-def _check_selection(q, k, topk, scale=0.25, extract=None):
-    """The Triton selection equals the float64 definition (as sets, ties included)."""
+def _check_selection(q, k, topk, scale=0.25, extract=None, score_dtype=torch.float64):
+    """The Triton selection equals the definition on ``score_dtype`` scores (as sets, ties included)."""
     from fastvision.triton_kernels.topk_attention import select_topk
 
     indices = select_topk(q, k, topk, scale, extract=extract)
     assert indices.dtype == torch.int32 and indices.shape == (*q.shape[:3], topk)
-    mask = _selection_mask((q.double() @ k.double().transpose(-2, -1)) * scale, topk)
+    scores = q.to(score_dtype) @ k.to(score_dtype).transpose(-2, -1)
+    mask = _selection_mask(scores * scale, topk)
     got = torch.zeros_like(mask).scatter_(-1, indices.long(), True)
     assert torch.equal(got, mask)
     assert (indices.sort(dim=-1).values.diff(dim=-1) > 0).all(), "an index selected twice"
@@ -370,8 +371,9 @@ def _small_integers(shape, seed, low=-2, high=3, dtype=torch.float32):
     return torch.randint(low, high, shape, generator=generator).to(device=DEVICE, dtype=dtype)
 
 
-# extract=0: every block with a candidate is merged whole; extract=64 (>= BLOCK_N): candidates always
-# go through the buffer, which fills and is merged many times; None: the launcher's tile.
+# extract=0: every block with a candidate is merged whole; extract=64 (as wide as the interpreter's
+# 64-key blocks for topk <= 64): candidates go through the buffer, which fills and is merged many
+# times; None: the launcher's tile.
 EXTRACTS = [
     pytest.param(0, id="merge-blocks"),
     pytest.param(64, id="buffer-only"),
@@ -424,6 +426,60 @@ def test_selection_signed_zero_scores(extract):
     k[:, :, 1::3] = 0.0
     _check_selection(q, k, 20, scale=1.0, extract=extract)
     _check_selection(q, k, 20, scale=1.0, extract=extract)  # the same answer again
+
+
+def _infinite_scores(num_keys: int, finite: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k whose float32 scores are -inf except at keys ``finite`` (q[0] * k[0] overflows)."""
+    q = _small_integers((1, 2, 5, 16), seed=107, low=1, high=3)
+    q[..., 0] = -3e38
+    k = _small_integers((1, 2, num_keys, 16), seed=108, low=-2, high=3)
+    k[..., 0] = 10.0
+    k[:, :, finite, 0] = 0.0
+    return q, k
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
+@pytest.mark.parametrize("extract", EXTRACTS)
+@pytest.mark.parametrize("finite", [[], [10, 20], list(range(0, 97, 3))], ids=["none", "two", "many"])
+def test_selection_minus_infinite_scores(finite, extract):
+    """Scores of -inf still fill a row that has fewer than topk finite scores, lowest index first
+    (float32 overflow gives them; the definition is taken on float32 scores too)."""
+    q, k = _infinite_scores(97, finite)
+    for topk in (1, 4, 40):
+        _check_selection(q, k, topk, extract=extract, score_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_minus_infinite_scores_forward_backward(backend):
+    """Rows with two finite scores among -inf ones and topk = 4: two -inf keys are selected too, with
+    zero weight; output and gradients equal the float64 reference (where those scores are finite but
+    so low that their weight is zero as well)."""
+    q, k = _infinite_scores(70, [3, 50])
+    v = _random((1, 2, 70, 16), torch.float32, seed=109)
+    leaf = q.clone().requires_grad_(True)
+    with fastvision.use_backend(backend):
+        out = topk_attention(leaf, k, v, 4)
+    (grad,) = torch.autograd.grad(out.sum(), leaf)
+    q64 = q.double().requires_grad_(True)
+    reference = topk_attention_reference(q64, k.double(), v.double(), 4)
+    (grad64,) = torch.autograd.grad(reference.sum(), q64)
+    torch.testing.assert_close(out.double(), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.double(), grad64, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
+def test_selection_nan_scores_keep_indices_in_range():
+    """NaN scores give NaN-dependent output, but never an index outside the keys."""
+    from fastvision.triton_kernels.topk_attention import select_topk
+
+    q = _small_integers((1, 1, 4, 16), seed=110)
+    k = _small_integers((1, 1, 90, 16), seed=111)
+    q[0, 0, 0] = float("nan")  # every score of query 0 is NaN
+    k[0, 0, 5:60, 0] = float("nan")  # most keys NaN for every query
+    indices = select_topk(q, k, 8, 0.25)
+    assert ((indices >= 0) & (indices < 90)).all()
+    with pytest.raises(ValueError, match="extract must be a non-negative int"):
+        select_topk(q, k, 8, 0.25, extract=-1)
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")

@@ -12,13 +12,16 @@ Three kernels, each with a one-axis grid of ``B * H * ceil(Nq / BLOCK_M)`` progr
    descending), the float32 score of its ``topk``-th entry (the *threshold*, ``-inf`` until it
    holds ``topk`` keys), and a candidate buffer of ``BLOCK_N`` packed keys with a fill count.
 
-   - *Filter*: every key of a block has a higher index than every key already merged, so a key
-     whose score does not strictly beat the threshold can never be selected (an equal score loses
-     the tie, and the threshold only rises). One float comparison per score (and-ed with the
-     key-in-range mask: one ``FSETP`` in SASS) gives the block's candidates, a row sum their count
-     per query, and a max over the tile's queries the count of its fullest row.
+   - *Filter*: a key whose score is below the threshold can never be selected (the threshold only
+     rises). One float comparison per score, ``score >= threshold`` (and-ed with the key-in-range
+     mask: one ``FSETP`` in SASS), gives the block's candidates, a row sum their count per query,
+     and a max over the tile's queries the count of its fullest row. ``>=`` rather than ``>``: an
+     equal score loses its tie in the merge anyway (every key of a block has a higher index than
+     every key already merged), and a row holding fewer than ``topk`` keys has threshold ``-inf``,
+     which a ``-inf`` score (float32 overflow) must pass. NaN scores pass no threshold; a slot they
+     leave empty is filled with key 0, so indices always stay in range.
    - *Append*: when the fullest row has 1..``EXTRACT`` candidates (8 for a 32-wide buffer, 12 for
-     wider ones: the crossover of step and merge costs in a simulation of the loop), they are
+     wider ones: estimates of where a merge becomes cheaper than appending), they are
      appended to the buffers one per row per step: ``marked`` holds the column of each candidate
      not yet appended (``BLOCK_N`` elsewhere); each step takes each row's lowest marked column (a
      row min), its score (a row max over that column), packs the pair and writes it to slot
@@ -46,10 +49,10 @@ Three kernels, each with a one-axis grid of ``B * H * ceil(Nq / BLOCK_M)`` progr
    Predicted cost (SASS instructions per score, static counts of the sm_90 code compiled as a launch
    on contiguous tensors, ``bench/results/kernel_budget.md``; not measured on a GPU), bf16, D = 64:
    a block without candidates 12.7 (topk <= 32, 4 warps) to 21.9 (topk <= 128), an append step
-   13.4 to 19.0, a merge 162 to 378. Weighted by a simulation of the loop on random scores
-   (counts of blocks, steps and merges per program), the whole selection is predicted at about 81
-   (N = 4K) and 39 (N = 32K) instructions per score for topk = 32, 359 and 139 for topk = 128
-   (where whole-block merges dominate), against about 5-6 for a flash SDPA forward.
+   13.4 to 19.0, a whole-block merge 188 to 412. Even the fast path alone is about twice the
+   softmax work of a flash SDPA forward (estimated at 5-6 instructions per score, not counted
+   here), so selection plus forward is expected to miss a 1.5x-of-flash goal; how many blocks take
+   each path depends on the data and is left to the GPU measurement.
 2. ``_sparse_forward_kernel`` gathers the selected K and V rows of each query and runs an online
    (flash-style) softmax over them on CUDA cores (each query has its own keys, so there is no
    shared matmul), writing the output and the log-sum-exp.
@@ -235,10 +238,11 @@ def _select_topk_kernel(
             else:
                 scores = tl.dot(q, k_tile, scores)
         scores = scores * scale
-        # Every key of this block has a higher index than every key in best, so one that does not
-        # beat the topk-th score strictly can never be selected (ties go to the lower index, and the
-        # topk-th only rises): one comparison per score (keys past the end are never candidates).
-        above = (scores > threshold[:, None]) & key_ok[None, :]
+        # A key below the topk-th score can never be selected (the topk-th only rises): one
+        # comparison per score (keys past the end are never candidates). ``>=``, not ``>``: a key
+        # equal to it loses the tie in the merge (its index is higher), and while a row holds fewer
+        # than topk keys its threshold is -inf, which a -inf score must still pass.
+        above = (scores >= threshold[:, None]) & key_ok[None, :]
         count = tl.sum(above.to(tl.int32), axis=1)
         most = tl.max(count, axis=0)  # candidates of the fullest row
         whole = most > EXTRACT  # many candidates (the first blocks): merge the block itself
@@ -263,7 +267,9 @@ def _select_topk_kernel(
             fill += (col < BLOCK_N).to(tl.int32)
             marked = tl.where(taken, BLOCK_N, marked)
 
-    selected = (4294967295 - (best & 4294967295)).to(tl.int32)
+    # A slot left empty (only where NaN scores were never admitted) gets key 0, so every index
+    # stays in range; NaN inputs give NaN-dependent output, not an out-of-bounds read.
+    selected = tl.where(best == -9223372036854775807, 0, (4294967295 - (best & 4294967295)).to(tl.int32))
     idx_base = idx_ptr + pid_bh.to(tl.int64) * num_queries * topk
     tl.store(idx_base + rows.to(tl.int64)[:, None] * topk + cols[None, :], selected,
              mask=row_ok[:, None] & (cols < topk)[None, :])  # fmt: skip
@@ -537,8 +543,8 @@ def selection_tile(topk: int, head_dim: int, dtype: torch.dtype, interpret: bool
     else:  # tensor cores; the 256-wide buffer leaves room for a 32-deep slice of K only
         dot_chunk = 32 if block_n >= 256 else head_dim
     # Appending costs about one tile-wide pass per candidate of the fullest row, a merge about log2^2
-    # BLOCK_N passes: a simulation of the loop on random scores (N = 4K-32K) puts the crossover near
-    # 8 candidates for BLOCK_N = 32 and 12 for wider buffers.
+    # BLOCK_N passes: past a few candidates a whole-block merge is cheaper. 8 and 12 are estimates
+    # from those costs, to be tuned on a GPU (any value gives the same, exact result).
     extract = 8 if block_n <= 32 else 12
     return Tile(block_m, block_n, num_warps, num_stages=2, dot_chunk=dot_chunk, extract=extract)
 
@@ -657,6 +663,8 @@ def select_topk(
     interpret = _interpret(q)
     tile = selection_tile(topk, head_dim, q.dtype, interpret)
     if extract is not None:
+        if isinstance(extract, bool) or not isinstance(extract, int) or extract < 0:
+            raise ValueError(f"extract must be a non-negative int, got {extract!r}")
         tile = dataclasses.replace(tile, extract=extract)
     _select_topk_kernel[select_topk_grid(batch, heads, num_queries, head_dim, topk, q.dtype, interpret)](
         q, k, indices, num_queries, num_keys, topk, heads, scale, *_strides(q), *_strides(k),
