@@ -123,27 +123,6 @@ def synthetic_batch(
     return tuple(t.to(device) for t in made), what
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _tensor_leaves(output: object) -> list[torch.Tensor]:
-    leaves = torch.utils._pytree.tree_leaves(output)
-    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def _environment(device: torch.device) -> dict:
-    import os
-
-    from fastvision.benchmark.runner import environment
-
-    env = environment(device, 0.0)
-    env.pop("copy_bandwidth_gbps", None)
-    env["cpus"] = os.cpu_count()
-    return env
-
-
 def profile_model(
     name: str,
     *,
@@ -167,21 +146,28 @@ def profile_model(
     import time
 
     import fastvision.profiling as this
+    from fastvision.benchmark.runner import environment
+    from fastvision.benchmark.timing import load_average, synchronize
+    from fastvision.deploy import tensor_leaves
     from fastvision.models import create_model, example_inputs, get_model_spec, inference_module
     from fastvision.train.optim import build_optimizer, is_schedule_free
     from fastvision.train.tasks import get_task
     from fastvision.train.trainer import resolve_config
 
-    for label, value, least in (("steps", steps, 1), ("batch", batch, 1), ("warmup", warmup, 0)):
+    spec = get_model_spec(name)  # an unknown model fails before anything is written
+    inference_steps = steps if inference_steps is None else inference_steps
+    checks = (("steps", steps, 1), ("inference_steps", inference_steps, 0), ("batch", batch, 1),
+              ("warmup", warmup, 0), ("top", top, 1))  # fmt: skip
+    for label, value, least in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{label} must be an int >= {least}, got {value!r}")
-    inference_steps = steps if inference_steps is None else inference_steps
+    if not isinstance(trace, bool):
+        raise TypeError(f"trace must be a bool, got {type(trace).__name__}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("profile_model: device cuda asked for, but no CUDA device is visible")
     out = Path(out) if out is not None else Path("profiles") / name
     out.mkdir(parents=True, exist_ok=True)
-    spec = get_model_spec(name)
 
     torch.manual_seed(0)
     model = create_model(name).to(device)
@@ -200,7 +186,8 @@ def profile_model(
         loss_what = f"{SURROGATE_LOSS} ({batch_what})"
 
         def loss_fn() -> torch.Tensor:
-            return sum(t.float().square().sum() for t in _tensor_leaves(module(*inputs)))
+            outputs = [t for t in tensor_leaves(module(*inputs)) if t.is_floating_point()]
+            return sum(t.float().square().sum() for t in outputs)
 
     def train_steps(n: int) -> None:
         model.train()
@@ -211,23 +198,21 @@ def profile_model(
                 optimizer.zero_grad(set_to_none=True)
                 loss_fn().backward()
                 optimizer.step()
-        _sync(device)
+        synchronize(device)
 
     def inference(n: int) -> None:
-        inference_module(model, name)  # eval mode
+        model.eval()
         with torch.no_grad():
             for _ in range(n):
                 with nvtx_range(_PHASES[1]):
                     module(*inputs)
-        _sync(device)
+        synchronize(device)
 
     train_steps(warmup)
     inference(warmup)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    from fastvision.benchmark.timing import load_average
-
     load_start = load_average()
     wall_ms: dict[str, float] = {}
     from fastvision.ops._contract import record_op_costs
@@ -276,7 +261,7 @@ def profile_model(
         trace=None if trace_path is None else trace_path.name,
         trace_bytes=None if trace_path is None else trace_path.stat().st_size,
         cost_note=COST_NOTE if device.type == "cuda" else f"{COST_NOTE}. {CPU_COST_NOTE}",
-        environment={**_environment(device), "load_avg_start": load_start, "load_avg_end": load_end},
+        environment={**environment(device), "load_avg_start": load_start, "load_avg_end": load_end},
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(format_summary(summary))
@@ -364,6 +349,10 @@ def _op_costs(prof: torch.profiler.profile, records: list, device: torch.device,
     }
 
 
+def _share(part_us: float, total_us: float) -> float | None:
+    return round(100 * part_us / total_us, 2) if total_us else None
+
+
 def _summarize(prof: torch.profiler.profile, device: torch.device, top: int) -> dict:
     """Per-op rows sorted by self time (device time on CUDA), module ranges, and the two phases."""
     events = list(prof.key_averages())
@@ -373,6 +362,7 @@ def _summarize(prof: torch.profiler.profile, device: torch.device, top: int) -> 
         return _device_self_us(e) if on_device else float(e.self_cpu_time_total)
 
     total_self_us = sum(self_us(e) for e in events)
+    total_cpu_self_us = sum(e.self_cpu_time_total for e in events)  # the basis of module shares
     ranges = [
         e for e in events
         if e.key.startswith("fastvision.") and not e.key.startswith(_OP_RANGE) and e.key != _COST_RANGE
@@ -423,7 +413,7 @@ def _summarize(prof: torch.profiler.profile, device: torch.device, top: int) -> 
                 "name": e.key,
                 "calls": int(e.count),
                 "cpu_total_ms": round(e.cpu_time_total / 1e3, 3),
-                "share_pct": round(100 * e.cpu_time_total / total_self_us, 2) if total_self_us else None,
+                "share_pct": _share(e.cpu_time_total, total_cpu_self_us),
             }
             for e in modules[:top]
         ],
@@ -440,7 +430,7 @@ def format_summary(summary: dict) -> str:
         f"- device: {env.get('device')} ({summary['device']}), torch {env.get('torch')}, "
         f"{env.get('threads')} threads, revision {env.get('git_revision')}, {env.get('date')}",
         f"- load average (1 min) {env.get('load_avg_start')} at start, {env.get('load_avg_end')} at end, "
-        f"on {env.get('cpus')} CPUs (a shared machine: other work may have run beside the profile)",
+        f"on {env.get('cpu_count')} CPUs (a shared machine: other work may have run beside the profile)",
         f"- {summary['parameters']:,} parameters, batch {summary['batch']}, {summary['dtype']}",
         f"- training: {summary['steps']} steps after {summary['warmup']} warm-up; loss: {summary['loss']}; "
         f"optimizer {summary['optimizer']}",

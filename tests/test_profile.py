@@ -61,3 +61,21 @@ def test_nvtx_range_is_a_no_op_record_outside_profiling():
     with torch.profiler.profile() as prof, profiling.nvtx_range("fastvision.Test"):
         torch.ones(2).sum()
     assert all(e.key != "fastvision.Test" for e in prof.key_averages())
+
+
+def test_profile_checks_arguments_before_writing(tmp_path):
+    from fastvision.profiling import profile_model
+
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match="unknown model"):
+        profile_model("no_such_model", out=out)
+    for kwargs, message in (
+        ({"inference_steps": -1}, "inference_steps must be an int >= 0"),
+        ({"inference_steps": 1.5}, "inference_steps must be an int >= 0"),
+        ({"top": 0}, "top must be an int >= 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            profile_model("vit_mnist", out=out, **kwargs)
+    with pytest.raises(TypeError, match="trace must be a bool"):
+        profile_model("vit_mnist", out=out, trace="yes")
+    assert not out.exists()

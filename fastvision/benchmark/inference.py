@@ -31,7 +31,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -294,9 +293,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     """The runner's environment record (versions, revision, threads) with what this benchmark adds."""
     from fastvision.benchmark.runner import environment as runner_environment
 
-    env = runner_environment(device, 0.0)
-    env.pop("copy_bandwidth_gbps", None)
-    env["cpus"] = os.cpu_count()
+    env = runner_environment(device)
     env["onnxruntime"] = module_version("onnxruntime")
     env["onnxruntime_intra_op_threads"] = torch.get_num_threads()
     env["torch_tensorrt"] = module_version("torch_tensorrt")
@@ -391,15 +388,15 @@ def format_table(env: dict[str, Any], rows: list[InferenceRow]) -> str:
     lines = [
         f"# Inference benchmark ({env.get('device_type')})",
         "",
-        f"- device: {env.get('device')}, {env.get('cpus')} CPUs, torch {env.get('torch')} "
+        f"- device: {env.get('device')}, {env.get('cpu_count')} CPUs, torch {env.get('torch')} "
         f"({env.get('threads')} threads), onnxruntime {env.get('onnxruntime')} "
         f"({env.get('onnxruntime_intra_op_threads')} intra-op threads), torch-tensorrt "
         f"{env.get('torch_tensorrt') or 'not installed'}",
         f"- revision {env.get('git_revision')}, {env.get('date')}; timing budget {env.get('budget_s')} s per "
         "backend of a model and batch, backends timed round-robin (`fastvision.benchmark.timing`)",
-        f"- 1-minute load average while measuring: {load} on {env.get('cpus')} CPUs"
-        + (" (above the CPU count: other processes competed for the cores)" if loads and env.get("cpus")
-           and max(loads) > env["cpus"] else ""),
+        f"- 1-minute load average while measuring: {load} on {env.get('cpu_count')} CPUs"
+        + (" (above the CPU count: other processes competed for the cores)" if loads and env.get("cpu_count")
+           and max(loads) > env["cpu_count"] else ""),
         "- latency: median of per-call times, IQR as % of the median (rows marked ~ exceed "
         f"{env.get('noise_threshold_pct', 100 * NOISE_THRESHOLD):g}%); x eager: median over rounds of "
         "eager time / backend time (above 1 is faster); diff: largest |output - eager output|",

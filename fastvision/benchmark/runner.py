@@ -171,7 +171,8 @@ def run_case(
     return rows
 
 
-def environment(device: torch.device, copy_gbps: float) -> dict[str, Any]:
+def environment(device: torch.device, copy_gbps: float | None = None) -> dict[str, Any]:
+    """Device, versions, revision, date and threads of a run; the copy bandwidth when measured."""
     try:
         import triton
 
@@ -187,19 +188,23 @@ def environment(device: torch.device, copy_gbps: float) -> dict[str, Any]:
         revision = None
     import fastvision
 
-    return {
+    env = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else platform.processor() or "cpu",
         "device_type": device.type,
-        "copy_bandwidth_gbps": round(copy_gbps, 1),
+        "copy_bandwidth_gbps": None if copy_gbps is None else round(copy_gbps, 1),
         "fastvision": fastvision.__version__,
         "torch": torch.__version__,
         "triton": triton_version,
         "git_revision": revision,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
     }
+    if copy_gbps is None:
+        del env["copy_bandwidth_gbps"]
+    return env
 
 
 def run(
@@ -220,7 +225,6 @@ def run(
         "per-round ratios"
     )
     env["noise_threshold_pct"] = round(100 * noise_threshold, 1)
-    env["cpu_count"] = os.cpu_count()
     env["load_avg_start"] = load_average()
     rows: list[BenchRow] = []
     done: set[tuple[str, str]] = set()
