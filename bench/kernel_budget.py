@@ -565,7 +565,12 @@ def check_triton(
             planned += [(name, i, launch_key(launch, ptxas)) for i, launch in enumerate(configs)]
         except Exception as exc:  # noqa: BLE001
             broken.append(f"{name}: {type(exc).__name__}: {exc}".splitlines()[0])
-    work = [(name, i) for name, i, key in planned if key not in cache]
+    # A cached row from before the loop analysis lacks its loop counts: compile it again when the
+    # kernel declares its loop work (the per-score figures need them).
+    work = [
+        (name, i) for name, i, key in planned
+        if key not in cache or (cache[key].get("loop_static") is None and loop_work(_CONFIGS[name][i]))
+    ]  # fmt: skip
     if jobs > 1 and len(work) > 1:
         # fork: the workers inherit the imported modules and their enumerated configurations.
         context = multiprocessing.get_context("fork")
@@ -805,7 +810,8 @@ def format_markdown(report: dict[str, Any]) -> str:
             "way; for the top-k selection: a key block with no candidate); *inner step*, the largest "
             "loop nested in it (the selection: appending one candidate per row); *slowest pass*, the most "
             "instructions of one pass through the loop, nested loops entered once (the selection: a merge "
-            "of a whole key block). Per score: "
+            "of a whole key block; for the attention forward kernels, one key tile of the flash loop: "
+            "gather or load, dot, online softmax, accumulate). Per score: "
             "instructions x threads / scores of one iteration, i.e. instructions each thread issues "
             "per score it owns. Static counts: latency, tensor-core time and memory are not in them.",
             "",

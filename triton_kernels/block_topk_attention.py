@@ -60,6 +60,11 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 MAX_PROGRAMS = 2**31 - 1
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
+# Scores one program handles per iteration of its main loop (bench/kernel_budget.py: SASS per score).
+SASS_LOOP_WORK = {
+    "_block_attention_forward_kernel": lambda constexprs: constexprs["BLOCK_M"] * constexprs["BLOCK_N"],
+}
+
 # sm_90, checked by compiling launch_configs(): the means, selection and dq kernels spill nothing.
 # The forward (16-bit D = 128 with blocks of 32; float32 D = 32 with blocks of 128) keeps one 8-byte
 # value in local memory; dk/dv at 255 registers (two [BLOCK_N, D] float32 accumulators beside the

@@ -477,7 +477,10 @@ _ONE_SLOT = SpillAllowance(
 )
 # Scores per program per iteration of the selection's key-block loop: bench/kernel_budget.py divides
 # the loop's SASS instruction counts by it (instructions per score, a prediction).
-SASS_LOOP_WORK = {"_select_topk_kernel": lambda constexprs: constexprs["BLOCK_M"] * constexprs["BLOCK_N"]}
+SASS_LOOP_WORK = {
+    "_select_topk_kernel": lambda constexprs: constexprs["BLOCK_M"] * constexprs["BLOCK_N"],
+    "_sparse_forward_kernel": lambda constexprs: constexprs["BLOCK_M"] * constexprs["BLOCK_K"],
+}
 
 
 def _contiguous_launch(constexprs: dict) -> dict[str, int]:
