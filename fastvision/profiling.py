@@ -284,20 +284,21 @@ def _write_trace(prof: torch.profiler.profile, path: Path) -> Path:
     return packed
 
 
-def _device_self_us(event: object) -> float:
-    for attribute in ("self_device_time_total", "self_cuda_time_total"):
+def _device_time_us(event: object, prefix: str) -> float:
+    """``<prefix>device_time_total`` of a profiler event (``<prefix>cuda_time_total`` on older torch)."""
+    for attribute in (f"{prefix}device_time_total", f"{prefix}cuda_time_total"):
         value = getattr(event, attribute, None)
         if value is not None:
             return float(value)
     return 0.0
+
+
+def _device_self_us(event: object) -> float:
+    return _device_time_us(event, "self_")
 
 
 def _device_total_us(event: object) -> float:
-    for attribute in ("device_time_total", "cuda_time_total"):
-        value = getattr(event, attribute, None)
-        if value is not None:
-            return float(value)
-    return 0.0
+    return _device_time_us(event, "")
 
 
 def _op_costs(prof: torch.profiler.profile, records: list, device: torch.device, total_ms: float) -> dict:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvision.benchmark.case import BenchCase, backend_impl
-from fastvision.benchmark.topk_attention import _add_memory_notes, _op_fn, _quantized, _sdpa_fn
+from fastvision.benchmark.topk_attention import _add_memory_notes, _op_fn, _sdpa_fn, attention_inputs
 from fastvision.ops import OPS
 from fastvision.ops.block_topk_attention import (
     block_selection_mask,
@@ -174,10 +174,7 @@ def cases(device: torch.device, quick: bool) -> list[BenchCase]:
     generator = torch.Generator(device="cpu").manual_seed(0)
     result = []
     for (batch, heads), length, head_dim in sizes:
-        shape = (batch, heads, length, head_dim)
-        q, k = (_quantized(shape, generator, device, dtype) for _ in range(2))
-        v = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-        grad_out = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+        q, k, v, grad_out = attention_inputs((batch, heads, length, head_dim), generator, device, dtype)
         for backward in (False, True):
             g = grad_out if backward else None
             for topk_blocks, block_size in settings(length):

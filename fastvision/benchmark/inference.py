@@ -362,8 +362,8 @@ def write_results(path: Path, env: dict[str, Any], rows: list[InferenceRow]) -> 
     path.with_suffix(".md").write_text(format_table(env, rows) + "\n")
 
 
-def best_backends(rows: list[InferenceRow]) -> list[tuple[str, int, InferenceRow, InferenceRow | None]]:
-    """(model, batch, fastest timed row, eager row) per model and batch, in the rows' order."""
+def best_backends(rows: list[InferenceRow]) -> list[tuple[str, int, InferenceRow]]:
+    """(model, batch, fastest timed row) per model and batch, in the rows' order."""
     groups: dict[tuple[str, int], list[InferenceRow]] = {}
     for row in rows:
         groups.setdefault((row.model, row.batch), []).append(row)
@@ -372,8 +372,7 @@ def best_backends(rows: list[InferenceRow]) -> list[tuple[str, int, InferenceRow
         timed = [r for r in group if r.ok and r.median_ms is not None]
         if not timed:
             continue
-        eager = next((r for r in timed if r.backend == "eager"), None)
-        best.append((model, batch, min(timed, key=lambda r: r.median_ms), eager))
+        best.append((model, batch, min(timed, key=lambda r: r.median_ms)))
     return best
 
 
@@ -406,7 +405,7 @@ def format_table(env: dict[str, Any], rows: list[InferenceRow]) -> str:
         "| model | batch | fastest | ms | samples/s | x eager |",
         "|---|---:|---|---:|---:|---:|",
     ]
-    for model, batch, row, _eager in best_backends(rows):
+    for model, batch, row in best_backends(rows):
         lines.append(
             f"| {model} | {batch} | {row.backend} | {_fmt(row.median_ms, '.3f')} | "
             f"{_fmt(row.samples_per_s, '.1f')} | {_fmt(row.vs_eager, '.2f')} |"
@@ -435,7 +434,7 @@ def format_table(env: dict[str, Any], rows: list[InferenceRow]) -> str:
 def summary_lines(rows: list[InferenceRow]) -> list[str]:
     """One line per model: the fastest backend at each batch size with its speed-up over eager."""
     per_model: dict[str, list[str]] = {}
-    for model, batch, row, _eager in best_backends(rows):
+    for model, batch, row in best_backends(rows):
         ratio = "" if row.backend == "eager" else f" ({_fmt(row.vs_eager, '.2f')}x eager)"
         per_model.setdefault(model, []).append(f"batch {batch}: {row.backend}{ratio}")
     return [f"{model}: {'; '.join(parts)}" for model, parts in per_model.items()]

@@ -47,6 +47,14 @@ def _quantized(shape, generator, device, dtype):
     return (torch.randint(-2, 3, shape, generator=generator) / 2).to(device=device, dtype=dtype)
 
 
+def attention_inputs(shape, generator, device, dtype):
+    """``q, k`` (quantized: exact scores), ``v`` and an output gradient, all of ``shape``."""
+    q, k = (_quantized(shape, generator, device, dtype) for _ in range(2))
+    v = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    grad_out = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    return q, k, v, grad_out
+
+
 def _reference_fn(q, k, v, topk, grad_out, chunked: bool) -> Callable[[], Any]:
     """Reference in float32: the output, or (out, dq, dk, dv) when ``grad_out`` is given. Chunked:
     the same math over query chunks (the loss is a sum over queries, so per-chunk gradients of k
@@ -222,10 +230,7 @@ def cases(device: torch.device, quick: bool) -> list[BenchCase]:
     generator = torch.Generator(device="cpu").manual_seed(0)
     result = []
     for (batch, heads), length, head_dim in sizes:
-        shape = (batch, heads, length, head_dim)
-        q, k = (_quantized(shape, generator, device, dtype) for _ in range(2))
-        v = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-        grad_out = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+        q, k, v, grad_out = attention_inputs((batch, heads, length, head_dim), generator, device, dtype)
         for backward in (False, True):
             g = grad_out if backward else None
             for topk in topks:
