@@ -7,9 +7,13 @@ import os
 import platform
 import shutil
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
-PACKAGES = find_packages(include=["fastvision", "fastvision.*"]) + ["fastvision.triton_kernels"]
+# Namespace packages too: fastvision/benchmark has no __init__.py, and a plain find_packages() leaves it
+# out of the wheel (the CLI imports it).
+PACKAGES = [
+    p for p in find_namespace_packages(include=["fastvision", "fastvision.*"]) if "__pycache__" not in p
+] + ["fastvision.triton_kernels"]
 PACKAGE_DIR = {"fastvision.triton_kernels": "triton_kernels"}
 
 
@@ -67,6 +71,11 @@ def _extensions():
         glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
     )
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # The headers: listed so that an sdist carries them (setuptools packs an extension's depends).
+    headers = sorted(
+        glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)
+        + glob.glob(os.path.join("csrc", "**", "*.cuh"), recursive=True)
+    )
     nvcc = _find_nvcc()
     build_cuda = (
         os.environ.get("FASTVISION_SKIP_CUDA", "0") != "1"
@@ -87,12 +96,17 @@ def _extensions():
             "fastvision._C",
             cpp_sources + cuda_sources,
             include_dirs=include_dirs,
+            depends=headers,
             define_macros=[("FASTVISION_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         )
     else:
         ext = CppExtension(
-            "fastvision._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "fastvision._C",
+            cpp_sources,
+            include_dirs=include_dirs,
+            depends=headers,
+            extra_compile_args={"cxx": cxx_flags},
         )
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 

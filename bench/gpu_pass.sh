@@ -4,9 +4,20 @@
 #
 #   bash bench/gpu_pass.sh [--budget SECONDS] [--out DIR] [--skip STAGE[,STAGE]] [--only STAGE[,STAGE]] [--dry-run]
 #
+# First, before any stage, it checks the versions it finds (python, torch and its CUDA, triton, nvcc,
+# pytest and its plugins, the peers) against the tested range, writes them to versions.json, and
+# continues with what works: a missing pytest skips the test stages, a missing pytest-benchmark the
+# pytest-bench stage, a triton or nvcc that is absent or fails to import drops that backend from
+# FASTVISION_REQUIRE_BACKENDS; versions outside the tested range are warned about, not refused.
+# This runs in --dry-run too (e.g. `PYTHON=.venv-gpu-stack/bin/python bash bench/gpu_pass.sh
+# --dry-run` on a machine with the GPU stack and no GPU).
+#
 # Stages run in order of value, each stopped at its deadline (the smaller of its own cap and what is
 # left of the budget) and skipped when less than its minimum is left:
 #
+#   peers        the carried peer wheels in bench/peers/ (bench/fetch_peers.sh fills it where there
+#                is network): pip install --no-deps --no-index, each wheel on its own (one that fails
+#                is reported, the others install); --dry-run checks that they would install
 #   build        pip install --no-build-isolation -e . for the visible GPU's architecture only
 #   tests        GPU correctness of the cuda and triton backends against the references, one op
 #                file at a time, fastest first, each with a per-test timeout
@@ -26,7 +37,9 @@
 #
 # Budget: --budget or GPU_PASS_BUDGET seconds (default 480: 8 minutes, under the 10-minute limit of
 # one command on the lent machines). Output: --out or OUT (default bench/results/<date>-<gpu>/).
-# Wheels placed in wheels/ (e.g. liger-kernel, a peer) are installed first without dependencies.
+# Peers: bench/peers/*.whl (liger-kernel, fla-core, spconv-triton, einops), carried with the tree.
+# mamba-ssm (source only) is not carried: an sm_90 build of it was not attempted (hours of CUDA
+# compilation on the two-core build machine); its benchmark rows say it is absent.
 # --dry-run prints the plan and writes it to stages.jsonl without running anything (works without
 # a GPU); it assumes the worst case, every stage running to its limit, so it shows what a slow pass
 # would leave out. Without a visible GPU the pass records every stage as skipped-no-gpu and exits 2.
@@ -177,16 +190,128 @@ trap 'exit 130' INT TERM
 
 echo "GPU pass: ${GPU_NAME:-no GPU visible}, arch ${TORCH_CUDA_ARCH_LIST}, budget ${BUDGET}s, results in $OUT"
 
-ALL_GROUPS="build tests bench-quick bench-full pytest-bench memcheck deploy tests-rest"
+ALL_GROUPS="peers build tests bench-quick bench-full pytest-bench memcheck deploy tests-rest"
+
+# ---- versions: what this machine has, and what the pass can do with it (runs in --dry-run too)
+TESTED_TORCH="2.11 2.14"   # oldest and newest torch the suite runs on (major.minor)
+TESTED_TRITON="3.6 3.8"
+check_versions() {
+  "$PY" - "$OUT/versions.json" "$TESTED_TORCH" "$TESTED_TRITON" "$CUDA_HOME" <<'EOF'
+import importlib
+import importlib.metadata as md
+import json
+import os
+import platform
+import sys
+
+out, tested_torch, tested_triton, cuda_home = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4]
+dists = ["torch", "triton", "numpy", "pytest", "pytest-benchmark", "pytest-timeout", "liger-kernel",
+         "fla-core", "spconv-triton", "einops", "onnxruntime", "tensorrt", "mamba-ssm", "fastvision"]
+info = {"python": platform.python_version()}
+for dist in dists:
+    try:
+        info[dist] = md.version(dist)
+    except md.PackageNotFoundError:
+        info[dist] = None
+flags, notes = {}, []
+
+
+def importable(module):
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception as exc:  # noqa: BLE001  (a broken install is reported, the pass goes on)
+        notes.append(f"{module} is installed but fails to import: {type(exc).__name__}: {exc}"[:200])
+        return False
+
+
+def minor(version):
+    return tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+
+
+flags["HAVE_TORCH"] = int(info["torch"] is not None and importable("torch"))
+if flags["HAVE_TORCH"]:
+    import torch
+
+    info["torch_cuda"] = torch.version.cuda
+    info["cuda_available"] = torch.cuda.is_available()
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+flags["HAVE_TRITON"] = int(info["triton"] is not None and importable("triton"))
+flags["HAVE_NVCC"] = int(os.access(os.path.join(cuda_home, "bin", "nvcc"), os.X_OK))
+info["nvcc"] = os.path.join(cuda_home, "bin", "nvcc") if flags["HAVE_NVCC"] else None
+flags["HAVE_PYTEST"] = int(info["pytest"] is not None)
+flags["HAVE_PYTEST_BENCHMARK"] = int(info["pytest-benchmark"] is not None)
+for name, (low, high) in (("torch", tested_torch), ("triton", tested_triton)):
+    version = info[name]
+    if version and not minor(low) <= minor(version) <= minor(high):
+        notes.append(f"warning: {name} {version} is outside the tested range {low} .. {high}; continuing")
+info["notes"] = notes
+with open(out, "w") as handle:
+    json.dump({**info, "flags": flags}, handle, indent=1)
+for key in ("python", "torch", "torch_cuda", "triton", "nvcc", "numpy", "pytest", "pytest-benchmark",
+            "liger-kernel", "fla-core", "spconv-triton", "einops", "mamba-ssm", "gpu"):
+    print(f"# {key}: {info.get(key) or 'absent'}", file=sys.stderr)
+for note in notes:
+    print(f"# {note}", file=sys.stderr)
+for key, value in flags.items():
+    print(f"{key}={value}")
+EOF
+}
+HAVE_TORCH=0 HAVE_TRITON=0 HAVE_NVCC=0 HAVE_PYTEST=0 HAVE_PYTEST_BENCHMARK=0
+VERSION_FLAGS="$(check_versions 2>"$OUT/versions.txt")"
+cat "$OUT/versions.txt"
+eval "$VERSION_FLAGS"
+record versions done 0 0 0 "$(grep -E '# (torch|triton):|warning' "$OUT/versions.txt" | tr '\n' ' ' | cut -c1-200)"
+# Continue with what works: drop what this machine cannot do, and say why.
+require=""
+[ "$HAVE_TRITON" = 1 ] && require="triton"
+[ "$HAVE_NVCC" = 1 ] && require="${require:+$require,}cuda"
+if [ "$FASTVISION_REQUIRE_BACKENDS" = "triton,cuda" ] && [ "$require" != "triton,cuda" ]; then
+  echo "# FASTVISION_REQUIRE_BACKENDS=${require:-(none)}: only the backends this machine can build are required"
+  export FASTVISION_REQUIRE_BACKENDS="$require"
+fi
+if [ "$HAVE_PYTEST" = 0 ]; then
+  SKIP="${SKIP}tests,memcheck,tests-rest,pytest-bench,"
+  echo "# pytest is not installed: the test, memcheck and pytest-bench stages are skipped"
+elif [ "$HAVE_PYTEST_BENCHMARK" = 0 ]; then
+  SKIP="${SKIP}pytest-bench,"
+  echo "# pytest-benchmark is not installed: the pytest-bench stage is skipped"
+fi
+if [ "$HAVE_TORCH" = 0 ]; then
+  for group in $ALL_GROUPS; do record "$group" skipped 0 0 null "torch is not importable with $PY"; done
+  exit 2
+fi
 # GPU_PASS_ALLOW_NO_GPU=1 runs the stages anyway: for checking the pass's own mechanics on a CPU machine.
 if [ "$DRY" = 0 ] && [ "${GPU_PASS_ALLOW_NO_GPU:-0}" != 1 ] && { [ -z "$GPU_NAME" ] || ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }; then
   for group in $ALL_GROUPS; do record "$group" skipped-no-gpu 0 0 null "no CUDA device visible"; done
   exit 2
 fi
 
+# ---- peers: the carried wheels, without dependencies or network; each on its own
+peers() {
+  local wheels=(bench/peers/*.whl) failed=0 wheel
+  if [ ! -e "${wheels[0]}" ]; then
+    echo "no wheels in bench/peers/: run bench/fetch_peers.sh where there is network and carry bench/peers"
+    return 0
+  fi
+  for wheel in "${wheels[@]}"; do
+    if "$PY" -m pip install -q --no-deps --no-index ${PEERS_DRY:-} "$wheel"; then
+      echo "peer $(basename "$wheel"): $([ -n "${PEERS_DRY:-}" ] && echo "would install" || echo installed)"
+    else
+      echo "peer $(basename "$wheel"): FAILED to install"; failed=1
+    fi
+  done
+  return $failed
+}
+export -f peers
+if [ "$DRY" = 1 ]; then
+  # The plan checks that the carried wheels would install here (pip --dry-run changes nothing).
+  PEERS_DRY=--dry-run peers 2>&1 | tee "$OUT/peers_dry_run.log" | sed 's/^/# /'
+fi
+run peers peers 10 30 "$OUT/peers.log" bash -c peers
+
 # ---- build: the visible architecture only
 build() {
-  if ls wheels/*.whl >/dev/null 2>&1; then "$PY" -m pip install -q --no-deps wheels/*.whl || return 1; fi
   "$PY" -m pip install --no-build-isolation --no-deps -e . || return 1
   "$PY" -m fastvision info --json >"$OUT/info.json"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv >"$OUT/gpu.csv"

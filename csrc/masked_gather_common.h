@@ -6,8 +6,11 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
+#include "raw_op_trust.h"
+
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <tuple>
 
 namespace fastvision {
@@ -45,7 +48,16 @@ inline at::Tensor masked_gather_backward_check_and_allocate(const at::Tensor& gr
               "masked_gather_backward: sites must be int64 [B, M] matching grad_values");
   TORCH_CHECK(height >= 0 && width >= 0, "masked_gather_backward: height and width must be non-negative");
   TORCH_CHECK(sites.device() == grad_values.device(), "masked_gather_backward: tensors must be on one device");
+  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(height <= kInt32Max && width <= kInt32Max && (width == 0 || height <= kInt32Max / width),
+                    "masked_gather_backward: height * width must fit int32, got ", height, " x ", width);
   return at::zeros({grad_values.size(0), grad_values.size(2), height, width}, grad_values.options());
+}
+
+// Sites in [0, H * W), or -1 (an empty slot): always on the CPU, on direct calls only on CUDA.
+inline void masked_gather_check_sites(const at::Tensor& sites, int64_t num_sites) {
+  const std::string what = "indices in [0, H * W) = [0, " + std::to_string(num_sites) + ") or -1 (an empty slot)";
+  check_entries_in_range(sites, -1, num_sites, "masked_gather_backward", "sites", what.c_str());
 }
 
 }  // namespace fastvision

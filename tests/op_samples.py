@@ -64,6 +64,8 @@ def _add_layer_norm(dtype):
             (0, 1, 2, 3), scale, 4 * scale,
         ),
         Sample("empty", args((0, 16), 14), (0, 1, 2, 3)),
+        # return_residual: (out, x + residual), gradients through both outputs.
+        Sample("residual-out", (*args((4, 3, 20), 16), 1e-5, True), (0, 1, 2, 3), scale, 4 * scale),
     ]
 
 
@@ -97,6 +99,8 @@ def _block_topk_attention(dtype):
         # Nq != Nk, neither a multiple of the block: 3 query blocks pick 2 of 4 key blocks.
         Sample("odd", (*qkv(1, 2, 37, 50, 16, 130), 2, 16), (0, 1, 2), 2.0, 4.0),
         Sample("dense", (*qkv(1, 2, 9, 40, 32, 133), 2, 32), (0, 1, 2), 2.0, 4.0),
+        # causal, Nq > Nk: query block 0 has one eligible block of the 2 asked, block 3 sees all 3.
+        Sample("causal", (*qkv(1, 2, 50, 37, 16, 137), 2, 16, None, True), (0, 1, 2), 2.0, 4.0),
         Sample("transposed", (*(t.transpose(1, 2) for t in (q, k, v)), 1, 16), (0, 1, 2), 2.0, 4.0),
         Sample("empty", (*qkv(1, 2, 0, 5, 16, 136), 1, 16), (0, 1, 2)),
     ]
@@ -137,6 +141,8 @@ def _sparse_conv2d(dtype):
     return [
         Sample("odd", conv(2, 3, 5, 9, 11, 0.4, 60), (0, 2, 3), scale, 4 * scale),
         Sample("strided", conv(1, 6, 4, 7, 9, 0.5, 64, strided=True), (0, 2, 3), scale, 4 * scale),
+        # Every offset present; channel counts that are no multiple of a vector or register tile.
+        Sample("dense-odd-channels", conv(1, 13, 19, 5, 6, 1.0, 66), (0, 2, 3), scale, 4 * scale),
         Sample("empty", conv(1, 3, 4, 5, 5, 0.0, 68), (0, 2, 3)),
     ]
 
@@ -196,6 +202,8 @@ def _selective_scan(dtype):
         return u, delta, A, B, C, D, z, bias, True, True
 
     u, delta, A, B, C = inputs(2, 6, 9, 4, "varying", 96, extras=False)
+    grouped = inputs(2, 4, 7, 3, "grouped", 99)
+    one_group_c = inputs(2, 4, 7, 3, "varying", 99)[4]
     # Float32 state carried over L steps, N products summed per step (and more in the backward).
     fwd, bwd = 4.0, 8.0
     every = (0, 1, 3, 4, 5, 6, 7)
@@ -205,6 +213,9 @@ def _selective_scan(dtype):
         Sample("grouped", inputs(2, 4, 6, 3, "grouped", 94), every, fwd, bwd),
         Sample("strided", (u.mT.contiguous().mT, delta, A, B, C), (0, 1, 3, 4), fwd, bwd),
         Sample("empty", inputs(0, 3, 5, 2, "varying", 98, extras=False), (0, 1, 3, 4)),
+        Sample("grouped-reverse", (*inputs(2, 4, 6, 3, "grouped", 94), True), every, fwd, bwd),
+        # B in 2 groups, C varying (1 group): each read with its own grouping; reversed, odd L.
+        Sample("mixed-groups-reverse", (*grouped[:4], one_group_c, *grouped[5:], True), every, fwd, bwd),
     ]
 
 

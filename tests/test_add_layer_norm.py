@@ -146,11 +146,14 @@ def test_cpu_ops_in_float64(shape):
         pytest.skip("the C++ CPU kernels are not built")
     x, residual, grad_out = (_random(shape, torch.float64, seed, "cpu") for seed in (71, 72, 73))
     weight, bias = (_random(shape[-1:], torch.float64, seed, "cpu") for seed in (74, 75))
-    out, mean, rstd = torch.ops.fastvision.add_layer_norm_forward(x, residual, weight, bias, 1e-5)
+    out, mean, rstd, summed = torch.ops.fastvision.add_layer_norm_forward(x, residual, weight, bias, 1e-5)
+    assert summed.shape == (0,)  # no return_residual: an empty placeholder
     assert out.dtype == torch.float64 and mean.dtype == rstd.dtype == torch.float32
     expected_out = add_layer_norm_reference(x, residual, weight, bias)
     torch.testing.assert_close(out, expected_out, atol=1e-12, rtol=1e-12)
-    grads = torch.ops.fastvision.add_layer_norm_backward(grad_out, x, residual, weight, bias, mean, rstd)
+    grads = torch.ops.fastvision.add_layer_norm_backward(
+        grad_out, x, residual, weight, bias, mean, rstd, None
+    )
     expected = add_layer_norm_backward_reference(grad_out, x, residual, weight)
     for grad, want in zip(grads, expected, strict=True):
         assert grad.dtype == torch.float64
@@ -253,7 +256,11 @@ def test_triton_poisoned_outputs_are_overwritten():
     x, residual = _random((37, 129), torch.float32, 111), _random((37, 129), torch.float32, 112)
     weight, bias = _params(129, torch.float32, 113)
     out = torch.full_like(x, float("nan"))
-    _, mean, rstd = add_layer_norm_forward(x, residual, weight, bias, 1e-5, out=out)
+    returned = torch.full_like(x, float("nan"))
+    _, mean, rstd, _ = add_layer_norm_forward(
+        x, residual, weight, bias, 1e-5, out=out, return_residual=True, summed=returned
+    )
+    torch.testing.assert_close(returned, x + residual, atol=0, rtol=0)
     summed = (x + residual).double()
     expected = add_layer_norm_reference(x.double(), residual.double(), weight.double(), bias.double())
     assert_close(out, expected, torch.float32)
@@ -266,6 +273,83 @@ def test_triton_poisoned_outputs_are_overwritten():
     expected = add_layer_norm_backward_reference(grad_out.double(), x.double(), residual.double(), weight)
     for actual, want in zip((dx, dweight, dbias), expected, strict=True):
         assert_close(actual, want, torch.float32, scale=BACKWARD_SCALE)
+
+
+@pytest.mark.skipif(why_unusable("triton", DEVICE) is not None, reason="triton cannot run here")
+@pytest.mark.parametrize("dim", [48, 96, 700, 768, 1536], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("affine", ["both", "bias", "none"])
+def test_triton_rows_held_as_three_blocks(dim, dtype, affine):
+    """Rows of 3 x 2^k columns (and 700 in 3 x 256, the last block ragged) run as three blocks, no
+    power-of-two padding: forward and backward against float64, with and without parameters."""
+    from fastvision.triton_kernels.add_layer_norm import backward_tile, forward_tile
+
+    assert forward_tile(dim).split == backward_tile(dim).split == 3
+    assert not forward_tile(dim).chunked
+    seed = stable_seed("split", dim, dtype, affine) % 2**31
+    x, residual = _random((37, dim), dtype, seed), _random((37, dim), dtype, seed + 1, shift=3.0)
+    weight, bias = _params(dim, dtype, seed + 2, weight=affine == "both", bias=affine != "none")
+    _check_forward_backward(x, residual, weight, bias, "triton", seed=seed)
+
+
+@pytest.mark.skipif(why_unusable("triton", DEVICE) is not None, reason="triton cannot run here")
+def test_triton_split_rows_write_every_output():
+    """Three-block rows: every output, returned sum, statistic and gradient written (NaN-filled buffers),
+    the returned sum's gradient added into dx."""
+    from fastvision.triton_kernels.add_layer_norm import add_layer_norm_backward, add_layer_norm_forward
+
+    x, residual = _random((13, 760), torch.float32, 131), _random((13, 760), torch.float32, 132)
+    weight, bias = _params(760, torch.float32, 133)
+    out, returned = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    _, mean, rstd, _ = add_layer_norm_forward(
+        x, residual, weight, bias, 1e-5, out=out, return_residual=True, summed=returned
+    )
+    torch.testing.assert_close(returned, x + residual, atol=0, rtol=0)
+    expected = add_layer_norm_reference(x.double(), residual.double(), weight.double(), bias.double())
+    assert_close(out, expected, torch.float32)
+    grad_out, grad_sum = _random((13, 760), torch.float32, 134), _random((13, 760), torch.float32, 135)
+    dx = torch.full_like(x, float("nan"))
+    _, dweight, dbias = add_layer_norm_backward(
+        grad_out, x, residual, weight, bias, mean, rstd, out=dx, grad_summed=grad_sum
+    )
+    want = add_layer_norm_backward_reference(grad_out.double(), x.double(), residual.double(), weight)
+    assert_close(dx, want[0] + grad_sum.double(), torch.float32, scale=BACKWARD_SCALE)
+    assert_close(dweight, want[1], torch.float32, scale=BACKWARD_SCALE)
+    assert_close(dbias, want[2], torch.float32, scale=BACKWARD_SCALE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_parameters_updated_in_place_are_read_afresh(backend, param_dtype):
+    """The kernels read weight and bias as they are at each call (no copy kept between calls): an
+    update in place, through autograd's view of the tensor or through ``.data`` (which the version
+    counter does not see), shows in the next call, forward and backward."""
+    x, residual = _random((9, 768), torch.bfloat16, 141), _random((9, 768), torch.bfloat16, 142)
+    weight, bias = (p.to(param_dtype).requires_grad_(True) for p in _params(768, torch.float32, 143))
+    grad_out = _random((9, 768), torch.bfloat16, 144)
+
+    def run():
+        with fastvision.use_backend(backend):
+            out = add_layer_norm(x, residual, weight, bias)
+            return out, *torch.autograd.grad(out, [weight, bias], grad_out)
+
+    run()
+    with torch.no_grad():
+        weight.mul_(-2.0)
+        bias.add_(1.0)
+    weight.data[:5] = 3.0
+    bias.data.copy_(bias.data.flip(0))
+    out, dweight, dbias = run()
+    ref_weight, ref_bias = weight.detach().double(), bias.detach().double()
+    expected = add_layer_norm_reference(x.double(), residual.double(), ref_weight, ref_bias)
+    assert_close(out, expected, torch.bfloat16, scale=FORWARD_SCALE * _conditioning(x, residual, 1e-5))
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in (weight, bias)]
+    ref_out = add_layer_norm_reference(x.double(), residual.double(), *ref_inputs)
+    # Held to x's (bf16) tolerance: the reference backend forms x_hat in bf16; a stale parameter
+    # (scaled by -2, shifted, partly overwritten) would miss by O(1).
+    wants = torch.autograd.grad(ref_out, ref_inputs, grad_out.double())
+    for got, want in zip((dweight, dbias), wants, strict=True):
+        assert_close(got, want, torch.bfloat16, scale=BACKWARD_SCALE * 3)
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -367,11 +451,16 @@ def test_opcheck(forward, backward, has_params):
     if has_params:
         weight.requires_grad_(True)
         bias.requires_grad_(True)
-    torch.library.opcheck(getattr(torch.ops.fastvision, forward).default, (x, residual, weight, bias, 1e-5))
-    _, mean, rstd = getattr(torch.ops.fastvision, forward)(x, residual, weight, bias, 1e-5)
+    forward_op = getattr(torch.ops.fastvision, forward).default
+    torch.library.opcheck(forward_op, (x, residual, weight, bias, 1e-5))
+    torch.library.opcheck(forward_op, (x, residual, weight, bias, 1e-5, True))
+    _, mean, rstd, _ = forward_op(x, residual, weight, bias, 1e-5)
     grad_out = _random((3, 5, 18), torch.float32, seed=24)
+    grad_summed = _random((3, 5, 18), torch.float32, seed=25)
     detached = [None if t is None else t.detach() for t in (x, residual, weight, bias)]
-    torch.library.opcheck(getattr(torch.ops.fastvision, backward).default, (grad_out, *detached, mean, rstd))
+    backward_op = getattr(torch.ops.fastvision, backward).default
+    torch.library.opcheck(backward_op, (grad_out, *detached, mean, rstd, None))
+    torch.library.opcheck(backward_op, (grad_out, *detached, mean, rstd, grad_summed))
 
 
 class _ResidualBlock(nn.Module):
@@ -451,3 +540,142 @@ def test_from_layer_norm(kwargs):
 def test_from_layer_norm_rejects_multi_dim_shape():
     with pytest.raises(ValueError, match="one \\(the last\\) dimension"):
         AddLayerNorm.from_layer_norm(nn.LayerNorm((4, 6)))
+
+
+# --- return_residual: the pre-norm residual stream from the same pass --------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 3, 7), (2, 129), (3, 768), (2, 4097)], ids=str)
+def test_return_residual(backend, dtype, shape):
+    seed = stable_seed("return_residual", shape, dtype) % 2**31
+    x, residual = _random(shape, dtype, seed), _random(shape, dtype, seed + 1, shift=3.0)
+    weight, bias = _params(shape[-1], dtype, seed + 2)
+    grad_out, grad_sum = _random(shape, dtype, seed + 3), _random(shape, dtype, seed + 4)
+    inputs = [t.detach().requires_grad_(True) for t in (x, residual, weight, bias)]
+    with fastvision.use_backend(backend):
+        out, summed = add_layer_norm(*inputs, 1e-5, return_residual=True)
+        grads = torch.autograd.grad([out, summed], inputs, [grad_out, grad_sum])
+        plain = add_layer_norm(*inputs, 1e-5)
+    # The sum is the eager x + residual, rounded once to x's dtype; the output is the plain op's.
+    # (Triton's interpreter converts float32 to bfloat16 by truncation, a GPU rounds to nearest:
+    # one bfloat16 step there.)
+    truncates = backend == "triton" and DEVICE.type != "cuda" and dtype == torch.bfloat16
+    torch.testing.assert_close(summed, x + residual, atol=0, rtol=2**-7 if truncates else 0)
+    assert summed.dtype == dtype and summed.shape == shape
+    torch.testing.assert_close(out, plain, atol=0, rtol=0)
+
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in (x, residual, weight, bias)]
+    ref_out, ref_summed = add_layer_norm_reference(*ref_inputs, 1e-5, return_residual=True)
+    expected = torch.autograd.grad([ref_out, ref_summed], ref_inputs, [grad_out.double(), grad_sum.double()])
+    conditioning = _conditioning(x, residual, 1e-5) if backend == "reference" else 1.0
+    rows = math.sqrt(max(1, x.numel() // shape[-1]))
+    for i, (grad, want) in enumerate(zip(grads, expected, strict=True)):
+        scale = BACKWARD_SCALE * conditioning * (rows if i >= 2 and backend == "reference" else 1.0)
+        assert_close(grad, want, dtype, scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_residual_sum_gradient_only(backend):
+    """Only the returned sum is used: its gradient reaches x and residual unchanged (the normalized
+    output's gradient is zero), and the parameters get zero gradients."""
+    x, residual = _random((4, 24), torch.float32, 131), _random((4, 24), torch.float32, 132)
+    weight, bias = _params(24, torch.float32, 133)
+    inputs = [t.detach().requires_grad_(True) for t in (x, residual, weight, bias)]
+    grad_sum = _random((4, 24), torch.float32, 134)
+    with fastvision.use_backend(backend):
+        _, summed = add_layer_norm(*inputs, return_residual=True)
+        grads = torch.autograd.grad(summed, inputs, grad_sum, allow_unused=True, materialize_grads=True)
+    torch.testing.assert_close(grads[0], grad_sum, atol=0, rtol=0)
+    torch.testing.assert_close(grads[1], grad_sum, atol=0, rtol=0)
+    for grad in grads[2:]:
+        torch.testing.assert_close(grad, torch.zeros_like(grad), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_residual_empty(backend):
+    x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    with fastvision.use_backend(backend):
+        out, summed = add_layer_norm(x, x, return_residual=True)
+        (out.sum() + summed.sum()).backward()
+    assert out.shape == summed.shape == (0, 8) and x.grad.shape == (0, 8)
+
+
+def test_return_residual_must_be_bool():
+    with pytest.raises(TypeError, match="return_residual must be a bool"):
+        add_layer_norm(torch.randn(4, 8), torch.randn(4, 8), return_residual=1)
+
+
+def test_module_return_residual():
+    module = AddLayerNorm(12)
+    x, residual = _random((3, 12), torch.float32, 141), _random((3, 12), torch.float32, 142)
+    out, summed = module(x, residual, return_residual=True)
+    torch.testing.assert_close(out, module(x, residual), atol=0, rtol=0)
+    torch.testing.assert_close(summed, x + residual, atol=0, rtol=0)
+
+
+# --- rows at the edge of float32 ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dim", [8, 5000], ids=["whole-row", "chunked"])
+@pytest.mark.parametrize("magnitude", [1e38, 3e38], ids=["1e38", "3e38"])
+def test_rows_near_the_float32_maximum(backend, dim, magnitude):
+    """Alternating +-m rows (mean 0, deviation m): every backend gives +-1, as the reference does;
+    partial sums and differences (m - (-m)) overflow float32 unless formed in halves."""
+    x = torch.full((2, dim), magnitude, device=DEVICE)
+    x[:, ::2] = -magnitude
+    x[1] = x[1].flip(-1)  # the row's first element (the mean's shift) of either sign
+    with fastvision.use_backend(backend):
+        out = add_layer_norm(x, 0 * x)
+    assert torch.isfinite(out).all(), out
+    torch.testing.assert_close(out, torch.sign(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_between_large_and_huge_values(backend):
+    x = _random((3, 37), torch.float32, 151) * 1e37
+    x[0, 0] = 3.3e38
+    x[1, 3] = -3.3e38
+    with fastvision.use_backend(backend):
+        out = add_layer_norm(x, torch.zeros_like(x))
+    expected = add_layer_norm_reference(x.double(), torch.zeros_like(x).double())
+    assert_close(out, expected, torch.float32, scale=FORWARD_SCALE)
+
+
+# --- direct calls of the registered ops: the public checks, once -------------------------------------
+
+
+def test_cpp_forward_rejects_bad_eps():
+    if not CPP_OPS_BUILT:
+        pytest.skip("the C++ CPU kernels are not built")
+    x = torch.randn(4, 8)
+    for eps in (-1.0, 0.0, math.nan):
+        with pytest.raises(ValueError, match="eps must be a positive number"):
+            torch.ops.fastvision.add_layer_norm_forward(x, x, None, None, eps)
+
+
+@pytest.mark.skipif(why_unusable("triton", DEVICE) is not None, reason="triton cannot run here")
+def test_triton_ops_check_their_inputs():
+    x = torch.randn(4, 8, device=DEVICE)
+    forward = torch.ops.fastvision.add_layer_norm_triton_forward
+    backward = torch.ops.fastvision.add_layer_norm_triton_backward
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        forward(x, torch.randn(4, 7, device=DEVICE), None, None, 1e-5)
+    with pytest.raises(ValueError, match=r"weight must have shape \[8\]"):
+        forward(x, x, torch.ones(3, device=DEVICE), None, 1e-5)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        forward(x, x, None, None, -1.0)
+    # What the public op prepares (one dtype, contiguous parameters) a direct call must pass.
+    with pytest.raises(TypeError, match="residual must have x's dtype"):
+        forward(x, x.half(), None, None, 1e-5)
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        forward(x, x, torch.ones(16, device=DEVICE)[::2], None, 1e-5)
+    _, mean, rstd, _ = forward(x, x, None, None, 1e-5)
+    with pytest.raises(ValueError, match="mean must be float32 of shape"):
+        backward(x, x, x, None, None, mean[:2], rstd, None)
+    with pytest.raises(ValueError, match="grad_out must have x's shape"):
+        backward(x[:2], x, x, None, None, mean, rstd, None)
+    with pytest.raises(ValueError, match="grad_summed must have x's shape"):
+        backward(x, x, x, None, None, mean, rstd, x[:, :4])

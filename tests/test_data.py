@@ -342,3 +342,64 @@ def test_random_translate_tiles_errors():
         random_translate(torch.rand(1, 1, 8, 8), 1, tiles=0)
     with pytest.raises(ValueError, match="tiles=3 must divide"):
         random_translate(torch.rand(1, 1, 8, 8), 1, tiles=3)
+
+
+class _WritesAMarker:
+    """Unpickling this runs ``open(marker, "w")``: the file appears if the loader executes code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_real_format_pickles_load(tmp_path, protocol):
+    """The restricted reader admits what the format uses, at every pickle protocol numpy writes."""
+    from fastvision.data.cifar import read_cifar_batch
+
+    data = np.random.default_rng(protocol).integers(0, 256, (3, 3072)).astype(np.uint8)
+    batch = {b"batch_label": b"training batch 1 of 5", b"labels": [0, 9, 4], b"data": data,
+             b"filenames": [b"a.png", b"b.png", b"c.png"]}  # fmt: skip
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(batch, protocol=protocol))
+    images, labels = read_cifar_batch(path)
+    assert labels == [0, 9, 4] and images.shape == (3, 3, 32, 32)
+    assert np.array_equal(images.reshape(3, -1), data)
+
+
+def test_cifar10_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
+    directory = tmp_path / "cifar-10-batches-py"
+    write_cifar_batches(directory)
+    marker = tmp_path / "marker"
+    crafted = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3], b"x": _WritesAMarker(marker)}
+    (directory / "data_batch_3").write_bytes(pickle.dumps(crafted))
+    with pytest.raises(ValueError, match=r"data_batch_3: not a CIFAR-10 batch pickle \(refused to load"):
+        build_dataset("cifar10", "train", data_dir=tmp_path)
+    assert not marker.exists()
+    pickle.loads((directory / "data_batch_3").read_bytes())  # the unrestricted loader would run it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "batch, problem",
+    [
+        ([1, 2], "expected a dict"),
+        ({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, "uint8 array of shape"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "list of 2 class indices"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, r"integers in \[0, 10\)"),
+    ],
+)
+def test_cifar10_malformed_batches_name_the_file(tmp_path, batch, problem):
+    from fastvision.data.cifar import CifarFormatError, read_cifar_batch
+
+    path = tmp_path / "test_batch"
+    path.write_bytes(pickle.dumps(batch))
+    with pytest.raises(CifarFormatError, match=problem) as info:
+        read_cifar_batch(path)
+    assert str(path) in str(info.value)
+    whole = pickle.dumps(batch)
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CifarFormatError, match="truncated"):
+        read_cifar_batch(path)

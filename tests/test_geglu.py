@@ -122,6 +122,41 @@ def test_triton_poisoned_output_is_overwritten(backend):
     assert_close(dx, geglu_backward_reference(grad_out.double(), x.double()), torch.float32, scale=2.0)
 
 
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id == "triton"])
+@pytest.mark.parametrize("hidden", [48, 80, 120, 1000], ids=lambda h: f"H{h}")
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_triton_rows_cut_into_equal_blocks(backend, hidden, approximate):
+    """Rows that are not a power of two run in several equal column blocks (48 = 3 x 16, 80 = 5 x 16,
+    120 = 8 x 16 with the last partial, 1000 in one 1024-wide block): every output written, poisoned
+    buffers overwritten, forward and backward against float64."""
+    from fastvision.triton_kernels.geglu import geglu_backward, geglu_forward
+
+    x = _random((19, 2 * hidden), torch.float32, seed=hidden)
+    out = torch.full((19, hidden), float("nan"), device=DEVICE)
+    geglu_forward(x, approximate, out=out)
+    assert_close(out, geglu_reference(x.double(), approximate), torch.float32)
+    grad_out = _random((19, hidden), torch.float32, seed=hidden + 1)
+    dx = torch.full_like(x, float("nan"))
+    geglu_backward(grad_out, x, approximate, out=dx)
+    expected = geglu_backward_reference(grad_out.double(), x.double(), approximate)
+    assert_close(dx, expected, torch.float32, scale=2.0)
+
+
+def test_block_width_pads_least():
+    from fastvision.triton_kernels.geglu import MAX_BLOCK_N, MIN_BLOCK_N, block_width
+
+    assert block_width(3072) == 1024  # 3 x 1024, no idle lane (2048 would idle a quarter)
+    assert block_width(768) == 256 and block_width(1536) == 512 and block_width(384) == 128
+    assert block_width(1000) == 1024  # one block, 2% idle
+    assert block_width(2048) == 2048 and block_width(1 << 20) == MAX_BLOCK_N
+    assert block_width(1) == MIN_BLOCK_N
+    for hidden in range(1, 5000, 7):
+        width = block_width(hidden)
+        padded = -(-hidden // width) * width
+        least = min(-(-hidden // w) * w for w in (16, 32, 64, 128, 256, 512, 1024, 2048))
+        assert 16 * padded <= 17 * least, hidden
+
+
 # --- errors --------------------------------------------------------------------------------------
 
 
@@ -253,3 +288,54 @@ def test_gradient_accurate_where_gelu_saturates(backend, approximate):
     with fastvision.use_backend(backend):
         (grad,) = torch.autograd.grad(geglu(x, approximate), x, grad_out)
     torch.testing.assert_close(grad.double().cpu(), expected.cpu(), atol=2e-6, rtol=2e-5)
+
+
+# --- the limits at -inf, and direct calls of the registered ops ------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gate_of_minus_infinity_gives_the_limit(backend, approximate, dtype):
+    """gelu(-inf) = 0 and its derivative 0: every backend, the reference included, gives the limits
+    (the reference runs without the extension and under torch.func)."""
+    x = _random((3, 8), dtype, 261)
+    x[0, 4] = float("-inf")  # a gate
+    x[2, 7] = float("-inf")
+    x = x.requires_grad_(True)
+    grad_out = _random((3, 4), dtype, 262)
+    with fastvision.use_backend(backend):
+        out = geglu(x, approximate)
+        (dx,) = torch.autograd.grad(out, x, grad_out)
+    assert torch.isfinite(out).all() and torch.isfinite(dx).all(), (out, dx)
+    assert out[0, 0] == 0 and out[2, 3] == 0
+    assert dx[0, 0] == 0 and dx[0, 4] == 0 and dx[2, 3] == 0 and dx[2, 7] == 0
+    finite = x.detach().clone()
+    finite[0, 4] = finite[2, 7] = 0.0  # gelu(0) = 0 as well: the other elements must not change
+    expected = geglu_reference(finite.double(), approximate)
+    keep = torch.ones_like(out, dtype=torch.bool)
+    keep[0, 0] = keep[2, 3] = False
+    assert_close(out[keep], expected[keep], dtype)
+
+
+def test_reference_gives_the_limit_under_torch_func():
+    x = torch.tensor([[1.5, -2.0, float("-inf"), 0.5]])
+    out = torch.func.vmap(geglu_reference)(x)
+    torch.testing.assert_close(out, geglu_reference(torch.tensor([[1.5, -2.0, -1e30, 0.5]]).clamp_min(-1e4)))
+    assert out[0, 0] == 0
+    dx = torch.func.grad(lambda t: geglu_reference(t).sum())(x)
+    assert torch.isfinite(dx).all() and dx[0, 2] == 0
+    assert torch.isfinite(geglu_backward_reference(torch.ones(1, 2), x, "tanh")).all()
+
+
+@pytest.mark.skipif(
+    fastvision._backend.why_unusable("triton", DEVICE) is not None, reason="triton cannot run here"
+)
+def test_triton_ops_check_their_inputs():
+    x = _random((4, 8), torch.float32, 263)
+    with pytest.raises(ValueError, match="even last dimension"):
+        torch.ops.fastvision.geglu_triton_forward(x[:, :7], "none")
+    with pytest.raises(ValueError, match="approximate must be one of"):
+        torch.ops.fastvision.geglu_triton_forward(x, "fast")
+    with pytest.raises(ValueError, match=r"grad_out must be .* of shape \[4, 4\]"):
+        torch.ops.fastvision.geglu_triton_backward(x[:2, :4], x, "none")

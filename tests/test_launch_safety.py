@@ -110,6 +110,7 @@ EXACT_POINTERS = {
     "sums_ptr": "*fp32",
     "offsets_ptr": "*i32",  # topk_attention: the key -> query map of the deterministic backward
     "qlist_ptr": "*i32",
+    "cand_ptr": "*i64",  # topk_attention: the selection's candidate scratch (packed int64 keys)
     "delta_ptr": "*fp32",  # topk_attention: rowsum(dO * O) per query
     "grad_weight_ptr": "*fp32",
     "dweight_partial_ptr": "*fp32",
@@ -133,7 +134,7 @@ def test_launch_configs_are_well_formed(name):
             if arg in launch.constexprs:
                 assert kind == "constexpr", (launch.label, arg)
             elif arg.endswith("_ptr"):
-                assert kind.startswith("*") and kind[1:] in {"fp32", "fp16", "bf16", "i32"}, (
+                assert kind.startswith("*") and kind[1:] in {"fp32", "fp16", "bf16", "i32", "i64"}, (
                     launch.label,
                     arg,
                 )
@@ -148,12 +149,9 @@ def test_launch_configs_are_well_formed(name):
 def EXPECTED_DTYPE(launch, arg: str) -> str:  # noqa: N802
     if arg in EXACT_POINTERS:
         return EXACT_POINTERS[arg]
-    if arg in ("weight_ptr", "bias_ptr") and "dim" in launch.tags:  # add_layer_norm: float32 parameters
-        return (
-            "*fp32"
-            if launch.constexprs.get("HAS_WEIGHT" if arg == "weight_ptr" else "HAS_BIAS")
-            else (f"*{launch.tags['dtype']}")
-        )
+    if arg in ("weight_ptr", "bias_ptr") and "dim" in launch.tags:  # add_layer_norm parameters
+        present = launch.constexprs.get("HAS_WEIGHT" if arg == "weight_ptr" else "HAS_BIAS")
+        return f"*{launch.tags['param_dtype']}" if present else f"*{launch.tags['dtype']}"
     return f"*{launch.tags['dtype']}"
 
 

@@ -150,3 +150,60 @@ def test_causal_conv1d_asked_for_but_missing():
     with pytest.raises(ImportError, match="mamba"):
         Mamba(4, conv_backend="causal_conv1d")
     Mamba(4, conv_backend="auto")(torch.randn(1, 3, 4))  # the default falls back silently
+
+
+def _large_flips(graph: torch.fx.Graph, length: int) -> list[str]:
+    """The flip nodes of ``graph`` whose input spans the sequence (a flipped copy of x, z or y)."""
+    found = []
+    for node in graph.nodes:
+        if node.op == "call_function" and "flip" in str(node.target):
+            value = node.args[0].meta.get("val")
+            if value is None or length in tuple(value.shape):
+                found.append(str(node))
+    return found
+
+
+def test_bimamba_graph_holds_no_flip_of_the_sequence():
+    """The reversed direction runs ``selective_scan(reverse=True)`` and an anti-causal conv: the exported
+    graph flips only the conv kernel (a few bytes), never x, z or the output."""
+    torch.manual_seed(4)
+    bi = BiMamba(8, d_state=4, d_conv=3).eval()
+    length = 11
+    hidden = torch.randn(2, length, 8)
+    program = torch.export.export(bi, (hidden,))
+    assert _large_flips(program.graph, length) == []
+    scans = [n for n in program.graph.nodes if "selective_scan" in str(n.target)]
+    assert len(scans) == 2, [str(n.target) for n in program.graph.nodes]
+    torch.testing.assert_close(program.module()(hidden), bi(hidden))
+
+
+def test_bimamba_reverse_matches_the_flipped_block_with_gradients():
+    """The flip-free reversed direction equals the reversed block run on the flipped sequence, gradients
+    included (every parameter of both directions)."""
+    torch.manual_seed(5)
+    bi = BiMamba(6, d_state=3, d_conv=4)
+    hidden = torch.randn(2, 9, 6)
+
+    def with_flips(module, h):
+        x, z = module._in(h)
+        y = Mamba._scan(module, x, z, module.conv1d, module.x_proj, module.dt_proj, module.A_log, module.D)
+        conv_b = module._conv(x.flip(-1), module.conv1d_b)
+        x_dbl = module.x_proj_b(conv_b.transpose(1, 2))
+        dt, b, c = x_dbl.split((module.dt_rank, module.d_state, module.d_state), dim=-1)
+        from fastvision.ops import selective_scan
+
+        y_b = selective_scan(
+            conv_b, (dt @ module.dt_proj_b.weight.t()).transpose(1, 2).contiguous(),
+            -torch.exp(module.A_b_log), b.transpose(1, 2).contiguous(), c.transpose(1, 2).contiguous(),
+            module.D_b, z.flip(-1).contiguous(), module.dt_proj_b.bias, True,
+        )  # fmt: skip
+        return module.out_proj(((y + y_b.flip(-1)) / 2).transpose(1, 2))
+
+    got = bi(hidden)
+    want = with_flips(bi, hidden)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    params = list(bi.parameters())
+    grads = torch.autograd.grad(got.square().sum(), params)
+    want_grads = torch.autograd.grad(want.square().sum(), params)
+    for name_param, a, b in zip(bi.named_parameters(), grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name_param[0])

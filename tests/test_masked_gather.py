@@ -112,3 +112,88 @@ MASK = torch.ones(2, 4, 4, dtype=torch.bool)
 def test_rejects_bad_input(args, error, match):
     with pytest.raises(error, match=match):
         masked_gather(*args)
+
+
+def _registered_backward_ops():
+    ops = []
+    if OPS["masked_gather"].built("cpu") is None:
+        ops.append(pytest.param(torch.ops.fastvision.masked_gather_backward, id="cpp"))
+    return ops
+
+
+@pytest.mark.parametrize("op", _registered_backward_ops())
+@pytest.mark.parametrize("bad", [2**40, -7, -2, 20])  # H * W = 20
+def test_registered_backward_refuses_out_of_range_sites(op, bad):
+    """A direct call of the C++ backward op with a site outside [0, H * W) (other than the -1 of an
+    empty slot) is refused, naming the argument, the valid range and the entry."""
+    grad = torch.randn(2, 3, 4, device=DEVICE)
+    sites = torch.tensor([[0, 2, 5], [-1, 19, bad]], device=DEVICE)
+    with pytest.raises(ValueError, match=r"sites must hold indices in \[0, H \* W\) = \[0, 20\) or -1"):
+        op(grad, sites, 4, 5)
+    with pytest.raises(ValueError, match=rf"got {bad} at \[1, 2\]"):
+        op(grad, sites, 4, 5)
+
+
+@pytest.mark.parametrize("op", _registered_backward_ops())
+def test_registered_backward_takes_in_range_sites(op):
+    """Sites in range and -1 slots: each valid slot's gradient lands at its site, the rest is zero."""
+    grad = torch.randn(2, 3, 4, device=DEVICE)
+    sites = torch.tensor([[0, -1, 5], [-1, 19, -1]], device=DEVICE)
+    out = op(grad, sites, 4, 5)
+    expected = torch.zeros(2, 4, 4, 5, device=DEVICE)
+    expected[0, :, 0, 0] = grad[0, 0]
+    expected[0, :, 1, 0] = grad[0, 2]
+    expected[1, :, 3, 4] = grad[1, 1]
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the sync count of the CUDA backward)")
+@pytest.mark.skipif(OPS["masked_gather"].built("cuda") is not None, reason="the CUDA kernels are not built")
+def test_public_cuda_backward_skips_the_synchronizing_site_check():
+    """The public op's backward passes its forward's own sites: no host sync for a range check (with
+    max_count given, forward and backward are sync-free); a direct call still checks."""
+    x, mask = _inputs(2, 3, 4, 5, 0.5, seed=8)
+    x = x.cuda().requires_grad_(True)
+    mask = mask.cuda()
+    with fastvision.use_backend("cuda"):
+        out = masked_gather(x, mask, 20)
+        grad = torch.randn_like(out.values)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            (gx,) = torch.autograd.grad(out.values, x, grad)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert gx.shape == x.shape
+    sites = torch.tensor([[0, 2, 5], [-1, 19, 20]], device="cuda")
+    with pytest.raises(ValueError, match="sites must hold indices"):
+        torch.ops.fastvision.masked_gather_backward(torch.randn(2, 3, 3, device="cuda"), sites, 4, 5)
+
+
+@pytest.mark.skipif(
+    fastvision._backend.why_unusable("triton", DEVICE) is not None, reason="triton cannot run here"
+)
+def test_registered_triton_backward_refuses_out_of_range_sites():
+    """A direct call of the Triton backward op with sites outside [0, H * W) (other than -1) is
+    refused; the public op's backward passes its forward's own sites and pays no check."""
+    grad = torch.randn(2, 3, 4, device=DEVICE)
+    for bad in (2**40, -7, 20):  # H * W = 20
+        sites = torch.tensor([[0, bad, 5], [-1, 19, 3]], device=DEVICE)
+        with pytest.raises(ValueError, match="sites must hold indices"):
+            torch.ops.fastvision.masked_gather_triton_backward(grad, sites, 4, 5)
+
+
+@pytest.mark.skipif(
+    fastvision._backend.why_unusable("triton", DEVICE) is not None, reason="triton cannot run here"
+)
+def test_triton_ops_check_their_inputs():
+    x, mask = _inputs(2, 3, 4, 5, 0.5, seed=6)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        torch.ops.fastvision.masked_gather_triton_forward(x, mask[:, :3], 4)
+    with pytest.raises(ValueError, match="max_count must be"):
+        torch.ops.fastvision.masked_gather_triton_forward(x, mask, -1)
+    grad = torch.randn(2, 3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="sites must be int64 of shape"):
+        torch.ops.fastvision.masked_gather_triton_backward(grad, torch.zeros(2, 2, dtype=torch.int64), 4, 5)
+    with pytest.raises(ValueError, match="height must be a non-negative"):
+        torch.ops.fastvision.masked_gather_triton_backward(grad, torch.zeros(2, 3, dtype=torch.int64), -4, 5)

@@ -200,7 +200,7 @@ def test_pretrain_then_finetune_from_the_ema_weights(digits, tmp_path):
 
 def test_init_from_another_architecture_is_a_clear_error(digits, tmp_path):
     _trainer(digits, tmp_path, "nogrn", model="convnext_v2_fcmae_nogrn", task="fcmae", train_samples=16).fit()
-    with pytest.raises(ValueError, match="init_from .* do not fit"):
+    with pytest.raises(ValueError, match="best.pt: the EMA weights do not fit this model"):
         _trainer(digits, tmp_path, "grn", init_from=str(tmp_path / "nogrn" / "best.pt"))
 
 

@@ -442,3 +442,24 @@ def test_save_model_figures_for_each_reader(tmp_path, digits, grids):
         for path in paths:
             assert path.read_bytes().startswith(PNG_SIGNATURE), path
     assert save_model_figures(nn.Linear(2, 2), digits, tmp_path / "none") == []  # nothing to draw
+
+
+def test_shared_transformer_blocks_keep_their_state_dict_keys():
+    """The blocks live in fastvision.nn.transformer; checkpoints saved before the move still load
+    because the parameter names are those of the blocks' attributes, listed here as they were."""
+    from fastvision.models import digit_seq_transformer
+    from fastvision.models import vit_mnist as vit_module
+    from fastvision.nn import TransformerDecoderBlock, TransformerEncoderBlock, transformer
+
+    assert vit_module.TransformerEncoderBlock is TransformerEncoderBlock
+    assert transformer.TransformerEncoderBlock is TransformerEncoderBlock
+    assert digit_seq_transformer.TransformerDecoderBlock is TransformerDecoderBlock
+    attention = ["proj.bias", "proj.weight", "qkv.bias", "qkv.weight"]
+    ff = ["ff.proj_in.bias", "ff.proj_in.weight", "ff.proj_out.bias", "ff.proj_out.weight"]
+    norms = [f"norm{i}.{p}" for i in (1, 2, 3) for p in ("bias", "weight")]
+    encoder = {*(f"attn.{k}" for k in attention), *ff, *norms[:4]}
+    decoder = {*(f"{a}.{k}" for a in ("self_attn", "cross_attn") for k in attention), *ff, *norms}
+    assert set(TransformerEncoderBlock(8, 2).state_dict()) == encoder
+    assert set(TransformerDecoderBlock(8, 2).state_dict()) == decoder
+    model = vit_mnist(dim=16, depth=1, heads=2)
+    assert {k for k in model.state_dict() if k.startswith("blocks.0.")} == {f"blocks.0.{k}" for k in encoder}

@@ -104,15 +104,25 @@ def test_topk_sparse_attention_dense_when_topk_covers_keys():
         ({"dim": 64, "heads": 5, "topk": 4}, "multiple of heads"),
         ({"dim": 40, "heads": 4, "topk": 4}, "head dim"),
         ({"dim": 64, "heads": 4, "topk": 0}, "topk"),
-        ({"dim": 64, "heads": 4, "topk": 2.5}, "topk"),
         ({"dim": 64, "heads": 4, "topk": 4, "dropout": 1.0}, "dropout"),
         ({"dim": 64, "heads": 4, "topk": 4, "mode": "blocks"}, "mode must be one of"),
         ({"dim": 64, "heads": 4, "topk": 4, "mode": "block", "block_size": 48}, "block_size must be one of"),
-        ({"dim": 64, "heads": 4, "topk": 4, "mode": "block", "block_size": True}, "block_size"),
     ],
 )
 def test_topk_sparse_attention_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
+        TopKSparseAttention(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dim": 64, "heads": 4, "topk": 2.5}, "topk"),
+        ({"dim": 64, "heads": 4, "topk": 4, "mode": "block", "block_size": True}, "block_size"),
+    ],
+)
+def test_topk_sparse_attention_argument_types(kwargs, match):
+    with pytest.raises(TypeError, match=match):
         TopKSparseAttention(**kwargs)
 
 
@@ -399,7 +409,7 @@ def test_denoiser_state_dict_round_trip_on_reference_backend():
 def test_denoising_figure(tmp_path):
     import matplotlib.image
 
-    from fastvision.denoise_viz import denoising_figure_hook, save_denoising_figure, write_denoising_png
+    from fastvision.viz.denoise import denoising_figure_hook, save_denoising_figure, write_denoising_png
 
     torch.manual_seed(0)
     model = SparseMoEDenoiser()

@@ -1,4 +1,4 @@
-"""fastvision.profiling.profile_model: one training and one inference step of a small model."""
+"""fastvision.profiling.model.profile_model: one training and one inference step of a small model."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import math
 
 import pytest
 
-import fastvision.profiling as profiling
-from fastvision.profiling import profile_model
+from fastvision.profiling import ranges
+from fastvision.profiling.model import profile_model
 
 
 def test_profile_model_writes_trace_and_summary(tmp_path):
     summary = profile_model("vit_mnist", steps=1, batch=2, warmup=1, out=tmp_path, top=10)
-    assert not profiling._RECORD_FUNCTIONS  # switched back off after the run
+    assert not ranges.recording_functions_enabled()  # switched back off after the run
     assert (tmp_path / summary["trace"]).exists() and summary["trace"].startswith("trace.json")
     data = json.loads((tmp_path / "summary.json").read_text())
     assert data["model"] == "vit_mnist" and data["task"] == "classification"
@@ -58,14 +58,12 @@ def test_profile_model_rejects_bad_arguments(tmp_path):
 def test_nvtx_range_is_a_no_op_record_outside_profiling():
     import torch
 
-    with torch.profiler.profile() as prof, profiling.nvtx_range("fastvision.Test"):
+    with torch.profiler.profile() as prof, ranges.nvtx_range("fastvision.Test"):
         torch.ones(2).sum()
     assert all(e.key != "fastvision.Test" for e in prof.key_averages())
 
 
 def test_profile_checks_arguments_before_writing(tmp_path):
-    from fastvision.profiling import profile_model
-
     out = tmp_path / "never"
     with pytest.raises(ValueError, match="unknown model"):
         profile_model("no_such_model", out=out)
@@ -79,3 +77,43 @@ def test_profile_checks_arguments_before_writing(tmp_path):
     with pytest.raises(TypeError, match="trace must be a bool"):
         profile_model("vit_mnist", out=out, trace="yes")
     assert not out.exists()
+
+
+def test_ranges_module_loads_without_the_profiling_application():
+    """The modules' NVTX ranges are low-level: importing them pulls in neither the profile
+    application nor the models, training or benchmark code it uses."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fastvision.profiling.ranges; "
+        "heavy = [m for m in ('fastvision.profiling.model', 'fastvision.models', 'fastvision.train', "
+        "'fastvision.benchmark') if m in sys.modules]; print(heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_profile_command_writes_under_runs_and_prints_no_kineto_noise(tmp_path):
+    """``fastvision profile MODEL`` from any folder writes under runs/profile/MODEL (never the
+    committed profiles/), and on a machine without a GPU the profiler library's device-count error
+    is not printed."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    script = "import sys; from fastvision.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = ["profile", "vit_mnist", "--steps", "1", "--inference-steps", "0", "--warmup", "0", "--no-trace"]
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "runs" / "profile" / "vit_mnist" / "summary.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    if not torch.cuda.is_available():
+        assert "gpuGetDeviceCount" not in result.stderr and "profiler_start" not in result.stderr

@@ -16,6 +16,7 @@ import textwrap
 import pytest
 import torch
 
+from fastvision.cli import run_command
 from fastvision.train import evaluate_checkpoint, load_checkpoint, save_checkpoint
 from fastvision.train.checkpoint import (
     CRASH_ENV_VAR,
@@ -51,10 +52,10 @@ SETUP = textwrap.dedent(
             epochs=epochs, batch_size=8, lr=0.05, scheduler="none", ema_decay=0.0, val_fraction=0.25
         )
 
-    def trainer(run_dir, epochs, resume=False):
+    def trainer(run_dir, epochs, resume=False, overwrite=False):
         return Trainer(
             {MODEL!r}, config(epochs), datasets=data(), device="cpu", run_dir=run_dir,
-            resume=resume, progress=False, log=None,
+            resume=resume, overwrite=overwrite, progress=False, log=None,
         )
     """
 )
@@ -62,9 +63,9 @@ namespace: dict = {}
 exec(SETUP, namespace)  # noqa: S102  (the same definitions as in the subprocess)
 
 
-def run_killed(run_dir, epochs: int, crash: str) -> subprocess.CompletedProcess:
+def run_killed(run_dir, epochs: int, crash: str, overwrite: bool = False) -> subprocess.CompletedProcess:
     """Train in a subprocess that kills itself at checkpoint point ``crash``."""
-    script = SETUP + f"\ntrainer({str(run_dir)!r}, {epochs}).fit()\n"
+    script = SETUP + f"\ntrainer({str(run_dir)!r}, {epochs}, overwrite={overwrite}).fit()\n"
     env = {**os.environ, CRASH_ENV_VAR: crash}
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
@@ -143,11 +144,18 @@ def test_later_saves_remove_stale_temporaries(tmp_path):
 
 
 def test_an_earlier_runs_best_is_removed_when_a_run_starts(tmp_path):
-    """A fresh run never leaves another run's best.pt beside its own last.pt."""
+    """A fresh run never leaves another run's best.pt beside its own last.pt, and replaces it only
+    when told to (overwrite); resuming cannot start from it either."""
+    from fastvision.train.trainer import RunExistsError
+
     run = tmp_path / "run"
     run.mkdir()
     save_checkpoint({"epoch": 9}, run / "best.pt")  # an earlier run's weights, without its last.pt
-    run_killed(run, epochs=1, crash="after-replace:last.pt")
+    for resume in (False, True):
+        with pytest.raises(RunExistsError, match=r"best\.pt \(epoch 9\)"):
+            namespace["trainer"](run, 1, resume=resume)
+    assert load_checkpoint(run / "best.pt")["epoch"] == 9
+    run_killed(run, epochs=1, crash="after-replace:last.pt", overwrite=True)
     assert not (run / "best.pt").exists()
     summary = namespace["trainer"](run, 1, resume=True).fit()
     assert load_checkpoint(run / "best.pt")["epoch"] == summary["best_epoch"] == 1
@@ -249,6 +257,6 @@ def test_cli_reports_a_corrupt_checkpoint_without_a_traceback(checkpoint, capsys
     parser = argparse.ArgumentParser(prog="fastvision")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["evaluate", MODEL, "--checkpoint", str(checkpoint), "--device", "cpu"])
-    assert args.handler(args) != 0
+    assert run_command(args) != 0
     err = capsys.readouterr().err
     assert "last.pt" in err and "truncated" in err and "Traceback" not in err

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fastvision.cli import run_command
 from fastvision.models import register_model
 from fastvision.train import TrainConfig, Trainer
 from fastvision.train.cli import add_subcommands
@@ -205,7 +206,7 @@ def cli():
 
     def run(*argv):
         args = parser.parse_args(list(argv))
-        return args.handler(args)
+        return run_command(args)
 
     return run
 

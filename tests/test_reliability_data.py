@@ -115,3 +115,46 @@ def test_wrong_shapes_and_types(tmp_path):
 def test_good_files_still_load(tmp_path):
     dataset = build_dataset("mnist", "test", data_dir=mnist_dir(tmp_path))
     assert len(dataset) == 4 and int(dataset[3][1]) == 9
+
+
+def test_idx_shape_product_does_not_wrap(tmp_path):
+    """(2**32-1)**3 wraps around in int64; the size check uses exact integers and names the sizes."""
+    header = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 2**32 - 1, 2**32 - 1, 2**32 - 1)
+    raw = tmp_path / "images-idx3-ubyte"
+    raw.write_bytes(header + b"\x00" * 64)
+    sizes = r"\(4294967295, 4294967295, 4294967295\)"
+    with pytest.raises(IDXFormatError, match=rf"truncated: the header says {sizes}"):
+        read_idx(raw)
+    packed = tmp_path / "images-idx3-ubyte.gz"
+    write(packed, header + b"\x00" * 64)
+    with pytest.raises(IDXFormatError, match=rf"dimension sizes {sizes} .*more than a \d+-byte gzip file"):
+        read_idx(packed)
+
+
+def test_gzip_idx_memory_is_bounded_by_the_header(tmp_path):
+    """A small gzip file that expands to 64 MiB behind a 4-image header: only what the header
+    announces (plus one byte) is decompressed before it is refused as too long."""
+    import tracemalloc
+
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(IMAGES)
+        zeros = bytes(2**20)
+        for _ in range(64):
+            f.write(zeros)
+    assert path.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(IDXFormatError, match="too long"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak
+
+
+def test_gzip_idx_header_announcing_more_than_the_file_can_hold(tmp_path):
+    path = tmp_path / "claims-idx3-ubyte.gz"
+    write(path, bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 10**9, 28, 28))
+    with pytest.raises(IDXFormatError, match="announce 784,000,000,000 bytes of data, more than"):
+        read_idx(path)

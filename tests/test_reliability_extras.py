@@ -119,13 +119,16 @@ def test_figures_without_matplotlib_or_scikit_learn(without, tmp_path):
         _assert_names(info, "scikit-learn")
 
 
-def test_old_visualisation_import_paths_still_work():
-    import fastvision.denoise_viz as old_denoise
+def test_visualisation_import_paths():
+    import importlib
+
     import fastvision.viz as viz
     import fastvision.viz.denoise as denoise
     import fastvision.viz.digits as digits
 
-    assert old_denoise.denoising_figure_hook is denoise.denoising_figure_hook is viz.denoising_figure_hook
+    assert denoise.denoising_figure_hook is viz.denoising_figure_hook
+    with pytest.raises(ModuleNotFoundError):  # the forwarding shim is gone on purpose
+        importlib.import_module("fastvision.denoise_viz")
     assert viz.show_validation_samples is digits.show_validation_samples
     assert set(viz.__all__) <= set(dir(viz))
     for name in viz.__all__:

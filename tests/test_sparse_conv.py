@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, assert_close, backend_params
 
 import fastvision
-from fastvision._backend import BackendUnavailableError
+from fastvision._backend import BackendUnavailableError, why_unusable
 from fastvision.ops import OPS
 from fastvision.ops.sparse_conv2d import (
     dense_weight,
@@ -163,7 +163,11 @@ def test_warpconvnet_conversion_without_warpconvnet_says_what_is_missing():
     ],
     ids=str,
 )
-def test_kernel_map_matches_brute_force(shape, density, kernel_size, dilation):
+@pytest.mark.parametrize("lookup", ["grid", "search"])
+def test_kernel_map_matches_brute_force(shape, density, kernel_size, dilation, lookup, monkeypatch):
+    import fastvision.sparse.kernel_map as kernel_map_module
+
+    monkeypatch.setattr(kernel_map_module, "_use_grid", lambda *_: lookup == "grid")
     x = SparseTensor.from_dense(_random_sparse_dense(shape, density, seed=sum(shape) + kernel_size))
     km = build_kernel_map(x.coords, x.spatial_shape, kernel_size, dilation)
     assert km.in_indices.dtype == km.out_indices.dtype == torch.int64
@@ -299,6 +303,24 @@ def test_triton_rejects_float64(backend):
     x, weight, _, _, _ = _conv_inputs((1, 2, 2, 4, 4, 3, 0.5, 1), torch.float64, seed=18)
     with fastvision.use_backend(backend), pytest.raises(BackendUnavailableError, match="triton backend"):
         sparse_conv2d(x.feats, x.kernel_map(3), weight)
+
+
+@pytest.mark.skipif(why_unusable("triton", DEVICE) is not None, reason="triton cannot run here")
+def test_triton_ops_refuse_other_dtypes():
+    """A direct call of the Triton ops with data the kernels do not take names the argument."""
+    x, weight, _, _, _ = _conv_inputs((1, 2, 2, 4, 4, 3, 0.5, 1), torch.float32, seed=18)
+    feats, neighbors = x.feats, x.kernel_map(3).neighbors
+    forward = torch.ops.fastvision.sparse_conv2d_triton_forward
+    backward = torch.ops.fastvision.sparse_conv2d_triton_backward
+    with pytest.raises(TypeError, match="feats must have dtype"):
+        forward(feats.double(), neighbors, weight.double())
+    with pytest.raises(TypeError, match="feats must have dtype"):
+        forward(feats.to(torch.int32), neighbors, weight)
+    with pytest.raises(TypeError, match="weight must have feats' dtype"):
+        forward(feats, neighbors, weight.to(torch.int32))
+    grad_out = forward(feats, neighbors, weight)
+    with pytest.raises(TypeError, match="grad_out must have feats' dtype"):
+        backward(grad_out.to(torch.int32), feats, neighbors, weight, True, True)
 
 
 def test_opcheck_and_compile():
@@ -517,3 +539,352 @@ def test_masked_dense_conv_matches_sparse_conv(kernel_size, dilation):
         expected = conv(SparseTensor.from_dense(x)).to_dense()
         got = conv(MaskedDense.from_dense(x)).to_dense()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# --- coordinate keys cannot overflow --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spatial_shape, batch_size",
+    [((2**31, 2**31), 5), ((2**32, 2**32), 1), ((2**31, 2**31), 2), ((2**62 + 1, 1), 1)],
+    ids=str,
+)
+def test_key_range_is_bounded_with_a_clear_error(spatial_shape, batch_size):
+    coords = torch.tensor([[0, 0, 0], [batch_size - 1, 0, 0]], device=DEVICE)
+    feats = _random((2, 3), seed=30)
+    with pytest.raises(ValueError, match=r"batch_size \* H \* W must be at most 2\*\*62"):
+        SparseTensor.from_coords(coords, feats, spatial_shape, batch_size)
+    with pytest.raises(ValueError, match=r"at most 2\*\*62"):
+        SparseTensor(coords, feats, spatial_shape, batch_size)
+    with pytest.raises(ValueError, match=r"at most 2\*\*62"):
+        build_kernel_map(coords, spatial_shape, 3, batch_size=batch_size)
+
+
+def test_largest_canvas_keeps_batch_items_apart():
+    """B * H * W = 2**62, the bound: the last site of item 0 and the first of item 1 are adjacent in
+    key space but must neither merge nor pair, and every batch index survives."""
+    spatial_shape = (2**30, 2**31)
+    coords = torch.tensor([[1, 0, 0], [0, 2**30 - 1, 2**31 - 1], [1, 0, 1], [1, 0, 0]], device=DEVICE)
+    feats = _random((4, 2), seed=31)
+    x = SparseTensor.from_coords(coords, feats, spatial_shape, 2)
+    assert x.coords.tolist() == [[0, 2**30 - 1, 2**31 - 1], [1, 0, 0], [1, 0, 1]]
+    torch.testing.assert_close(x.feats, torch.stack([feats[1], feats[0] + feats[3], feats[2]]))
+    km = x.kernel_map(3)
+    expected = brute_force_kernel_map(x.coords.cpu(), spatial_shape, 3)
+    for offset in range(9):
+        ins, outs = km.pairs(offset)
+        assert set(zip(ins.tolist(), outs.tolist(), strict=True)) == expected[offset], offset
+    assert km.neighbors[0].tolist() == [-1, -1, -1, -1, 0, -1, -1, -1, -1]  # isolated: itself only
+    # The same without batch_size (taken from the last site) and as a SparseTensor round trip.
+    assert torch.equal(build_kernel_map(x.coords, spatial_shape, 3).neighbors, km.neighbors)
+    SparseTensor(x.coords, x.feats, spatial_shape, 2)
+
+
+@pytest.mark.parametrize("dilation", [2**40, 2**62, 2**63, 2**80])
+def test_dilation_past_the_canvas_pairs_only_the_centre(dilation):
+    x = SparseTensor.from_dense(_random_sparse_dense((2, 1, 5, 6), 0.7, seed=32))
+    km = x.kernel_map(3, dilation)
+    assert km.offset_starts.tolist() == [0] * 5 + [x.num_sites] * 5
+    assert torch.equal(km.neighbors[:, 4], torch.arange(x.num_sites, dtype=torch.int32, device=DEVICE))
+
+
+# --- malformed kernel maps --------------------------------------------------------------------------
+
+
+def _valid_map():
+    x = SparseTensor.from_dense(_random_sparse_dense((2, 1, 6, 7), 0.6, seed=33))
+    km = x.kernel_map(3)
+    fields = {
+        "in_indices": km.in_indices.clone(),
+        "out_indices": km.out_indices.clone(),
+        "offset_starts": km.offset_starts.clone(),
+        "kernel_size": 3,
+        "dilation": 1,
+        "num_sites": km.num_sites,
+        "neighbors": km.neighbors.clone(),
+    }
+    return x, fields
+
+
+def _set(name, index, value):
+    def edit(fields):
+        fields[name][index] = value(fields) if callable(value) else value
+
+    return edit
+
+
+def _replace(name, value):
+    def edit(fields):
+        fields[name] = value(fields)
+
+    return edit
+
+
+def _swap_pair_order(fields):
+    # Offset 0 and its mirror 8 keep their pair sets, but offset 0's first pair moves to offset 1.
+    starts = fields["offset_starts"]
+    starts[1] += 1
+
+
+def _non_symmetric(fields):
+    # One pair (i -> o) at offset 0 is dropped from both the pairs and the table: its mirror stays.
+    neighbors, starts = fields["neighbors"], fields["offset_starts"]
+    out = int(fields["out_indices"][0])
+    neighbors[out, 0] = -1
+    keep = torch.ones_like(fields["in_indices"], dtype=torch.bool)
+    keep[0] = False
+    fields["in_indices"], fields["out_indices"] = fields["in_indices"][keep], fields["out_indices"][keep]
+    starts[1:] -= 1
+
+
+MALFORMED_MAPS = [
+    ("neighbour >= N", _set("neighbors", (0, 4), lambda f: f["num_sites"]), ValueError, "neighbors entries"),
+    ("neighbour -2", _set("neighbors", (1, 0), -2), ValueError, r"-1 \(absent\)"),
+    ("one-column table", _replace("neighbors", lambda f: f["neighbors"][:, :1].contiguous()), ValueError,
+     r"neighbors must have shape \[num_sites, K\*K\]"),
+    ("int64 table", _replace("neighbors", lambda f: f["neighbors"].long()), TypeError, "int32"),
+    ("in_indices >= N", _set("in_indices", 0, lambda f: f["num_sites"]), ValueError, "in_indices must lie"),
+    ("out_indices < 0", _set("out_indices", 0, -1), ValueError, "out_indices must lie"),
+    ("starts decreasing", _set("offset_starts", 3, 0), ValueError, "without decreasing"),
+    ("starts short of P", _set("offset_starts", 9, lambda f: int(f["offset_starts"][9]) - 1), ValueError,
+     "number of pairs"),
+    ("starts not from 0", _set("offset_starts", 0, 1), ValueError, "rise from 0"),
+    ("starts wrong length", _replace("offset_starts", lambda f: f["offset_starts"][:-1]), ValueError,
+     r"K\*K \+ 1 = 10"),
+    ("pairs moved between offsets", _swap_pair_order, ValueError, "same map"),
+    ("duplicate pair", _set("in_indices", 1, lambda f: int(f["in_indices"][0])), ValueError, "same map"),
+    ("centre not the identity", _set("neighbors", (0, 4), 1), ValueError, "same map"),
+    ("not symmetric", _non_symmetric, ValueError, "symmetric"),
+    ("num_sites", _replace("num_sites", lambda f: f["num_sites"] + 1), ValueError, "neighbors must have sha"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "edit, error, match", [m[1:] for m in MALFORMED_MAPS], ids=[m[0] for m in MALFORMED_MAPS]
+)
+def test_malformed_kernel_map_is_refused_on_construction(edit, error, match):
+    _, fields = _valid_map()
+    KernelMap(**fields)  # the unedited map passes
+    edit(fields)
+    with pytest.raises(error, match=match):
+        KernelMap(**fields)
+
+
+def test_centre_offset_must_be_the_identity():
+    _, fields = _valid_map()
+    start, end = fields["offset_starts"][4:6].tolist()
+    # Swap two sites' centre pairs in both forms: consistent, but no longer a submanifold map.
+    fields["in_indices"][start : start + 2] = fields["in_indices"][start : start + 2].flip(0)
+    fields["neighbors"][:2, 4] = fields["neighbors"][:2, 4].flip(0)
+    with pytest.raises(ValueError, match="centre offset must pair every site with itself"):
+        KernelMap(**fields)
+
+
+# Maps made with check=False: the backends that read the edited tensors must refuse them (the public
+# op re-checks the structure, every backend; each registered op checks the values it reads through).
+_MALFORMED = {m[0]: m[1] for m in MALFORMED_MAPS}
+_TABLE_READERS, _ALL = ("triton", "cpu"), ("reference", "triton", "cpu")
+UNCHECKED_MAPS = [
+    ("neighbour >= N", _TABLE_READERS, "neighbors entries must be -1"),
+    ("neighbour -2", _TABLE_READERS, "neighbors entries must be -1"),
+    ("one-column table", _ALL, r"neighbors must have shape \[num_sites, K\*K\]"),
+    ("in_indices >= N", ("reference",), "in_indices must lie"),
+    ("out_indices < 0", ("reference",), "out_indices must lie"),
+    ("starts decreasing", ("reference",), "without decreasing"),
+    ("starts short of P", ("reference",), "number of pairs"),
+    ("starts wrong length", _ALL, r"K\*K \+ 1 = 10"),
+]
+
+
+UNCHECKED_PARAMS = [
+    pytest.param(label, p.values[0], match, marks=p.marks, id=f"{label}-{p.values[0]}")
+    for label, readers, match in UNCHECKED_MAPS
+    for p in BACKENDS
+    if p.values[0] in readers
+]
+
+
+@pytest.mark.parametrize("label, backend, match", UNCHECKED_PARAMS)
+def test_public_op_refuses_an_unchecked_malformed_map(label, backend, match):
+    x, fields = _valid_map()
+    _MALFORMED[label](fields)
+    km = KernelMap(**fields, check=False)
+    weight = _random((9, 1, 3), seed=34).requires_grad_(True)
+    with fastvision.use_backend(backend), pytest.raises(ValueError, match=match):
+        sparse_conv2d(x.feats, km, weight).sum().backward()
+
+
+@pytest.mark.parametrize("make", ["built", "validated", "moved"])
+def test_known_good_maps_skip_the_table_check(monkeypatch, make):
+    """Maps built by build_kernel_map or validated on construction (and their .to copies) reach the
+    table kernels with no value check (no host sync); check=False maps are checked, once."""
+    import fastvision.sparse.kernel_map as kernel_map_module
+
+    x, fields = _valid_map()
+    if make == "built":
+        km = x.kernel_map(3)
+    else:
+        km = KernelMap(**fields) if make == "validated" else KernelMap(**fields).to("cpu")
+    calls, real = [], kernel_map_module.check_neighbor_table
+    monkeypatch.setattr(
+        kernel_map_module, "check_neighbor_table", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    km.check_table()
+    assert calls == []
+    KernelMap(**fields, check=False).check_table()
+    assert calls == [1]
+
+
+def test_registered_ops_refuse_bad_maps_directly():
+    x, fields = _valid_map()
+    weight = _random((9, 1, 3), seed=35)
+    ins, outs, starts = fields["in_indices"], fields["out_indices"], fields["offset_starts"]
+    bad = ins.clone()
+    bad[0] = x.num_sites + 7
+    with pytest.raises(ValueError, match="in_indices must lie"):
+        torch.ops.fastvision.sparse_conv2d_gather_gemm(x.feats, bad, outs, starts, weight)
+    grad = _random((x.num_sites, 3), seed=36)
+    with pytest.raises(ValueError, match="offset_starts must rise"):
+        torch.ops.fastvision.sparse_conv2d_gather_gemm_backward(
+            grad, x.feats, ins, outs, starts.flip(0).contiguous(), weight, True, True
+        )
+    with pytest.raises(ValueError, match=r"grad_out must have shape"):
+        torch.ops.fastvision.sparse_conv2d_gather_gemm_backward(
+            grad[:, :2], x.feats, ins, outs, starts, weight, True, True
+        )
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "reference"])
+def test_kernel_ops_refuse_bad_tables_directly(backend):
+    kernel = OPS["sparse_conv2d"].kernels[backend]
+    x, fields = _valid_map()
+    weight = _random((9, 1, 3), seed=37)
+    grad = _random((x.num_sites, 3), seed=38)
+    table = fields["neighbors"]
+    for bad, match in (
+        (table.clone().index_fill_(0, torch.tensor([2]), x.num_sites), "entries must be -1"),
+        (table.clone().index_fill_(0, torch.tensor([2]), -5), "entries must be -1"),
+        (table[:, :1].contiguous(), r"shape \[N, K\*K\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            kernel.forward_op()(x.feats, bad, weight)
+        with pytest.raises(ValueError, match=match):
+            kernel.backward_op()(grad, x.feats, bad, weight, True, True)
+    asymmetric = table.clone()
+    asymmetric[int(fields["out_indices"][0]), 0] = -1
+    kernel.forward_op()(x.feats, asymmetric, weight)  # a forward needs no symmetry
+    with pytest.raises(ValueError, match="symmetric"):
+        kernel.backward_op()(grad, x.feats, asymmetric, weight, True, False)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "reference"])
+def test_a_table_modified_after_a_checked_call_is_checked_again(backend):
+    kernel = OPS["sparse_conv2d"].kernels[backend]
+    x, fields = _valid_map()
+    weight = _random((9, 1, 3), seed=39)
+    table = fields["neighbors"]
+    kernel.forward_op()(x.feats, table, weight)
+    table[3, 0] = x.num_sites  # in place: a new version of the same tensor
+    with pytest.raises(ValueError, match="entries must be -1"):
+        kernel.forward_op()(x.feats, table, weight)
+
+
+# --- edge cases of every backend ------------------------------------------------------------------
+
+
+def _sites(batch, channels, height, width, where, seed):
+    """``[B, C, H, W]`` with random nonzero features exactly at the sites ``where`` marks."""
+    values = _random((batch, channels, height, width), seed).abs() + 0.5
+    return values * where.to(device=DEVICE, dtype=values.dtype)
+
+
+def _isolated(shape):
+    where = torch.zeros(shape, dtype=torch.bool)
+    where[:, :, ::2, ::2] = True  # 3x3 kernels: no site has a neighbour
+    return where
+
+
+def _single(shape):
+    where = torch.zeros(shape, dtype=torch.bool)
+    where[0, 0, 2, 3] = True
+    return where
+
+
+def _dense(shape):
+    return torch.ones(shape, dtype=torch.bool)
+
+
+def _density(value, seed):
+    return lambda shape: torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < value
+
+
+# (batch, Cin, Cout, H, W, site mask) per case
+EDGE_CASES = {
+    "single site": (1, 3, 4, 5, 6, _single),
+    "isolated sites": (2, 5, 3, 7, 9, _isolated),
+    "all offsets present": (2, 4, 6, 7, 9, _dense),
+    "odd channels 13->19": (1, 13, 19, 8, 9, _density(0.6, 3)),
+    "one output channel": (1, 17, 1, 6, 7, _density(0.5, 4)),
+    "several weight-gradient chunks": (1, 3, 5, 80, 81, _density(0.8, 5)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", list(EDGE_CASES), ids=list(EDGE_CASES))
+def test_sparse_conv2d_edge_cases(backend, dtype, case):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend has no float64 (test_triton_rejects_float64 checks the error)")
+    batch, cin, cout, height, width, mask = EDGE_CASES[case]
+    where = mask((batch, 1, height, width))
+    x = SparseTensor.from_dense(_sites(batch, cin, height, width, where, seed=40).to(dtype))
+    assert x.num_sites == int(where.sum())
+    weight = _random((9, cin, cout), 41, dtype, (9 * cin) ** -0.5)
+    bias = _random((cout,), 42, dtype)
+    # The weight gradient sums over every site: float32 rounding grows with the site count.
+    _check_against_dense(x, weight, bias, 3, 1, backend, scale=max(1.0, x.num_sites / 500))
+    km = x.kernel_map(3)
+    if case == "isolated sites":
+        assert km.in_indices.numel() == x.num_sites  # the centre offset only
+    if case == "all offsets present":
+        assert (km.neighbors[:, :] >= 0).sum() == km.in_indices.numel() > 8 * x.num_sites // 2
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+def test_cpu_kernel_is_deterministic_for_any_thread_count(backend):
+    x, weight, _, _, _ = _conv_inputs((2, 6, 7, 64, 64, 3, 0.6, 1), torch.float32, seed=43)
+    assert x.num_sites > 2048  # more than one weight-gradient partial sum
+    km = x.kernel_map(3)
+    grad = _random((x.num_sites, 7), seed=44)
+    kernel = OPS["sparse_conv2d"].kernels["cpu"]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (threads, 1, threads):
+            torch.set_num_threads(count)
+            out = kernel.forward_op()(x.feats, km.neighbors, weight)
+            results.append((out, *kernel.backward_op()(grad, x.feats, km.neighbors, weight, True, True)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+def test_cpu_kernel_checks_its_arguments(backend):
+    x, weight, _, _, _ = _conv_inputs((1, 3, 4, 6, 6, 3, 0.5, 1), torch.float32, seed=45)
+    km = x.kernel_map(3)
+    forward = OPS["sparse_conv2d"].kernels["cpu"].forward_op()
+    backward = OPS["sparse_conv2d"].kernels["cpu"].backward_op()
+    grad = _random((x.num_sites, 4), seed=46)
+    with pytest.raises(TypeError, match="weight must have feats' dtype"):
+        forward(x.feats, km.neighbors, weight.double())
+    with pytest.raises(TypeError, match="neighbors must be int32"):
+        forward(x.feats, km.neighbors.long(), weight)
+    with pytest.raises(ValueError, match=r"weight must have shape \[K\*K, Cin, Cout\]"):
+        forward(x.feats, km.neighbors, weight[:, :2])
+    with pytest.raises(ValueError, match=r"grad_out must have shape \[N, Cout\]"):
+        backward(grad[:, :3], x.feats, km.neighbors, weight, True, True)
+    with pytest.raises(TypeError, match="feats must be float32"):
+        forward(x.feats.long(), km.neighbors, weight.long())

@@ -203,6 +203,7 @@ def test_cpp_op_gradcheck():
         return torch.ops.fastvision.sparse_max_pool2d_forward(coords, f, [3, 3], [2, 1], [-1, -1])[1]
 
     torch.autograd.gradcheck(pooled, (feats,))
+    torch.autograd.gradgradcheck(pooled, (feats,))
 
 
 def test_reference_is_gather_of_argmax():
@@ -416,3 +417,181 @@ def test_reference_refuses_tracing_with_a_clear_error():
             torch.compile(_Pool(), fullgraph=True, backend="aot_eager")(coords, feats)
         with pytest.raises(NotImplementedError, match=message):
             torch.export.export(_Pool(), (coords, feats))
+
+
+# --- direct calls of the C++ ops: the public op's bounds, checked again -------------------------------
+
+TWO_SITES = [[0, 0, 0], [0, 1, 1]]
+AT_MOST_INT32 = "at most 2\\*\\*31 - 1"
+
+
+@pytest.mark.skipif(not CPP_OPS_BUILT, reason="the C++ ops are not built")
+@pytest.mark.parametrize(
+    "coords, kernel, stride, limit, message",
+    [
+        pytest.param(TWO_SITES, [2**62, 2**62], [1, 1], [-1, -1], AT_MOST_INT32, id="kernel-2^62"),
+        pytest.param(TWO_SITES, [2**63 - 1, 2], [1, 1], [-1, -1], AT_MOST_INT32, id="kernel-max"),
+        pytest.param(TWO_SITES, [2, 2], [2**63 - 1, 1], [-1, -1], AT_MOST_INT32, id="stride-max"),
+        pytest.param([[0, 2**62, 0]], [2**31 - 1, 2], [1, 1], [-1, -1], "must fit int32", id="window-count"),
+        pytest.param([[0, 2**62, 0]], [2, 2], [2, 2], [-1, -1], "below 2\\*\\*62", id="coords-2^62"),
+        pytest.param([[0, 0, 0]], [0, 2], [1, 1], [-1, -1], "must be positive", id="kernel-0"),
+        pytest.param([[0, 0, 0]], [2, 2, 2], [1, 1], [-1, -1], "two entries", id="three-entries"),
+    ],
+)
+def test_cpp_forward_checks_geometry_and_coords(coords, kernel, stride, limit, message):
+    coords = torch.tensor(coords, dtype=torch.int64)
+    feats = torch.randn(coords.shape[0], 2)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.fastvision.sparse_max_pool2d_forward(coords, feats, kernel, stride, limit)
+
+
+@pytest.mark.skipif(not CPP_OPS_BUILT, reason="the C++ ops are not built")
+def test_cpp_forward_with_huge_window_limits_matches_unbounded():
+    coords, feats = _random_map(2, 6, 7, 3, 0.5, seed=21)
+    coords, feats = coords.cpu(), feats.cpu()
+    bounded = torch.ops.fastvision.sparse_max_pool2d_forward(coords, feats, [2, 2], [1, 1], [2**62, 2**62])
+    unbounded = torch.ops.fastvision.sparse_max_pool2d_forward(coords, feats, [2, 2], [1, 1], [-1, -1])
+    for a, b in zip(bounded, unbounded, strict=True):
+        assert torch.equal(a, b)
+
+
+# --- the argmax as a window offset, and the backward tables checked on direct calls -------------------
+
+
+@pytest.mark.skipif(not CPP_OPS_BUILT, reason="the C++ ops are not built")
+@pytest.mark.parametrize(
+    "kernel, stride, dtype",
+    [
+        ((2, 2), (2, 2), torch.uint8),
+        ((3, 3), (2, 1), torch.uint8),
+        ((16, 16), (5, 7), torch.uint8),
+        ((17, 16), (4, 4), torch.int16),
+        ((181, 181), (60, 90), torch.int16),
+        ((182, 181), (91, 181), torch.int32),
+    ],
+    ids=str,
+)
+def test_cpp_argmax_is_the_window_offset_of_the_max(kernel, stride, dtype):
+    """argmax[w, c] = (y - oy*sy) * kx + (x - ox*sx) of the input holding the max, in the narrowest
+    dtype for ky * kx; site_offset is each input's offset in its first window; the op's fake agrees."""
+    from fastvision.ops.sparse_max_pool2d import argmax_dtype
+
+    coords, feats = _random_map(2, 40, 37, 3, 0.3, seed=sum(kernel), ties=True)
+    coords, feats = coords.cpu(), feats.cpu()
+    out_coords, out_feats, argmax, window_map, site = torch.ops.fastvision.sparse_max_pool2d_forward(
+        coords, feats, list(kernel), list(stride), [-1, -1]
+    )
+    assert argmax.dtype == dtype == argmax_dtype(kernel) and site.dtype == dtype
+    (ky, kx), (sy, sx) = kernel, stride
+    oy, ox = out_coords[:, 1:2].long(), out_coords[:, 2:3].long()
+    y, x = oy * sy + argmax.long() // kx, ox * sx + argmax.long() % kx
+    assert (argmax.long() < ky * kx).all() and (argmax.long() % kx < kx).all()
+    key = {tuple(c): i for i, c in enumerate(coords.tolist())}
+    for w in range(out_coords.shape[0]):
+        b = int(out_coords[w, 0])
+        for c in range(feats.shape[1]):
+            i = key[(b, int(y[w, c]), int(x[w, c]))]  # the offset names an active input of the window
+            assert feats[i, c] == out_feats[w, c]
+    fy = torch.where(coords[:, 1] < ky, 0, (coords[:, 1] - ky) // sy + 1)
+    fx = torch.where(coords[:, 2] < kx, 0, (coords[:, 2] - kx) // sx + 1)
+    ry, rx = coords[:, 1] - fy * sy, coords[:, 2] - fx * sx
+    expected = torch.where((ry >= 0) & (rx >= 0), ry * kx + rx, 0)
+    assert torch.equal(site.long(), expected.long())
+    assert window_map.shape == (coords.shape[0], -(-ky // sy) * -(-kx // sx))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("geometry", [((17, 5), (3, 2)), ((4, 20), (4, 20))], ids=str)
+def test_matches_dense_with_wide_windows(backend, geometry):
+    """Windows of more than 256 sites: the argmax is int16."""
+    kernel, stride = geometry
+    coords, feats = _random_map(2, 23, 26, 3, 0.3, seed=31)
+    _check(coords, feats, kernel, stride, backend, (23, 26))
+
+
+def _pool_tables(kernel=(3, 3), stride=(2, 2)):
+    coords, feats = _random_map(2, 9, 10, 4, 0.5, seed=41)
+    outputs = torch.ops.fastvision.sparse_max_pool2d_forward(
+        coords.cpu(), feats.cpu(), list(kernel), list(stride), [-1, -1]
+    )
+    grad = torch.randn(outputs[1].shape, generator=torch.Generator().manual_seed(2))
+    return grad, outputs[2], outputs[3], outputs[4], list(kernel), list(stride)
+
+
+@pytest.mark.skipif(not CPP_OPS_BUILT, reason="the C++ ops are not built")
+def test_cpp_backward_matches_its_reference():
+    from fastvision.ops.sparse_max_pool2d import _backward_op_reference
+
+    for kernel, stride in [((3, 3), (2, 2)), ((2, 3), (1, 2)), ((2, 2), (3, 3))]:
+        args = _pool_tables(kernel, stride)
+        got = torch.ops.fastvision.sparse_max_pool2d_backward(*args)
+        torch.testing.assert_close(got, _backward_op_reference(*args), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(not CPP_OPS_BUILT, reason="the C++ ops are not built")
+@pytest.mark.parametrize(
+    "position, value, message",
+    [
+        (1, 9, r"argmax must hold window offsets in \[0, ky \* kx\) = \[0, 9\), got 9 at"),
+        (2, 10**6, r"window_map must hold output rows in \[0, M\) = \[0, \d+\) or -1 \(no window\), got 10+"),
+        (2, -3, r"window_map must hold output rows .* got -3 at"),
+        (3, 200, r"site_offset must hold window offsets in \[0, ky \* kx\) = \[0, 9\), got 200 at"),
+    ],
+    ids=["argmax", "window-map-far", "window-map-negative", "site-offset"],
+)
+def test_cpp_backward_refuses_out_of_range_tables(position, value, message):
+    args = list(_pool_tables())
+    table = args[position].clone()
+    table.view(-1)[table.numel() // 2] = value
+    args[position] = table
+    with pytest.raises(ValueError, match=message):
+        torch.ops.fastvision.sparse_max_pool2d_backward(*args)
+
+
+@pytest.mark.skipif(not CPP_OPS_BUILT, reason="the C++ ops are not built")
+def test_cpp_backward_refuses_tables_of_another_geometry():
+    grad, argmax, window_map, site, kernel, stride = _pool_tables()
+    with pytest.raises(ValueError, match=r"window_map must be int32 \[N, 1\]"):
+        torch.ops.fastvision.sparse_max_pool2d_backward(grad, argmax, window_map, site, kernel, [3, 3])
+    with pytest.raises(ValueError, match="argmax must be Short"):
+        torch.ops.fastvision.sparse_max_pool2d_backward(grad, argmax, window_map, site, [17, 17], stride)
+
+
+@pytest.mark.skipif(not CPP_OPS_BUILT, reason="the C++ ops are not built")
+def test_cpp_forward_checks_the_coord_bound():
+    coords = torch.tensor([[0, 0, 0], [0, 1, 2], [1, 3, 0]])
+    feats = torch.randn(3, 2)
+    with pytest.raises(ValueError, match=r"inside spatial_shape \(4, 2\), row 1 is \[0, 1, 2\]"):
+        torch.ops.fastvision.sparse_max_pool2d_forward(coords, feats, [2, 2], [2, 2], [-1, -1], [4, 2])
+    unchecked = torch.ops.fastvision.sparse_max_pool2d_forward(coords, feats, [2, 2], [2, 2], [-1, -1])
+    bounded = torch.ops.fastvision.sparse_max_pool2d_forward(coords, feats, [2, 2], [2, 2], [-1, -1], [4, 3])
+    for a, b in zip(unchecked, bounded, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the sync count of the CUDA kernels)")
+@pytest.mark.skipif(OPS["sparse_max_pool2d"].built("cuda") is not None, reason="the CUDA kernel is not built")
+def test_cuda_syncs_once_forward_and_never_backward():
+    """The forward reads the output count back (one synchronization, spatial_shape checked in the
+    same read); the backward none (the public op's backward skips the direct-call range check)."""
+    import warnings
+
+    coords, feats = _random_map(2, 30, 31, 8, 0.3, seed=51)
+    coords, feats = coords.cuda(), feats.cuda().requires_grad_(True)
+    with fastvision.use_backend("cuda"):
+        sparse_max_pool2d(coords, feats, 3, 2, (30, 31))  # warm-up (the first call sets up the device)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as forward:
+                warnings.simplefilter("always")
+                _, out = sparse_max_pool2d(coords, feats, 3, 2, (30, 31))
+            grad = torch.randn_like(out)
+            with warnings.catch_warnings(record=True) as backward:
+                warnings.simplefilter("always")
+                torch.autograd.grad(out, feats, grad)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in forward if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in forward]
+    assert not [w for w in backward if "synchroniz" in str(w.message)]

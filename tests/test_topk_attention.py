@@ -301,6 +301,31 @@ def test_selection_map_lists_queries_in_order():
     assert [rows[offsets[i] : offsets[i + 1]].tolist() for i in range(8)] == expected
 
 
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
+@pytest.mark.parametrize(
+    ("batch", "heads", "num_rows", "num_selected", "num_keys"),
+    [(2, 3, 37, 5, 50), (1, 1, 9, 41, 41), (1, 2, 1, 1, 7), (2, 1, 0, 3, 5)],
+)
+def test_selection_map_random_selections(batch, heads, num_rows, num_selected, num_keys):
+    """int32 offsets and rows; each key's queries in increasing order, every (batch, head) apart."""
+    from fastvision.triton_kernels.topk_attention import selection_map
+
+    generator = torch.Generator().manual_seed(num_rows + num_keys)
+    count = batch * heads * num_rows
+    rows_of = [torch.randperm(num_keys, generator=generator)[:num_selected] for _ in range(count)]
+    shape = (batch, heads, num_rows, num_selected)
+    indices = (torch.stack(rows_of) if rows_of else torch.zeros(0, num_selected)).to(torch.int32).view(shape)
+    offsets, rows = selection_map(indices.to(DEVICE), num_keys)
+    assert offsets.dtype == rows.dtype == torch.int32
+    assert offsets.shape == (batch * heads * num_keys + 1,) and rows.shape == (indices.numel(),)
+    flat = indices.view(batch * heads, num_rows, num_selected)
+    for bh in range(batch * heads):
+        for key in range(num_keys):
+            expected = [m for m in range(num_rows) if key in flat[bh, m].tolist()]
+            entry = bh * num_keys + key
+            assert rows[offsets[entry] : offsets[entry + 1]].tolist() == expected
+
+
 class _TopkAttentionBlock(torch.nn.Module):
     def __init__(self, dim=32, heads=2, topk=4):
         super().__init__()
@@ -501,3 +526,17 @@ def test_many_candidates_forward_backward(backend):
     k[..., 1:] = _random((1, 2, 97, 15), torch.float32, seed=108) / 64
     v = _random((1, 2, 97, 16), torch.float32, seed=109)
     _check_forward_backward(q, k, v, 9, backend)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
+def test_selection_in_several_launches(monkeypatch):
+    """A candidate scratch too small for every (batch, head) at once: launches of a few (batch, head)
+    pairs each give the same selection as one launch."""
+    from fastvision.triton_kernels import topk_attention as kernels
+
+    q = _random((2, 3, 21, 16), torch.float32, seed=120)
+    k = _random((2, 3, 150, 16), torch.float32, seed=121)
+    whole = kernels.select_topk(q, k, 9, 0.25)
+    monkeypatch.setattr(kernels, "_SCRATCH_ENTRIES", 1)  # one (batch, head) per launch
+    assert torch.equal(kernels.select_topk(q, k, 9, 0.25), whole)
+    _check_selection(q, k, 9)

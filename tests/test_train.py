@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from fastvision.cli import run_command
 from fastvision.models import register_model
 from fastvision.train import (
     ModelEMA,
@@ -544,7 +545,7 @@ def test_training_run_writes_metrics_checkpoints_and_summary(tmp_path, model_nam
     assert float(table[1][f"val_{monitor}"]) == lines[1][f"val_{monitor}"]
     assert (run / "last.pt").exists() and (run / "best.pt").exists()
     on_disk = json.loads((run / "summary.json").read_text())
-    assert on_disk["model"] == model_name and on_disk["dataset"]["train"] == "synthetic"
+    assert on_disk["model"] == model_name and on_disk["dataset"]["train"].endswith(" samples of synthetic")
     assert monitor in on_disk["test_metrics"] and on_disk["device"] == "cpu"
     assert on_disk["test_metrics"] == pytest.approx(summary["test_metrics"])
     assert all(math.isfinite(v) for v in summary["test_metrics"].values())
@@ -603,17 +604,18 @@ def test_cli_train_and_evaluate(tmp_path, capsys, monkeypatch):
          "--run-dir", str(run_dir), "--batch-size", "32", "--train-samples", "64", "--val-samples", "32",
          "--test-samples", "32", "--no-progress"]
     )  # fmt: skip
-    assert args.handler(args) == 0
+    assert run_command(args) == 0
     out = capsys.readouterr().out
     printed = json.loads(out[out.index("\n{") + 1 :])  # epoch log lines, then the JSON result
     summary = json.loads((run_dir / "summary.json").read_text())
     assert printed["test_metrics"] == pytest.approx(summary["test_metrics"])
-    assert summary["dataset"]["train"].startswith("sklearn 8x8 digits upscaled")
+    assert summary["dataset"]["train"].startswith("64 samples of sklearn 8x8 digits upscaled")
+    assert summary["dataset"]["val"].startswith("32 samples held out of sklearn")  # samples per split
     assert summary["config"]["lr"] == 1e-3 and summary["samples"] == {"train": 64, "val": 32, "test": 32}
 
     checkpoint = str(run_dir / "best.pt")
     args = parser.parse_args(["evaluate", "test_cli_cls", "--checkpoint", checkpoint, "--device", "cpu"])
-    assert args.handler(args) == 0
+    assert run_command(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["samples"] == 32 and result["test_metrics"] == pytest.approx(summary["test_metrics"])
     assert "figures" not in result
@@ -622,7 +624,7 @@ def test_cli_train_and_evaluate(tmp_path, capsys, monkeypatch):
     args = parser.parse_args(
         ["evaluate", "test_cli_cls", "--checkpoint", checkpoint, "--device", "cpu", "--figures", str(figures)]
     )
-    assert args.handler(args) == 0
+    assert run_command(args) == 0
     assert json.loads(capsys.readouterr().out)["figures"] == []
 
 

@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-2}"
-exec flock /tmp/fastvision-build.lock python setup.py -q build_ext --inplace
+# The dev venv's python unless PYTHON names another (a bare `python` may lack torch).
+PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
+exec flock /tmp/fastvision-build.lock "$PYTHON" setup.py -q build_ext --inplace

@@ -41,13 +41,16 @@ def _gelu_and_grad(g, APPROX_TANH: tl.constexpr, NEED_GRAD: tl.constexpr):
     INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2*pi)
     SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2/pi)
     TANH_CUBIC = 0.044715
+    # exp through exp2 with the scales folded into the argument's polynomial: one multiply-add and
+    # one MUFU.EX2 (tl.exp lowers to a scale, ex2.approx and range fix-ups).
+    NEG_2_LOG2E_K = -2.302208198144325  # -2 * log2(e) * sqrt(2/pi)
+    NEG_HALF_LOG2E = -0.7213475204444817  # -0.5 * log2(e)
     if APPROX_TANH:
         # 0.5 * (1 + tanh(u)) = sigmoid(2u) = s and 1 - s = sigmoid(-2u) = 1 / (1 + 1/e), e = exp(-2u):
         # neither 1 + tanh(u) nor 1 - tanh^2 is formed, so nothing cancels where tanh(u) is near -1 or
-        # 1. e is not clamped: it reaches inf for very negative gates (u is -inf once g^3 overflows),
+        # 1. e is not clamped: it reaches inf for very negative gates (u is -inf once g^2 overflows),
         # where s is 0 and 1 - s is 1, the exact limits.
-        u = SQRT_2_OVER_PI * (g + TANH_CUBIC * g * g * g)
-        e = tl.exp(-2.0 * u)
+        e = tl.math.exp2(g * (NEG_2_LOG2E_K + (NEG_2_LOG2E_K * TANH_CUBIC) * (g * g)))  # exp(-2u)
         s = 1.0 / (1.0 + e)
         # g * s is inf * 0 at g = -inf: the limit there is 0 (and NaN gates still give NaN).
         gelu = tl.where(s == 0.0, 0.0, g * s)
@@ -63,7 +66,7 @@ def _gelu_and_grad(g, APPROX_TANH: tl.constexpr, NEED_GRAD: tl.constexpr):
         cdf = 0.5 * (1.0 + tl.erf(g * SQRT_HALF))
         gelu = tl.where(cdf == 0.0, 0.0, g * cdf)  # the limit 0 at g = -inf (not inf * 0)
         if NEED_GRAD:
-            pdf = tl.exp(-0.5 * g * g)
+            pdf = tl.math.exp2(NEG_HALF_LOG2E * (g * g))  # exp(-g^2 / 2)
             grad = cdf + tl.where(pdf == 0.0, 0.0, g * INV_SQRT_2PI * pdf)  # 0, not inf * 0, at +-inf
         else:
             grad = gelu
@@ -128,14 +131,29 @@ def geglu_backward_kernel(
     tl.store(dx_ptr + dx_offsets + hidden, (grad * value * gelu_grad).to(dtype), mask=mask)
 
 
+def block_width(hidden: int) -> int:
+    """BLOCK_N for rows of ``hidden`` outputs: the widest power of two in [MIN_BLOCK_N, MAX_BLOCK_N]
+    whose column blocks pad the row within 1/16 of the least padding any width gives, so a row that
+    is not a power of two is cut into equal blocks rather than rounded up: H = 3072 runs as 3 x 1024
+    columns with no idle lane (one 2048-wide block and a half-idle one leave a quarter of the lanes
+    idle), H = 768 as 3 x 256, H = 1000 as one 1024-wide block (2% idle)."""
+    widths = []
+    width = MIN_BLOCK_N
+    while width <= MAX_BLOCK_N:
+        widths.append((width, triton.cdiv(hidden, width) * width))
+        width *= 2
+    least = min(padded for _, padded in widths)
+    return max(width for width, padded in widths if 16 * padded <= 17 * least)
+
+
 def tile(
     hidden: int, backward: bool, n_rows: int | None = None, interpret: bool = False
 ) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): a tile of about ``GPU_ELEMENTS`` outputs (half of that for the
-    backward, which moves twice the values). On a GPU it depends on ``hidden`` only; the interpreter
-    takes larger tiles, up to ``n_rows`` rows."""
+    backward, which moves twice the values) and ``block_width(hidden)`` columns. On a GPU it depends
+    on ``hidden`` only; the interpreter takes larger tiles, up to ``n_rows`` rows."""
     target = (_INTERPRETER_ELEMENTS if interpret else GPU_ELEMENTS) // (2 if backward else 1)
-    block_n = min(max(triton.next_power_of_2(hidden), MIN_BLOCK_N), MAX_BLOCK_N)
+    block_n = block_width(hidden)
     block_m = max(1, target // block_n)
     if interpret:
         block_m = min(block_m, triton.next_power_of_2(max(n_rows or 1, 1)))
@@ -215,8 +233,26 @@ def launch_configs() -> Iterator[KernelLaunch]:
                         kernel_signature(kernel, constexprs, pointers),
                         constexprs,
                         num_warps,
-                        label=f"{'backward' if backward else 'forward'} {name} H<={block_n}"
+                        label=f"{'backward' if backward else 'forward'} {name} {block_n}-column blocks"
                         + (" tanh" if tanh else ""),
                         tags={"dtype": name, "hidden": hidden, "approximate": "tanh" if tanh else "none"},
                     )
                 hidden *= 2
+
+
+def _contiguous_launch(constexprs: dict) -> dict[str, int]:
+    """Argument values of a launch on contiguous tensors from torch's allocator, on which Triton
+    specializes (bench/kernel_budget.py compiles what such a launch compiles): pointers 16-byte
+    aligned, ``H`` a whole number of the tile's column blocks (3 x BLOCK_N: 3072 for 1024-wide blocks;
+    a multiple of 16, as every benchmark size is) and row strides of 2H (x, dx) and H (out, grad).
+    ``n_rows`` is left general. A row length that is not a multiple of 16 compiles narrower loads."""
+    hidden = 3 * constexprs["BLOCK_N"]
+    values = {"x_ptr": 16, "out_ptr": 16, "grad_ptr": 16, "dx_ptr": 16, "hidden": hidden}
+    values.update({"x_row_stride": 2 * hidden, "dx_row_stride": 2 * hidden})
+    values.update({"out_row_stride": hidden, "grad_row_stride": hidden})
+    return values
+
+
+LAUNCH_SPECIALIZATION = {
+    kernel.fn.__name__: _contiguous_launch for kernel in (geglu_forward_kernel, geglu_backward_kernel)
+}

@@ -92,7 +92,8 @@ def masked_gather_scatter_kernel(
     slot_ok = slots < total_slots
     col_ok = cols < channels
     site = tl.load(sites_ptr + slots, mask=slot_ok, other=-1)
-    present = (site >= 0)[:, None] & col_ok[None, :]
+    # A site outside [0, H * W) (-1: an empty slot; anything else: a bad table) writes nothing.
+    present = ((site >= 0) & (site < num_sites))[:, None] & col_ok[None, :]
     grad = tl.load(grad_values_ptr + slots[:, None] * channels + cols[None, :], mask=present, other=0.0)
     b = slots // max_count
     target = grad_x_ptr + (b * channels * num_sites + site)[:, None] + cols[None, :].to(tl.int64) * num_sites

@@ -9,50 +9,63 @@ Three kernels, each with a one-axis grid of ``B * H * ceil(Nq / BLOCK_M)`` progr
    bits in the high word, ``2**32 - 1 - index`` in the low word), so one integer order sorts by
    score and breaks ties towards the lower key index, and the index travels with its score. Per
    query the kernel keeps ``best``, the ``BLOCK_N >= topk`` best keys merged so far (sorted
-   descending), the float32 score of its ``topk``-th entry (the *threshold*, ``-inf`` until it
-   holds ``topk`` keys), and a candidate buffer of ``BLOCK_N`` packed keys with a fill count.
+   descending, in registers), the float32 score of its ``topk``-th entry (the *threshold*,
+   ``-inf`` until it holds ``topk`` keys), and a candidate buffer of ``BLOCK_N`` keys in global
+   scratch (one per query row of the program, at most ``_SCRATCH_ENTRIES`` entries per launch:
+   (batch, head) pairs beyond that go in further launches) with a fill count in registers.
 
+   - *Row filter*: a row whose block maximum is below its threshold has no candidate in the block;
+     when no row of the tile has one, the block costs its dot, the scale and a row max (no
+     per-score candidate work). Keys past the end load as NaN, so their scores are NaN, which no
+     comparison passes and the row max skips.
    - *Filter*: a key whose score is below the threshold can never be selected (the threshold only
-     rises). One float comparison per score, ``score >= threshold`` (and-ed with the key-in-range
-     mask: one ``FSETP`` in SASS), gives the block's candidates, a row sum their count per query,
-     and a max over the tile's queries the count of its fullest row. ``>=`` rather than ``>``: an
-     equal score loses its tie in the merge anyway (every key of a block has a higher index than
-     every key already merged), and a row holding fewer than ``topk`` keys has threshold ``-inf``,
-     which a ``-inf`` score (float32 overflow) must pass. NaN scores pass no threshold; a slot they
-     leave empty is filled with key 0, so indices always stay in range.
-   - *Append*: when the fullest row has 1..``EXTRACT`` candidates (8 for a 32-wide buffer, 12 for
-     wider ones: estimates of where a merge becomes cheaper than appending), they are
-     appended to the buffers one per row per step: ``marked`` holds the column of each candidate
-     not yet appended (``BLOCK_N`` elsewhere); each step takes each row's lowest marked column (a
-     row min), its score (a row max over that column), packs the pair and writes it to slot
-     ``fill`` of the row's buffer (an elementwise select), then unmarks the column. Triton cannot
-     scatter into registers; this compaction is exact, costs a few elementwise operations per score
-     per step, and the count of steps is the tile's largest per-row count, not its total.
-   - *Merge*: when some row's buffer would overflow (``fill + count > BLOCK_N``), the buffer is
-     merged into ``best`` and emptied (and the threshold raised); a block with more than
-     ``EXTRACT`` candidates in some row (the first blocks, where everything beats the threshold) is
-     merged whole instead of appended. A merge sorts the incoming keys ascending (tl.sort on a GPU,
-     a sorting network when interpreting), takes the elementwise max with ``best`` (sorted
-     descending): by the bitonic-merge property that is a bitonic sequence holding the ``BLOCK_N``
-     best of both, so the last bitonic stage alone (``log2 BLOCK_N`` compare-exchange steps) sorts
-     it. The loop runs one block past the last key, which merges what the buffers still hold.
+     rises). One float comparison per score, ``score >= threshold``, gives the block's candidates
+     and a row sum their count per query. ``>=`` rather than ``>``: an equal score loses its tie in
+     the merge anyway (every key of a block has a higher index than every key already merged), and
+     a row holding fewer than ``topk`` keys has threshold ``-inf``, which a ``-inf`` score (float32
+     overflow) must pass. NaN scores pass no threshold; a slot they leave empty is filled with key
+     0, so indices always stay in range.
+   - *Append*, loop-free: when the fullest row has at most ``EXTRACT`` candidates (8 for a 32-wide
+     buffer, 12 for wider ones), each candidate is stored to slot ``fill + rank`` of its row's buffer,
+     ``rank`` its position among the row's candidates (a prefix sum along the row), as
+     ``key << 32 | float32 bits`` (packed for the merge only when merged). No loop nests in the key
+     loop; each append costs one prefix sum and one masked store per score whatever the count.
+   - *Merge*: when some row holds more than ``BLOCK_N - EXTRACT`` (so the next block's always fit)
+     the buffer is merged into ``best`` and emptied (and the threshold raised); a block with more
+     than ``EXTRACT`` candidates in some row (the first blocks, where everything beats the
+     threshold) is merged whole instead. Keys are merged packed into one int64 each
+     (order-preserving float bits in the high word, ``2**32 - 1 - index`` in the low word), so one
+     integer order sorts by score and breaks ties towards the lower key index. A merge sorts the
+     incoming keys ascending (tl.sort on a GPU, a sorting network when interpreting), takes the
+     elementwise max with ``best`` (sorted descending): by the bitonic-merge property that is a
+     bitonic sequence holding the ``BLOCK_N`` best of both, so the last bitonic stage alone
+     (``log2 BLOCK_N`` compare-exchange steps) sorts it. Block barriers before and after the
+     buffer's load make every thread's appends visible to the threads that read them (the
+     program's threads share the buffer). The loop runs one block past the last key, which merges
+     what the buffers still hold.
+
+   Tiles (``selection_tile``): 16-bit inputs run the score dot on wgmma, with 128 query rows (two
+   warpgroups) for topk <= 32 and 64 rows on 8 warps for topk <= 64; wider buffers keep 32 / 16
+   rows on mma.sync (64 rows would spill: two ``[64, 128]`` int64 tiles are live in a merge).
+   Float32 uses IEEE products on CUDA cores. The block barriers keep Triton from pipelining the K
+   loads (no async copies; without them the loop compiles with LDGSTS but the buffer would race).
 
    With keys in random order a query's top-k changes about ``topk * ln(Nk / topk)`` times in all,
-   mostly early; each merge takes up to ``BLOCK_N`` candidates, so after the first blocks the
-   buffer is merged once every several blocks. With 64 (or 16-32) queries per tile, though, some
-   query of the tile almost always has a candidate: nearly every block costs its dot, the
-   comparison, the count reductions and one to a few append steps. The first ``topk`` indices of
-   ``best`` are stored as int32. Above ``TRITON_MAX_TOPK`` the register buffers would be too large;
-   the selection then runs in torch over query chunks (temporary memory bounded by
-   ``_CHUNK_ELEMENTS`` scores) with the same packed keys, so the tie rule is the same.
+   mostly early; after the first blocks the buffer is merged once every several blocks. With 64-128
+   queries per tile, though, some query of the tile almost always has a candidate at N <= 32K:
+   nearly every block takes the append path, and the row filter's skip pays off only far into long
+   sequences. The first ``topk`` indices of ``best`` are stored as int32. Above ``TRITON_MAX_TOPK``
+   the register buffers would be too large; the selection then runs in torch over query chunks
+   (temporary memory bounded by ``_CHUNK_ELEMENTS`` scores) with the same packed keys, so the tie
+   rule is the same.
 
-   Predicted cost (SASS instructions per score, static counts of the sm_90 code compiled as a launch
-   on contiguous tensors, ``bench/results/kernel_budget.md``; not measured on a GPU), bf16, D = 64:
-   a block without candidates 12.7 (topk <= 32, 4 warps) to 21.9 (topk <= 128), an append step
-   13.4 to 19.0, a whole-block merge 188 to 412. Even the fast path alone is about twice the
-   softmax work of a flash SDPA forward (estimated at 5-6 instructions per score, not counted
-   here), so selection plus forward is expected to miss a 1.5x-of-flash goal; how many blocks take
-   each path depends on the data and is left to the GPU measurement.
+   Predicted cost (SASS thread-instructions per score, static counts of the sm_90 code compiled as
+   a launch on contiguous tensors, ``bench/results/kernel_budget.md``; not measured on a GPU),
+   bf16, D = 64: a block that the row filter skips 6.6 (topk <= 32) / 7.7 (topk <= 64), a block
+   appended 37.5 / 38.2 (the shortest pass through the append's store), a whole-block merge 190 /
+   257. Before (32-64 rows, appends one per row per step): 12.7-19 without candidates plus
+   13.4-16.9 per append step, with about 2-4 steps per block at N = 16K (the largest of 64 rows'
+   Poisson counts), so about 40-70 per appended block.
 2. ``_sparse_forward_kernel`` gathers the selected K and V rows of each query and runs an online
    (flash-style) softmax over them on CUDA cores (each query has its own keys, so there is no
    shared matmul), writing the output and the log-sum-exp.
@@ -60,8 +73,9 @@ Three kernels, each with a one-axis grid of ``B * H * ceil(Nq / BLOCK_M)`` progr
    ``_sparse_backward_dq_kernel`` gathers the selected rows again per query, recomputes the
    probabilities from the saved log-sum-exp and ``delta = rowsum(dO * O)``, and accumulates dq in
    registers; ``_sparse_backward_dkdv_kernel`` is key-major: ``selection_map`` transposes the saved
-   indices by a counting sort (counts per key, offsets by a prefix sum, queries in increasing
-   order per key), and each program owns ``BLOCK_N`` keys, gathers the queries that selected each
+   indices by an int32 counting sort (counts per key, offsets by a prefix sum, queries in
+   increasing order per key from a stable sort of 32-bit keys), and each program owns ``BLOCK_N``
+   keys, gathers the queries that selected each
    of them ``BLOCK_Q`` at a time, and accumulates dk and dv in registers, written once.
 
 Why saved indices instead of recomputing the selection in backward: membership is decided at the
@@ -74,15 +88,17 @@ backward use exactly the forward's keys.
 Costs per (batch, head), element size ``e``, ``Nq`` queries, ``Nk`` keys, ``k = topk``:
 
 - selection: ``2 Nq Nk D`` FLOPs of ``tl.dot``, reads Q once and K ``ceil(Nq / BLOCK_M)`` times
-  (from L2 mostly), writes ``4 Nq k`` bytes of indices; one comparison per score and two row
-  reductions per block; ``O(BLOCK_N)`` per query per append step; ``O(BLOCK_N log^2 BLOCK_N)``
-  per query for each merge (a few per query after the first blocks).
+  (from L2 mostly), writes ``4 Nq k`` bytes of indices; a row max per block, and where the row
+  filter lets a block through one comparison, a prefix sum and a masked 8-byte store per score
+  (the candidates' stores reach the scratch); ``O(BLOCK_N log^2 BLOCK_N)`` per query for each merge
+  (a few per query after the first blocks). Scratch: ``8 BLOCK_N`` bytes per query row, at most
+  ``8 * _SCRATCH_ENTRIES`` bytes (128 MiB) per call.
 - forward: ``4 Nq k D`` FLOPs (the attention proper), gathers ``2 Nq k D e`` bytes of K/V rows
   (from L2 where neighbouring queries share keys), writes ``Nq D e + 4 Nq`` bytes.
 - backward: ``8 Nq k D`` FLOPs in each of the dq and dk/dv passes (scores and probabilities are
   recomputed in both), gathers ``2 Nq k D e`` bytes per pass (K/V rows, then Q/dO rows), writes
-  dq, dk, dv once each; the map costs a sort of the ``Nq k`` saved indices and ``4 (Nq k + Nk)``
-  bytes.
+  dq, dk, dv once each; the map costs a stable sort of the ``Nq k`` saved indices as int32 keys
+  and ``4 (Nq k + Nk)`` bytes.
 - memory kept for backward: indices ``4 Nq k`` and lse ``4 Nq`` bytes, so O(N (D + k)) in all.
 
 Math in float32 throughout; scores for the selection use ``tl.dot`` with float32 accumulation
@@ -104,17 +120,9 @@ from fastvision.triton_kernels._launch import KernelLaunch, SpillAllowance, inte
 TRITON_MAX_TOPK = 256
 # Scores materialized at once by the torch selection used above TRITON_MAX_TOPK.
 _CHUNK_ELEMENTS = 1 << 24
+# Entries of the selection's candidate scratch (int64: 128 MiB) allocated by one select_topk call.
+_SCRATCH_ENTRIES = 1 << 24
 _LOW_WORD = 4294967295  # 2**32 - 1: the key-index word of a packed key
-
-
-@triton.jit
-def _pack_keys(scores, key_index):
-    """int64 keys ordered as (score, -key_index): ``scores`` [M, N] float32, ``key_index`` [N]."""
-    scores = tl.where(scores == 0.0, 0.0, scores)  # -0.0 and +0.0 are one score
-    bits = scores.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
-    low_word = 4294967295 - key_index.to(tl.int64)  # 2**32 - 1 - index
-    return (ordered.to(tl.int64) << 32) + low_word[None, :]
 
 
 @triton.jit
@@ -153,12 +161,12 @@ def _network_merge(x, M: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr, DES
 
 
 @triton.jit
-def _pack_row(score, key):
-    """``_pack_keys`` of one score per row: ``score`` [M] float32, ``key`` [M] integer key index."""
-    score = tl.where(score == 0.0, 0.0, score)
-    bits = score.to(tl.int32, bitcast=True)
+def _pack_keys(scores, key_index):
+    """int64 keys ordered as (score, -key_index): ``scores`` and ``key_index`` [M, N]."""
+    scores = tl.where(scores == 0.0, 0.0, scores)
+    bits = scores.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) + (4294967295 - key.to(tl.int64))
+    return (ordered.to(tl.int64) << 32) + (4294967295 - key_index.to(tl.int64))
 
 
 @triton.jit
@@ -186,8 +194,8 @@ def _merge_into(best, packed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOG_
 
 @triton.jit
 def _select_topk_kernel(
-    q_ptr, k_ptr, idx_ptr,
-    num_queries, num_keys, topk, heads, scale,
+    q_ptr, k_ptr, idx_ptr, cand_ptr,
+    num_queries, num_keys, topk, heads, bh_start, scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -198,8 +206,9 @@ def _select_topk_kernel(
     # and a whole [D, BLOCK_N] float32 operand per step would not fit in registers); the slices
     # accumulate in order, as one dot over D does.
     query_blocks = tl.cdiv(num_queries, BLOCK_M)
-    pid_bh = tl.program_id(0) // query_blocks
-    pid_m = tl.program_id(0) % query_blocks
+    program = tl.program_id(0)
+    pid_bh = bh_start + program // query_blocks
+    pid_m = program % query_blocks
     batch = (pid_bh // heads).to(tl.int64)
     head = (pid_bh % heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -214,9 +223,11 @@ def _select_topk_kernel(
         q = tl.load(q_base + q_offsets, mask=row_ok[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
+    # This program's candidate buffer: BLOCK_N packed keys per row, in global scratch (L1/L2).
+    cand_base = cand_ptr + program.to(tl.int64) * (BLOCK_M * BLOCK_N)
+    row_offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
 
     best = tl.full([BLOCK_M, BLOCK_N], -9223372036854775807, tl.int64)  # sorted descending
-    cand = tl.full([BLOCK_M, BLOCK_N], -9223372036854775807, tl.int64)  # candidates, unsorted
     fill = tl.zeros([BLOCK_M], tl.int32)  # candidates held per row (slots 0 .. fill - 1)
     threshold = tl.full([BLOCK_M], float("-inf"), tl.float32)  # score of the topk-th of best
     # One pass more than the key blocks: the last one has no key and merges what the buffer holds.
@@ -230,7 +241,8 @@ def _select_topk_kernel(
                 q = tl.load(q_base + q_offsets + d0 * stride_qd, mask=row_ok[:, None], other=0.0)
                 if UPCAST:
                     q = q.to(tl.float32)
-            k_tile = tl.load(k_base + k_offsets + d0 * stride_kd, mask=key_ok[None, :], other=0.0)
+            # Keys past the end load as NaN, so their scores are NaN and pass no threshold.
+            k_tile = tl.load(k_base + k_offsets + d0 * stride_kd, mask=key_ok[None, :], other=float("nan"))
             if UPCAST:
                 k_tile = k_tile.to(tl.float32)
             if IEEE_FP32:
@@ -238,34 +250,43 @@ def _select_topk_kernel(
             else:
                 scores = tl.dot(q, k_tile, scores)
         scores = scores * scale
-        # A key below the topk-th score can never be selected (the topk-th only rises): one
-        # comparison per score (keys past the end are never candidates). ``>=``, not ``>``: a key
-        # equal to it loses the tie in the merge (its index is higher), and while a row holds fewer
-        # than topk keys its threshold is -inf, which a -inf score must still pass.
-        above = (scores >= threshold[:, None]) & key_ok[None, :]
-        count = tl.sum(above.to(tl.int32), axis=1)
-        most = tl.max(count, axis=0)  # candidates of the fullest row
-        whole = most > EXTRACT  # many candidates (the first blocks): merge the block itself
-        if whole | (tl.max(fill + count, axis=0) > BLOCK_N) | (start >= num_keys):
-            if whole:
-                incoming = tl.where(above, _pack_keys(scores, keys), -9223372036854775807)
-            else:  # the buffer would overflow (or this is the end): merge it and empty it
-                incoming = cand
-                cand = tl.full([BLOCK_M, BLOCK_N], -9223372036854775807, tl.int64)
-                fill = tl.zeros([BLOCK_M], tl.int32)
-            best = _merge_into(best, incoming, BLOCK_M, BLOCK_N, LOG_N, NATIVE_SORT)
-            threshold = _kth_score(best, cols, topk)
-        # Append each row's candidates to its buffer, one per row per step (lowest column first):
-        # ``marked`` holds the column of each candidate not yet appended, BLOCK_N elsewhere.
-        marked = tl.where(above, cols[None, :], BLOCK_N)
-        for _ in range(tl.where(whole, 0, most)):
-            col = tl.min(marked, axis=1)  # BLOCK_N: the row has no candidate left
-            taken = marked == col[:, None]
-            score = tl.max(tl.where(taken, scores, float("-inf")), axis=1)
-            slot = tl.where(col < BLOCK_N, fill, BLOCK_N)  # BLOCK_N: no slot written
-            cand = tl.where(cols[None, :] == slot[:, None], _pack_row(score, start + col)[:, None], cand)
-            fill += (col < BLOCK_N).to(tl.int32)
-            marked = tl.where(taken, BLOCK_N, marked)
+        last = start >= num_keys
+        # Row filter: a row whose block maximum is below its threshold has no candidate in the block;
+        # when no row of the tile has one, the block costs its dot and a row max only (the max skips
+        # NaN scores, as the comparison does).
+        if (tl.max((tl.max(scores, axis=1) >= threshold).to(tl.int32), axis=0) > 0) | last:
+            # A key below the topk-th score can never be selected (the topk-th only rises). ``>=``,
+            # not ``>``: a key equal to it loses the tie in the merge (its index is higher), and while
+            # a row holds fewer than topk keys its threshold is -inf, which a -inf score must pass.
+            above = scores >= threshold[:, None]  # keys past the end score NaN: never candidates
+            count = tl.sum(above.to(tl.int32), axis=1)
+            whole = tl.max(count, axis=0) > EXTRACT  # many candidates (the first blocks): merge the block
+            if not whole:
+                # Loop-free append: each candidate goes to slot fill + (its rank among the row's
+                # candidates), a prefix sum along the row, as (key << 32 | float32 bits), packed
+                # only when merged. The buffer holds BLOCK_N per row; a row past BLOCK_N - EXTRACT
+                # is merged, so that the next block's (at most EXTRACT) always fit.
+                slot = fill[:, None] + tl.cumsum(above.to(tl.int32), axis=1) - 1
+                bits = scores.to(tl.int32, bitcast=True).to(tl.int64) & 4294967295
+                raw = (keys.to(tl.int64)[None, :] << 32) | bits
+                tl.store(cand_base + row_offsets + slot, raw, mask=above)
+                fill += count
+            flush = (not whole) & ((tl.max(fill, axis=0) > BLOCK_N - EXTRACT) | last)
+            if whole | flush:
+                tl.debug_barrier()  # the appends of every thread of the program are visible
+                held_ok = (cols[None, :] < fill[:, None]) & flush
+                held = tl.load(cand_base + row_offsets + cols[None, :], mask=held_ok, other=0)
+                tl.debug_barrier()  # every slot is read before later appends overwrite it
+                # The merge's input: the block itself (whole) or the buffer, packed as _pack_keys does.
+                held_scores = (held & 4294967295).to(tl.int32).to(tl.float32, bitcast=True)
+                in_scores = tl.where(whole, scores, held_scores)
+                in_keys = tl.where(whole, keys[None, :] + tl.zeros_like(held_ok).to(tl.int32),
+                                   (held >> 32).to(tl.int32))  # fmt: skip
+                incoming = tl.where(tl.where(whole, above, held_ok), _pack_keys(in_scores, in_keys),
+                                    -9223372036854775807)  # fmt: skip
+                best = _merge_into(best, incoming, BLOCK_M, BLOCK_N, LOG_N, NATIVE_SORT)
+                threshold = _kth_score(best, cols, topk)
+                fill = tl.where(flush, 0, fill)
 
     # A slot left empty (only where NaN scores were never admitted) gets key 0, so every index
     # stays in range; NaN inputs give NaN-dependent output, not an out-of-bounds read.
@@ -490,7 +511,7 @@ def _contiguous_launch(constexprs: dict) -> dict[str, int]:
     (itself a multiple of 16). Sizes (``num_queries``, ``topk``, ...) are left general."""
     head_dim, rows, heads = constexprs["HEAD_DIM"], 1000, 8  # any N, H: only divisibility matters
     strides = {"b": heads * rows * head_dim, "h": rows * head_dim, "n": head_dim, "d": 1}
-    values = {"q_ptr": 16, "k_ptr": 16, "idx_ptr": 16}
+    values = {"q_ptr": 16, "k_ptr": 16, "idx_ptr": 16, "cand_ptr": 16}
     values.update({f"stride_{t}{axis}": stride for t in "qk" for axis, stride in strides.items()})
     return values
 
@@ -499,9 +520,9 @@ LAUNCH_SPECIALIZATION = {"_select_topk_kernel": _contiguous_launch}
 SPILL_ALLOWANCE: dict[str, SpillAllowance] = {
     "_select_topk_kernel": SpillAllowance(
         112,
-        "BLOCK_N = 256 (topk 129-256) only: headroom for the best and candidate buffers, 2 x 16 x 256 "
-        "int64 on 256 threads (compiled as a launch on contiguous tensors, no configuration spills today; "
-        "LDL/STL counts in the table); every other tile class spills nothing",
+        "BLOCK_N = 256 (topk 129-256) only: headroom for the best buffer and a merge's incoming keys, "
+        "2 x 16 x 256 int64 on 256 threads (compiled as a launch on contiguous tensors, no configuration "
+        "spills today; LDL/STL counts in the table); every other tile class spills nothing",
     ),
     "_sparse_backward_dq_kernel": _ONE_SLOT,
     "_sparse_backward_dkdv_kernel": _ONE_SLOT,
@@ -520,34 +541,34 @@ class Tile:
 
 def selection_tile(topk: int, head_dim: int, dtype: torch.dtype, interpret: bool = False) -> Tile:
     """Tile of the selection kernel. BLOCK_N (a power of two >= topk) is also the width of the
-    ``best`` and candidate buffers. A block whose fullest row has more than ``extract`` candidates
-    is merged whole; fewer are appended to the candidate buffers one per row per step.
+    ``best`` buffer (registers) and of each row's candidate buffer (scratch). A block whose fullest
+    row has more than ``extract`` candidates is merged whole; fewer are appended to the buffers.
 
-    Float32 scores use IEEE products on CUDA cores, whose tl.dot holds its operands in registers: a
-    whole ``[D, BLOCK_N]`` key tile (128 KB at D = 128, BLOCK_N = 256) spills, so the dot runs over
-    head-dim slices of 16 (16-bit inputs with a 256-wide buffer: 32). Two stages at most: a third
-    prefetched key tile passes sm_90's 227 KB of shared memory at D = 128, BLOCK_N = 256. 8 warps
-    share the sort of a ``[BLOCK_M, BLOCK_N]`` int64 buffer of 2048-4096 entries, so that no thread
-    holds more of it than its registers take; 16-bit inputs with a 32-wide buffer use 4 warps (one
-    warpgroup: 7-19% fewer SASS instructions per score predicted, bench/results/kernel_budget.md).
+    16-bit inputs: the score dot runs on wgmma, which needs 64 query rows per warpgroup: 128 rows
+    (two warpgroups) for a 32-wide buffer, 64 rows on 8 warps for a 64-wide one; wider buffers would
+    spill at 64 rows (two ``[64, 128]`` int64 tiles live in a merge), so they keep 32 (128) and 16
+    (256) rows on mma.sync. Float32 scores use IEEE products on CUDA cores, whose tl.dot holds its
+    operands in registers: a whole ``[D, BLOCK_N]`` key tile (128 KB at D = 128, BLOCK_N = 256)
+    spills, so the dot runs over head-dim slices of 16 (16-bit inputs with a 256-wide buffer: 32).
+    Two stages at most: a third prefetched key tile passes sm_90's 227 KB of shared memory at
+    D = 128, BLOCK_N = 256. Registers, spills and instructions per score of each class:
+    bench/results/kernel_budget.md.
     """
     block_n = max(32, triton.next_power_of_2(topk))
     if interpret:  # the interpreter's cost grows with the tile; 16 is tl.dot's smallest M on GPU
         return Tile(16, block_n, 4)
-    block_m = 64 if block_n <= 32 else 32 if block_n <= 64 else 16
-    num_warps = 8 if block_m * block_n >= 2048 else 4
-    if block_n == 32 and dtype != torch.float32:
-        # One warpgroup holds the whole 64 x 32 tile: row reductions stay within warps (no shared
-        # memory round trip per step) and the loop's fixed cost spreads over 16 scores per thread.
-        # Float32 (CUDA-core dot) would spill with 4 warps.
-        num_warps = 4
     if dtype == torch.float32:
+        block_m = 64 if block_n <= 32 else 32 if block_n <= 64 else 16
+        num_warps = 8 if block_m * block_n >= 2048 else 4
         dot_chunk = 16
     else:  # tensor cores; the 256-wide buffer leaves room for a 32-deep slice of K only
+        block_m = {32: 128, 64: 64, 128: 32}.get(block_n, 16)
+        num_warps = 8
         dot_chunk = 32 if block_n >= 256 else head_dim
-    # Appending costs about one tile-wide pass per candidate of the fullest row, a merge about log2^2
-    # BLOCK_N passes: past a few candidates a whole-block merge is cheaper. 8 and 12 are estimates
-    # from those costs, to be tuned on a GPU (any value gives the same, exact result).
+    # Appending costs one prefix sum and one scattered store per block whatever the count, a merge
+    # about log2^2 BLOCK_N passes over the tile: a block is merged whole only where some row has more
+    # than 8 (12 for buffers wider than 32) candidates, which is also the room kept free in each row's
+    # buffer. Estimates, to be tuned on a GPU (any value gives the same, exact result).
     extract = 8 if block_n <= 32 else 12
     return Tile(block_m, block_n, num_warps, num_stages=2, dot_chunk=dot_chunk, extract=extract)
 
@@ -608,7 +629,7 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _pack_keys_torch(scores: torch.Tensor) -> torch.Tensor:
-    """Same packing as ``_pack_keys`` on a ``[..., Nk]`` float32 score tensor."""
+    """Same packing as ``_pack_keys`` on a ``[..., Nk]`` float32 score tensor (keys 0 .. Nk - 1)."""
     scores = torch.where(scores == 0, torch.zeros_like(scores), scores)
     bits = scores.view(torch.int32).to(torch.int64)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
@@ -638,7 +659,7 @@ def _selection_constexprs(
         "IEEE_FP32": dtype == torch.float32,
         "NATIVE_SORT": not interpret if native_sort is None else native_sort,
         "LOG_N": tile.block_n.bit_length() - 1, "DOT_CHUNK": min(head_dim, tile.dot_chunk),
-        "EXTRACT": tile.extract,
+        "EXTRACT": min(tile.extract, tile.block_n),
     }  # fmt: skip
 
 
@@ -669,11 +690,20 @@ def select_topk(
         if isinstance(extract, bool) or not isinstance(extract, int) or extract < 0:
             raise ValueError(f"extract must be a non-negative int, got {extract!r}")
         tile = dataclasses.replace(tile, extract=extract)
-    _select_topk_kernel[select_topk_grid(batch, heads, num_queries, head_dim, topk, q.dtype, interpret)](
-        q, k, indices, num_queries, num_keys, topk, heads, scale, *_strides(q), *_strides(k),
-        **_selection_constexprs(tile, head_dim, q.dtype, interpret, native_sort),
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )  # fmt: skip
+    constexprs = _selection_constexprs(tile, head_dim, q.dtype, interpret, native_sort)
+    # The candidate buffers (BLOCK_N int64 per query row) are scratch of at most _SCRATCH_ENTRIES
+    # entries: (batch, head) pairs go in launches of as many as fit, one after another on the stream.
+    query_blocks = triton.cdiv(num_queries, tile.block_m)
+    per_head = query_blocks * tile.block_m * tile.block_n
+    heads_per_launch = max(1, min(batch * heads, _SCRATCH_ENTRIES // per_head))
+    scratch = torch.empty(heads_per_launch * per_head, dtype=torch.int64, device=q.device)
+    select_topk_grid(batch, heads, num_queries, head_dim, topk, q.dtype, interpret)  # checks the limit
+    for bh_start in range(0, batch * heads, heads_per_launch):
+        programs = min(heads_per_launch, batch * heads - bh_start) * query_blocks
+        _select_topk_kernel[(programs,)](
+            q, k, indices, scratch, num_queries, num_keys, topk, heads, bh_start, scale,
+            *_strides(q), *_strides(k), **constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )  # fmt: skip
     return indices
 
 
@@ -706,22 +736,29 @@ def selection_map(indices: torch.Tensor, num_keys: int) -> tuple[torch.Tensor, t
     """The transposed selection of ``indices`` ``[B, H, M, S]`` (each row: S distinct columns below
     ``num_keys``): ``(offsets, rows)``, int32. The rows that selected column ``j`` of (batch, head)
     ``bh`` are ``rows[offsets[bh * num_keys + j] : offsets[bh * num_keys + j + 1]]``, in increasing
-    order. A counting sort: counts per column by ``bincount``, offsets by ``cumsum``, and each row
-    placed by one stable sort of the column indices (on CUDA a radix sort: linear in the entries).
-    The same indices always give the same map, so the key-major backward adds in a fixed order."""
+    order. A counting sort on int32 throughout: the histogram of the columns (``bincount``), offsets
+    by its exclusive prefix sum, and the stable placement of each entry after the entries of lower
+    columns and of earlier rows by a stable sort of the int32 column keys (``bh * num_keys + j``; on
+    CUDA a radix sort over 32-bit keys, linear in the entries; no 64-bit keys). The same indices
+    always give the same map, so the key-major backward adds in a fixed order."""
     batch, heads, num_rows, num_selected = indices.shape
     bh = batch * heads
-    entries = bh * num_rows * num_selected
+    per_head = num_rows * num_selected
+    entries = bh * per_head
     if max(entries, bh * num_keys) >= 2**31:
         raise ValueError(f"{entries} selected entries exceed the int32 selection map")
-    column = indices.reshape(bh, num_rows * num_selected).long()
-    column = (column + torch.arange(bh, device=indices.device)[:, None] * num_keys).reshape(-1)
-    order = torch.sort(column, stable=True).indices
-    rows = ((order % max(1, num_rows * num_selected)) // max(1, num_selected)).to(torch.int32)
+    column = indices.reshape(bh, per_head).to(torch.int32)
+    if bh > 1:
+        base = torch.arange(0, bh * num_keys, num_keys, device=indices.device, dtype=torch.int32)
+        column = column + base[:, None]
+    column = column.reshape(-1)
+    offsets = torch.zeros(bh * num_keys + 1, dtype=torch.int32, device=indices.device)
+    if entries == 0:
+        return offsets, torch.zeros(0, dtype=torch.int32, device=indices.device)
     counts = torch.bincount(column, minlength=bh * num_keys)
-    offsets = torch.zeros(bh * num_keys + 1, dtype=torch.int64, device=indices.device)
-    torch.cumsum(counts, dim=0, out=offsets[1:])
-    return offsets.to(torch.int32), rows
+    torch.cumsum(counts, dim=0, dtype=torch.int32, out=offsets[1:])
+    order = torch.sort(column, stable=True).indices.to(torch.int32)  # entry ids < 2**31
+    return offsets, (order % per_head) // num_selected
 
 
 def topk_attention_dkdv_grid(
@@ -795,7 +832,7 @@ def launch_configs() -> Iterator[KernelLaunch]:
         pointers = {
             "q_ptr": data, "k_ptr": data, "v_ptr": data, "out_ptr": data, "grad_out_ptr": data,
             "dq_ptr": data, "dk_ptr": data, "dv_ptr": data, "idx_ptr": "*i32", "lse_ptr": "*fp32",
-            "delta_ptr": "*fp32", "offsets_ptr": "*i32", "qlist_ptr": "*i32",
+            "delta_ptr": "*fp32", "offsets_ptr": "*i32", "qlist_ptr": "*i32", "cand_ptr": "*i64",
         }  # fmt: skip
         for head_dim in SUPPORTED_HEAD_DIMS:
             tags = {"dtype": name, "head_dim": head_dim}

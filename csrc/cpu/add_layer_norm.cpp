@@ -1,9 +1,11 @@
 // Fused residual add + LayerNorm on the CPU: rows in parallel with at::parallel_for; inside a row,
 // 16- or 8-wide (AVX-512 or AVX2, chosen at build time) math through at::vec::Vectorized in the op
 // math type (float for float/half/bfloat16, double for double), half/bfloat16 widened per chunk.
-// Each row's sum x + residual is formed once in a per-thread buffer and its statistics are two-pass
-// over that buffer (mean shifted by the row's first element; variance mean-subtracted, and scaled by
-// the largest deviation where its squares would overflow). dweight/dbias are summed per block of rows into a [blocks, D] buffer and reduced
+// Each row's sum x + residual is formed once in a per-thread buffer (and written out in x's dtype when
+// the caller asks for it) and its statistics are two-pass over that buffer (mean shifted by the row's
+// first element; variance mean-subtracted, and scaled by the largest deviation where its squares
+// would overflow). Sums and differences are taken of halves where a full-size one could overflow
+// (values near the float32 maximum), which leaves every other result unchanged. dweight/dbias are summed per block of rows into a [blocks, D] buffer and reduced
 // afterwards: no atomics, and the result does not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -81,15 +83,16 @@ C10_ALWAYS_INLINE acc_t reduce_row(int64_t n, const Term& term) {
   return reduce_lanes<acc_t>((acc0 + acc1) + (acc2 + acc3));
 }
 
-// Largest |row[j] - center| over a row.
+// Largest |row[j] / 2 - center / 2| over a row (halves: no overflow near the float maximum).
 template <typename acc_t>
-acc_t max_abs_deviation(const acc_t* row, int64_t n, acc_t center) {
+acc_t max_abs_half_deviation(const acc_t* row, int64_t n, acc_t center) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t width = Vec::size();
+  const Vec half(acc_t(0.5)), half_center(center * acc_t(0.5));
   Vec largest(0);
   for (int64_t j = 0; j < n; j += width) {
     const int64_t count = std::min(width, n - j);
-    const Vec deviation = Vec::set(Vec(0), (Vec::loadu(row + j, count) - Vec(center)).abs(), count);
+    const Vec deviation = Vec::set(Vec(0), (Vec::loadu(row + j, count) * half - half_center).abs(), count);
     largest = at::vec::maximum(largest, deviation);
   }
   alignas(64) acc_t lanes[Vec::size()];
@@ -101,18 +104,25 @@ acc_t max_abs_deviation(const acc_t* row, int64_t n, acc_t center) {
 
 // The row's mean as shift + mean(row - shift), shift = row[0]: a row of identical values has exactly
 // that value as its mean (and normalizes to exactly 0), which a plain sum / n does not guarantee.
+// Where row - shift or its sum could overflow (values near the float maximum), the terms are
+// (row / 2 - shift / 2) * (2 / n), whose partial sums stay within the largest magnitude.
 template <typename acc_t>
 acc_t row_mean(const acc_t* row, int64_t dim) {
   using Vec = at::vec::Vectorized<acc_t>;
   const acc_t shift = row[0];
+  const acc_t mean = shift + reduce_row<acc_t>(dim, [&](int64_t j, int64_t count) {
+                               return Vec::set(Vec(0), Vec::loadu(row + j, count) - Vec(shift), count);
+                             }) / static_cast<acc_t>(dim);
+  if (std::isfinite(mean)) return mean;  // else an overflow (inf - inf is NaN too) or a NaN input
+  const Vec half(acc_t(0.5)), half_shift(shift * acc_t(0.5)), weight(acc_t(2) / static_cast<acc_t>(dim));
   return shift + reduce_row<acc_t>(dim, [&](int64_t j, int64_t count) {
-                   return Vec::set(Vec(0), Vec::loadu(row + j, count) - Vec(shift), count);
-                 }) / static_cast<acc_t>(dim);
+                   return Vec::set(Vec(0), (Vec::loadu(row + j, count) * half - half_shift) * weight, count);
+                 });
 }
 
 // 1 / sqrt(var + eps) with the mean-subtracted variance. Where the squares overflow (|row - mean|
-// near 1e19 and above in float), they are taken of (row - mean) / scale, scale = max|row - mean|,
-// and the result is formed without overflow.
+// near 1e19 and above in float), they are taken of (row/2 - mean/2) / scale, scale =
+// max|row/2 - mean/2|, and the result is formed without overflow.
 template <typename acc_t>
 acc_t row_rstd(const acc_t* row, int64_t dim, acc_t mean, acc_t eps) {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -122,14 +132,15 @@ acc_t row_rstd(const acc_t* row, int64_t dim, acc_t mean, acc_t eps) {
                       return centered * centered;
                     }) / n;
   if (std::isfinite(var) || std::isnan(var)) return acc_t(1) / std::sqrt(var + eps);
-  const acc_t scale = max_abs_deviation<acc_t>(row, dim, mean);  // > 1 here: some square overflowed
-  const Vec inv(acc_t(1) / scale);
+  const acc_t scale = max_abs_half_deviation<acc_t>(row, dim, mean);  // > 1 here: some square overflowed
+  const Vec inv(acc_t(1) / scale), half(acc_t(0.5)), half_mean(mean * acc_t(0.5));
   const acc_t var_scaled = reduce_row<acc_t>(dim, [&](int64_t j, int64_t count) {
                              const Vec scaled =
-                                 Vec::set(Vec(0), (Vec::loadu(row + j, count) - Vec(mean)) * inv, count);
+                                 Vec::set(Vec(0), (Vec::loadu(row + j, count) * half - half_mean) * inv, count);
                              return scaled * scaled;
                            }) / n;
-  return acc_t(1) / (scale * std::sqrt(var_scaled + eps / scale / scale));
+  // var = (2 scale)^2 var_scaled
+  return acc_t(0.5) / (scale * std::sqrt(var_scaled + eps / scale / scale * acc_t(0.25)));
 }
 
 int64_t grain_rows(int64_t dim) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1)); }
@@ -137,7 +148,7 @@ int64_t grain_rows(int64_t dim) { return std::max<int64_t>(1, 32768 / std::max<i
 template <typename scalar_t>
 void forward_rows(const scalar_t* x, const scalar_t* residual, const at::opmath_type<scalar_t>* weight,
                   const at::opmath_type<scalar_t>* bias, scalar_t* out, float* mean_out, float* rstd_out,
-                  int64_t rows, int64_t dim, double eps) {
+                  scalar_t* summed_out, int64_t rows, int64_t dim, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
   constexpr int64_t chunk = kChunk<scalar_t>;
@@ -152,19 +163,22 @@ void forward_rows(const scalar_t* x, const scalar_t* residual, const at::opmath_
         const AccChunk<scalar_t> res = load_chunk(residual_row + j, count);
         for (int p = 0; p < kParts<scalar_t>; ++p) s[p] = s[p] + res[p];
         store_acc<scalar_t>(s, summed.data() + j, count);
+        if (summed_out != nullptr) store_chunk(s, summed_out + r * dim + j, count);
       }
       // Two-pass statistics over the row buffer, which stays in L1/L2 for these row lengths.
       const acc_t* row = summed.data();
       const acc_t mean = row_mean<acc_t>(row, dim);
       const acc_t rstd = row_rstd<acc_t>(row, dim, mean, static_cast<acc_t>(eps));
       scalar_t* out_row = out + r * dim;
+      // (s - mean) * rstd as (s/2 - mean/2) * (2 rstd): the same bits, and no overflow of s - mean.
+      const Vec half(acc_t(0.5)), half_mean(mean * acc_t(0.5)), twice_rstd(rstd * acc_t(2));
       for (int64_t j = 0; j < dim; j += chunk) {
         const int64_t count = std::min(chunk, dim - j);
         AccChunk<scalar_t> y = load_acc<scalar_t>(summed.data() + j, count);
         const AccChunk<scalar_t> w = load_acc<scalar_t>(weight + j, count);
         const AccChunk<scalar_t> b = load_acc<scalar_t>(bias + j, count);
         for (int p = 0; p < kParts<scalar_t>; ++p) {
-          y[p] = at::vec::fmadd((y[p] - Vec(mean)) * Vec(rstd), w[p], b[p]);
+          y[p] = at::vec::fmadd((y[p] * half - half_mean) * twice_rstd, w[p], b[p]);
         }
         store_chunk(y, out_row + j, count);
       }
@@ -177,7 +191,7 @@ void forward_rows(const scalar_t* x, const scalar_t* residual, const at::opmath_
 template <typename scalar_t, bool kParamGrads>
 void backward_rows(const scalar_t* grad, const scalar_t* x, const scalar_t* residual,
                    const at::opmath_type<scalar_t>* weight, const float* mean_in, const float* rstd_in,
-                   scalar_t* dx, at::opmath_type<scalar_t>* dweight_partial,
+                   const scalar_t* grad_summed, scalar_t* dx, at::opmath_type<scalar_t>* dweight_partial,
                    at::opmath_type<scalar_t>* dbias_partial, int64_t rows, int64_t dim, int64_t blocks,
                    int64_t rows_per_block) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -239,6 +253,10 @@ void backward_rows(const scalar_t* grad, const scalar_t* x, const scalar_t* resi
           for (int p = 0; p < kParts<scalar_t>; ++p) {
             d[p] = (d[p] - mean_grad - x_hat[p] * mean_grad_x_hat) * Vec(rstd);
           }
+          if (grad_summed != nullptr) {  // the returned sum's gradient reaches x and residual directly
+            const AccChunk<scalar_t> gs = load_chunk(grad_summed + r * dim + j, count);
+            for (int p = 0; p < kParts<scalar_t>; ++p) d[p] = d[p] + gs[p];
+          }
           store_chunk(d, dx_row + j, count);
         }
       }
@@ -281,21 +299,24 @@ at::Tensor param_as(const std::optional<at::Tensor>& param, at::ScalarType acc_t
   return at::full({dim}, fill, at::TensorOptions().dtype(acc_type));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward_cpu(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps) {
+    const std::optional<at::Tensor>& bias, double eps, bool return_residual) {
   check_inputs("add_layer_norm_forward", x, residual, weight, bias);
+  // As the Python op: positive (NaN fails too); a negative eps would give NaN or inf rows.
+  TORCH_CHECK_VALUE(eps > 0, "add_layer_norm_forward: eps must be a positive number, got ", eps);
   const int64_t rows = leading_rows(x);
   const int64_t dim = x.size(-1);
   const auto stats_shape = x.sizes().slice(0, x.dim() - 1);
   at::Tensor out = at::empty(x.sizes(), x.options());
   at::Tensor mean = at::empty(stats_shape, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty(stats_shape, x.options().dtype(at::kFloat));
+  at::Tensor summed = return_residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   if (x.numel() == 0) {
     // Rows of length 0 have no statistics; zeros keep the saved tensors finite.
     mean.zero_();
     rstd.zero_();
-    return {out, mean, rstd};
+    return {out, mean, rstd, summed};
   }
   const at::Tensor x_rows = x.contiguous();
   const at::Tensor residual_rows = residual.contiguous();
@@ -305,21 +326,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward_cpu(
     const at::Tensor bias_acc = param_as(bias, c10::CppTypeToScalarType<acc_t>::value, dim, 0.0);
     forward_rows<scalar_t>(x_rows.data_ptr<scalar_t>(), residual_rows.data_ptr<scalar_t>(),
                            weight_acc.data_ptr<acc_t>(), bias_acc.data_ptr<acc_t>(),
-                           out.data_ptr<scalar_t>(), mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, dim,
-                           eps);
+                           out.data_ptr<scalar_t>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                           return_residual ? summed.data_ptr<scalar_t>() : nullptr, rows, dim, eps);
   });
-  return {out, mean, rstd};
+  return {out, mean, rstd, summed};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
-    const at::Tensor& rstd) {
+    const at::Tensor& rstd, const std::optional<at::Tensor>& grad_summed) {
   check_inputs("add_layer_norm_backward", x, residual, weight, bias);
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "add_layer_norm_backward: grad_out has shape ", grad_out.sizes(),
-              ", expected x's shape ", x.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "add_layer_norm_backward: grad_out dtype ",
-              grad_out.scalar_type(), " differs from x dtype ", x.scalar_type());
+  const std::pair<const char*, const at::Tensor*> grads[] = {
+      {"grad_out", &grad_out}, {"grad_summed", grad_summed.has_value() ? &grad_summed.value() : nullptr}};
+  for (const auto& [name, grad] : grads) {
+    if (grad == nullptr) continue;
+    TORCH_CHECK(grad->sizes() == x.sizes(), "add_layer_norm_backward: ", name, " has shape ", grad->sizes(),
+                ", expected x's shape ", x.sizes());
+    TORCH_CHECK(grad->scalar_type() == x.scalar_type(), "add_layer_norm_backward: ", name, " dtype ",
+                grad->scalar_type(), " differs from x dtype ", x.scalar_type());
+  }
   const int64_t rows = leading_rows(x);
   const int64_t dim = x.size(-1);
   for (const at::Tensor* stat : {&mean, &rstd}) {
@@ -337,6 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cpu(
   const at::Tensor grad_rows = grad_out.contiguous();
   const at::Tensor mean_rows = mean.contiguous();
   const at::Tensor rstd_rows = rstd.contiguous();
+  const at::Tensor grad_summed_rows = grad_summed.has_value() ? grad_summed->contiguous() : at::Tensor();
   // A few blocks per thread balance the load; each block owns one row of the partial sums.
   const int64_t wanted_blocks = std::min<int64_t>(rows, 4 * std::max<int64_t>(1, at::get_num_threads()));
   const int64_t rows_per_block = (rows + wanted_blocks - 1) / wanted_blocks;
@@ -355,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cpu(
       backward_rows<scalar_t, kParamGrads>(
           grad_rows.data_ptr<scalar_t>(), x_rows.data_ptr<scalar_t>(), residual_rows.data_ptr<scalar_t>(),
           weight_acc.data_ptr<acc_t>(), mean_rows.data_ptr<float>(), rstd_rows.data_ptr<float>(),
-          dx.data_ptr<scalar_t>(), kParamGrads ? dweight_partial.data_ptr<acc_t>() : nullptr,
+          grad_summed_rows.defined() ? grad_summed_rows.data_ptr<scalar_t>() : nullptr, dx.data_ptr<scalar_t>(), kParamGrads ? dweight_partial.data_ptr<acc_t>() : nullptr,
           kParamGrads ? dbias_partial.data_ptr<acc_t>() : nullptr, rows, dim, blocks, rows_per_block);
       if constexpr (kParamGrads) {
         if (weight.has_value()) dweight.copy_(dweight_partial.sum(0));

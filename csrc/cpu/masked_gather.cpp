@@ -78,6 +78,7 @@ at::Tensor masked_gather_backward_cpu(const at::Tensor& grad_values, const at::T
   at::Tensor grad_x = masked_gather_backward_check_and_allocate(grad_values, sites, height, width);
   const int64_t batch = grad_values.size(0), max_count = grad_values.size(1), channels = grad_values.size(2);
   const int64_t num_sites = height * width;
+  masked_gather_check_sites(sites, num_sites);
   if (grad_x.numel() == 0 || max_count == 0) return grad_x;
   const at::Tensor grad = grad_values.contiguous();
   const at::Tensor slot_sites = sites.contiguous();

@@ -1,9 +1,11 @@
 // selective_scan on the CPU: threads over channels (batch, dim), a sequential scan over L per channel
 // with the N states in registers or L1 (the inner loops over N vectorize). Inputs are read as float32.
 // The backward recomputes one channel's states into a per-thread workspace of L x N floats, then walks
-// time backwards carrying d(loss)/d(h). With B or C varying, the threads own (batch, group) pairs, so
-// the per-time gradients of a group's B and C rows are summed without atomics; per-channel gradients
-// of A, D, delta_bias and fixed B/C go to per-sample partials summed at the end.
+// time backwards carrying d(loss)/d(h). With B or C varying, a thread owns runs of channels that hold
+// whole groups of both (lcm of their group sizes), so the per-time gradients of a group's B and C rows
+// are summed by one thread, in channel order, without atomics (the result is the same run to run);
+// per-channel gradients of A, D, delta_bias and fixed B/C go to per-sample partials summed at the end.
+// reverse: step s of the recurrence reads time index L - 1 - s (Order below).
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -15,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <tuple>
 #include <vector>
 
@@ -43,6 +46,13 @@ inline float scan_step(float* h, const float* a, const float* b, const float* c,
 }
 
 inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+
+// The time index of step s of the recurrence: s forward, L - 1 - s reversed.
+struct Order {
+  int64_t length;
+  bool reverse;
+  int64_t operator()(int64_t s) const { return reverse ? length - 1 - s : s; }
+};
 
 at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
@@ -113,12 +123,13 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_forward_cpu(const at::Tensor& 
                                                               const at::Tensor& A, const at::Tensor& B,
                                                               const at::Tensor& C, const at::Tensor& D,
                                                               const at::Tensor& z, const at::Tensor& delta_bias,
-                                                              bool delta_softplus) {
+                                                              bool delta_softplus, bool reverse) {
   const ScanShape s = selective_scan_check(u, delta, A, B, C, D, z, delta_bias);
   const Inputs in = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
   at::Tensor out = at::empty({s.batch, s.dim, s.length}, u.options().dtype(at::kFloat));
   at::Tensor last = at::empty({s.batch, s.dim, s.state}, u.options().dtype(at::kFloat));
   const int64_t L = s.length, N = s.state;
+  const Order order{L, reverse};
   at::parallel_for(0, s.batch * s.dim, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> h(N), dts(L);
     for (int64_t bd = begin; bd < end; ++bd) {
@@ -129,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_forward_cpu(const at::Tensor& 
       float* op = out.data_ptr<float>() + bd * L;
       in.steps(bd, d, L, dts.data(), nullptr);
       std::fill(h.begin(), h.end(), 0.f);
-      for (int64_t t = 0; t < L; ++t) {
+      for (int64_t step = 0; step < L; ++step) {
+        const int64_t t = order(step);
         op[t] = scan_step(h.data(), a, rb.base + t * rb.step, rc.base + t * rc.step, dts[t], up[t], N);
       }
       gate(in, bd, d, L, op, op);
@@ -146,8 +158,8 @@ struct Grads {
 };
 
 // One channel's backward: recompute its states, then walk time backwards.
-void channel_backward(const Inputs& in, const ScanShape& s, const Grads& g, const float* grad_out,
-                      const float* grad_last, int64_t b, int64_t d, std::vector<float>& states,
+void channel_backward(const Inputs& in, const ScanShape& s, const Order& order, const Grads& g,
+                      const float* grad_out, const float* grad_last, int64_t b, int64_t d, std::vector<float>& states,
                       std::vector<float>& pre_gate, std::vector<float>& carry, std::vector<float>& dts,
                       std::vector<float>& draw, const std::vector<float>& zeros) {
   const int64_t L = s.length, N = s.state, bd = b * s.dim + d;
@@ -156,15 +168,16 @@ void channel_backward(const Inputs& in, const ScanShape& s, const Grads& g, cons
   const float* a = in.A.data_ptr<float>() + d * N;
   const Rows rb = rows_of(in.B, s, b, d), rc = rows_of(in.C, s, b, d);
   const float skip = in.has_d ? in.D.data_ptr<float>()[d] : 0.f;
-  // Forward, keeping every state and the output before the gate.
+  // Forward, keeping every state (at its time index) and the output before the gate.
   in.steps(bd, d, L, dts.data(), draw.data());
   std::fill(carry.begin(), carry.end(), 0.f);
-  for (int64_t t = 0; t < L; ++t) {
+  for (int64_t step = 0; step < L; ++step) {
+    const int64_t t = order(step);
     const float y = scan_step(carry.data(), a, rb.base + t * rb.step, rc.base + t * rc.step, dts[t], up[t], N);
     std::copy(carry.begin(), carry.end(), states.data() + t * N);
     pre_gate[t] = y + skip * up[t];
   }
-  // Backward: carry[n] holds exp(delta_{t+1} A) dL/dh_{t+1} (dL/dh_L from the last state at first).
+  // Backward: carry[n] holds exp(delta A) dL/dh of the next step (dL/dh_L from the last state at first).
   std::copy(grad_last + bd * N, grad_last + (bd + 1) * N, carry.begin());
   Rows db = rb, dc = rc;
   db.base = in.B.dim() == 2 ? g.dB_fixed.data_ptr<float>() + bd * N : g.dB_rows.data_ptr<float>() + (rb.base - in.B.data_ptr<float>());
@@ -174,7 +187,8 @@ void channel_backward(const Inputs& in, const ScanShape& s, const Grads& g, cons
   float* du = g.du.data_ptr<float>() + bd * L;
   float* ddelta = g.ddelta.data_ptr<float>() + bd * L;
   float* dz = in.has_z ? g.dz.data_ptr<float>() + bd * L : nullptr;
-  for (int64_t t = L - 1; t >= 0; --t) {
+  for (int64_t step = L - 1; step >= 0; --step) {
+    const int64_t t = order(step);
     const float dt = dts[t], ut = up[t];
     float dy = grad_out[bd * L + t];
     if (zp != nullptr) {
@@ -189,7 +203,7 @@ void channel_backward(const Inputs& in, const ScanShape& s, const Grads& g, cons
     float* dbt = db.base + t * db.step;
     float* dct = dc.base + t * dc.step;
     const float* ht = states.data() + t * N;
-    const float* hprev = t > 0 ? states.data() + (t - 1) * N : zeros.data();
+    const float* hprev = step > 0 ? states.data() + order(step - 1) * N : zeros.data();
     Vec vddt(0.f), vdut(0.f);
     const Vec vdy(dy), vdt(dt), vut(ut), vdtu(dt * ut);
     for (int64_t n = 0; n < N; n += kWidth) {
@@ -220,12 +234,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 selective_scan_backward_cpu(const at::Tensor& grad_out, const at::Tensor& grad_last, const at::Tensor& u,
                             const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                             const at::Tensor& D, const at::Tensor& z, const at::Tensor& delta_bias,
-                            bool delta_softplus) {
+                            bool delta_softplus, bool reverse) {
   const ScanShape s = selective_scan_check(u, delta, A, B, C, D, z, delta_bias);
-  TORCH_CHECK(grad_out.sizes() == u.sizes(), "selective_scan_backward: grad_out must have u's shape");
-  TORCH_CHECK(grad_last.dim() == 3 && grad_last.size(0) == s.batch && grad_last.size(1) == s.dim &&
-                  grad_last.size(2) == s.state,
-              "selective_scan_backward: grad_last must be [batch, dim, N]");
+  selective_scan_check_grads(s, u, grad_out, grad_last);
   const Inputs in = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
   const at::Tensor go = as_float(grad_out), gl = as_float(grad_last);
   const auto f32 = u.options().dtype(at::kFloat);
@@ -236,20 +247,23 @@ selective_scan_backward_cpu(const at::Tensor& grad_out, const at::Tensor& grad_l
           at::zeros({batch, dim, N}, f32), at::zeros({batch, dim, N}, f32),
           B.dim() == 4 ? at::zeros_like(in.B) : at::empty({0}, f32),
           C.dim() == 4 ? at::zeros_like(in.C) : at::empty({0}, f32)};
-  // With varying B or C, a thread owns (batch, group) pairs: their time rows are summed by one thread.
-  const int64_t groups = s.groups > 0 ? s.groups : 1;
-  const int64_t per_task = s.groups > 0 ? dim / groups : 1;
-  const int64_t tasks = s.groups > 0 ? batch * groups : batch * dim;
+  // A task is a run of per_task channels of one sample holding whole groups of B and of C (their group
+  // sizes divide dim, so their lcm does too): each group's time rows are summed by one thread.
+  int64_t per_task = 1;
+  for (const int64_t groups : {s.groups_b, s.groups_c}) {
+    if (groups > 0) per_task = std::lcm(per_task, dim / groups);
+  }
+  const int64_t runs = dim > 0 ? dim / per_task : 0, tasks = batch * runs;
+  const Order order{L, reverse};
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> states(std::max<int64_t>(L, 1) * N), pre_gate(std::max<int64_t>(L, 1)), carry(N);
     std::vector<float> dts(std::max<int64_t>(L, 1)), draw(std::max<int64_t>(L, 1));
     const std::vector<float> zeros(N, 0.f);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = s.groups > 0 ? task / groups : task / dim;
-      const int64_t first = s.groups > 0 ? (task % groups) * per_task : task % dim;
+      const int64_t b = task / runs, first = (task % runs) * per_task;
       for (int64_t d = first; d < first + per_task; ++d) {
-        channel_backward(in, s, g, go.data_ptr<float>(), gl.data_ptr<float>(), b, d, states, pre_gate, carry,
-                         dts, draw, zeros);
+        channel_backward(in, s, order, g, go.data_ptr<float>(), gl.data_ptr<float>(), b, d, states, pre_gate,
+                         carry, dts, draw, zeros);
       }
     }
   });

@@ -137,6 +137,7 @@ at::Tensor masked_gather_backward_cuda(const at::Tensor& grad_values, const at::
   at::Tensor grad_x = masked_gather_backward_check_and_allocate(grad_values, sites, height, width);
   const int64_t batch = grad_values.size(0), max_count = grad_values.size(1), channels = grad_values.size(2);
   const int64_t total_slots = batch * max_count;
+  masked_gather_check_sites(sites, height * width);
   if (grad_x.numel() == 0 || total_slots == 0) return grad_x;
   TORCH_CHECK(total_slots / kSlotsPerBlock < 2147483647LL, "masked_gather: too many slots for one launch");
   const at::Tensor grad = grad_values.contiguous();

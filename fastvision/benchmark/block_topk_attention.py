@@ -10,12 +10,24 @@ flash SDPA for N >= 8192 at that sparsity). FLOPs count the attention proper,
 the backward); the dense cases count ``4 B H Nq Nk D`` (``OPS["topk_attention"].cost`` at
 ``topk = Nk``), so TFLOP/s compare with flash attention's and the time ratio is the speed-up.
 
-Inputs are multiples of 1/2 in [-1, 1]: block means (of up to 128 rows) and block scores are then
-exact float32 numbers in every implementation, so all select the same blocks. FlexAttention gets the
-selection computed by the definition beforehand, as a ``mask_mod`` over the selected blocks; building
-its block mask is not timed. Where the dense scores would not fit, the reference runs over query
-chunks aligned to the blocks (the same math: each query block depends on its own rows only).
+Inputs are random normal (``attention_common.attention_inputs``: continuous, no quantization that
+would inflate ties at the threshold); an implementation that rounds a near-tie of block scores
+differently may select another block for a few query blocks, which the check allows for a small
+share of rows. FlexAttention gets the selection computed by the definition beforehand, as a
+``mask_mod`` over the selected blocks, with its block mask built once outside the timing at the
+selection's block size (``BLOCK_SIZE=block_size``; the backward at 128 rows, the smallest its default
+backward tiles accept, said in the row's note). Where the dense scores would not fit, the
+reference runs over query chunks aligned to the blocks (the same math: each query block depends
+on its own rows only).
 Peak memory per implementation is noted on CUDA (first call), as in the topk_attention benchmark.
+
+Causal cases (``causal=True``; pass label ``fwd-causal`` / ``fwd+bwd-causal``, so the crossover
+lines pair them with the causal dense rows of the same size): D = 64, one setting per size, ``N / 8``
+selected keys in blocks of 64 (2 blocks below N = 8192), against SDPA's own causal path
+(``is_causal=True``, upper-left aligned like the op; flash and memory-efficient forced on CUDA),
+whose FLOPs count the visible pairs, ``4 B H D sum_i min(i + 1, Nk)``. The op's causal FLOPs count
+the keys its kernels score (each query's ``min(topk_blocks, I + 1)`` eligible blocks, the diagonal
+one whole). No FlexAttention row for the causal cases (its block-mask helper has no in-block mask).
 """
 
 from __future__ import annotations
@@ -26,8 +38,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fastvision.benchmark.attention_common import (
+    MISMATCH_NOTE,
+    MISMATCHED_ROWS,
+    TOLERANCE,
+    add_memory_notes,
+    attention_inputs,
+    dense_case,
+    flex_block_fn,
+    label,
+    op_fn,
+)
 from fastvision.benchmark.case import BenchCase, backend_impl
-from fastvision.benchmark.topk_attention import _add_memory_notes, _op_fn, _sdpa_fn, attention_inputs
 from fastvision.ops import OPS
 from fastvision.ops.block_topk_attention import (
     block_selection_mask,
@@ -35,10 +57,10 @@ from fastvision.ops.block_topk_attention import (
     block_topk_attention_reference,
 )
 
-TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 3e-2)}
 BATCH_HEADS = (4, 8)
 LENGTHS = (1024, 4096, 16384, 32768)
 HEAD_DIMS = (64, 128)
+CAUSAL_HEAD_DIMS = (64,)  # GPU time: the causal chunked reference costs as much as the full one
 DENSE_SCORE_LIMIT = 1 << 31
 CHUNK_SCORE_ELEMENTS = 1 << 28
 
@@ -51,7 +73,58 @@ def _settings(length: int) -> list[tuple[int, int]]:
     return settings
 
 
-def _reference_fn(q, k, v, topk_blocks, block_size, grad_out, chunked: bool) -> Callable[[], Any]:
+def _causal_settings(length: int) -> list[tuple[int, int]]:
+    """(topk_blocks, block_size) of the causal cases: N / 8 keys in blocks of 64 (2 blocks below 8K)."""
+    return [(length // 8 // 64, 64)] if length >= 8192 else [(2, 64)]
+
+
+def _causal_label(q: torch.Tensor, backward: bool) -> str:
+    pass_, rest = label(q, backward).split(" ", 1)
+    return f"{pass_}-causal {rest}"
+
+
+def _causal_chunk(qf, kf, vf, selected, start, chunk, block_size, scale):
+    """The causal definition for queries ``[start, start + chunk)`` over the whole-sequence selection
+    ``selected`` (query positions keep their offset: key ``j`` visible to query ``i`` iff ``j <= i``)."""
+    rows = torch.arange(start, min(start + chunk, qf.shape[2]), device=qf.device)
+    cols = torch.arange(kf.shape[2], device=qf.device)
+    mask = selected[:, :, rows // block_size][..., cols // block_size] & (cols[None, :] <= rows[:, None])
+    scores = (qf[:, :, rows] @ kf.transpose(-2, -1)) * scale
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ vf
+
+
+def _causal_reference_fn(q, k, v, topk_blocks, block_size, grad_out, chunked: bool) -> Callable[[], Any]:
+    """``block_topk_attention_reference(..., causal=True)``, over query chunks where the dense scores
+    would not fit (the selection is computed once, on the whole sequence, inside the timing)."""
+    dtype = q.dtype
+    batch, heads, num_queries, head_dim = q.shape
+    scale = head_dim**-0.5
+    if not chunked:
+        return _reference_fn(q, k, v, topk_blocks, block_size, grad_out, False, causal=True)
+    chunk = max(block_size, CHUNK_SCORE_ELEMENTS // (batch * heads * k.shape[2]) // block_size * block_size)
+
+    def run(qf, kf, vf):
+        selected = block_selection_mask(qf.detach(), kf.detach(), topk_blocks, block_size, scale, causal=True)
+        starts = range(0, num_queries, chunk)
+        parts = [_causal_chunk(qf, kf, vf, selected, s, chunk, block_size, scale) for s in starts]
+        return torch.cat(parts, dim=2)
+
+    def forward():
+        with torch.no_grad():
+            return run(*(t.float() for t in (q, k, v))).to(dtype)
+
+    def forward_backward():
+        qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+        out = run(qf, kf, vf)
+        grads = torch.autograd.grad(out, (qf, kf, vf), grad_out.float())
+        return tuple(t.to(dtype) for t in (out.detach(), *grads))
+
+    return forward if grad_out is None else forward_backward
+
+
+def _reference_fn(
+    q, k, v, topk_blocks, block_size, grad_out, chunked: bool, causal: bool = False
+) -> Callable[[], Any]:
     dtype = q.dtype
     batch, heads, num_queries, _ = q.shape
     chunk = num_queries
@@ -62,7 +135,7 @@ def _reference_fn(q, k, v, topk_blocks, block_size, grad_out, chunked: bool) -> 
 
     def run(qf, kf, vf, start):
         return block_topk_attention_reference(
-            qf[:, :, start : start + chunk], kf, vf, topk_blocks, block_size
+            qf[:, :, start : start + chunk], kf, vf, topk_blocks, block_size, None, causal
         )
 
     def forward():
@@ -80,87 +153,100 @@ def _reference_fn(q, k, v, topk_blocks, block_size, grad_out, chunked: bool) -> 
     return forward if grad_out is None else forward_backward
 
 
-def _flex_fn(q, k, v, topk_blocks, block_size, grad_out) -> Callable[[], Any] | None:
+def _flex_fn(q, k, v, topk_blocks, block_size, grad_out) -> tuple[Callable[[], Any], str] | None:
     """FlexAttention over the same selected blocks (``None`` where it cannot run)."""
     if q.device.type != "cuda":
         return None
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        return None
-    batch, heads, num_queries, head_dim = q.shape
-    num_keys = k.shape[2]
+    head_dim = q.shape[-1]
     selected = block_selection_mask(q.float(), k.float(), topk_blocks, block_size, head_dim**-0.5)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return selected[b, h, q_idx // block_size, kv_idx // block_size]
-
-    block_mask = create_block_mask(mask_mod, batch, heads, num_queries, num_keys, device=q.device)
-    compiled = torch.compile(flex_attention)
-    return _op_fn(lambda a, b, c: compiled(a, b, c, block_mask=block_mask), q, k, v, grad_out)
+    return flex_block_fn(q, k, v, grad_out, selected, block_size)
 
 
-def _mode(backward: bool) -> str:
-    return "fwd+bwd" if backward else "fwd"
-
-
-def _label(q, backward: bool) -> str:
-    batch, heads, num_queries, head_dim = q.shape
-    dtype = str(q.dtype).removeprefix("torch.")
-    return f"{_mode(backward)} {dtype} BH{batch * heads} N{num_queries} D{head_dim}"
-
-
-def _block_case(q, k, v, topk_blocks, block_size, grad_out, device) -> BenchCase:
+def _block_case(q, k, v, topk_blocks, block_size, grad_out, device, causal: bool = False) -> BenchCase:
     batch, heads, num_queries, head_dim = q.shape
     num_keys = k.shape[2]
     dense_fits = batch * heads * num_queries * num_keys <= DENSE_SCORE_LIMIT
-    impls = {"reference": _reference_fn(q, k, v, topk_blocks, block_size, grad_out, not dense_fits)}
+    if causal:
+        reference = _causal_reference_fn(q, k, v, topk_blocks, block_size, grad_out, not dense_fits)
+    else:
+        reference = _reference_fn(q, k, v, topk_blocks, block_size, grad_out, not dense_fits)
+    impls = {"reference": reference}
     notes = {"reference": "float32 math" + ("" if dense_fits else ", over query chunks")}
     for backend in OPS["block_topk_attention"].runnable(device)[1:]:
         impls[backend] = backend_impl(
             backend,
-            _op_fn(lambda a, b, c: block_topk_attention(a, b, c, topk_blocks, block_size), q, k, v, grad_out),
+            op_fn(
+                lambda a, b, c: block_topk_attention(a, b, c, topk_blocks, block_size, causal=causal),
+                q, k, v, grad_out,
+            ),  # fmt: skip
         )
+        notes[backend] = MISMATCH_NOTE
     peer = None
-    flex = _flex_fn(q, k, v, topk_blocks, block_size, grad_out)
+    flex = None if causal else _flex_fn(q, k, v, topk_blocks, block_size, grad_out)
     if flex is not None:
-        impls["flex"], peer = flex, "flex"
-        notes["flex"] = (
-            "FlexAttention (torch.compile) with the same selected blocks as mask_mod; mask not timed"
-        )
-    flops = OPS["block_topk_attention"].cost_of(q, k, v, topk_blocks, block_size).flops
+        (impls["flex"], notes["flex"]), peer = flex, "flex"
+    cost = OPS["block_topk_attention"].cost_of(q, k, v, topk_blocks, block_size, causal=causal)
+    flops = cost.flops
     backward = grad_out is not None
+    # Issue term of the cost model: the forward's flash loop scores every selected query-key pair.
+    pairs = flops // (4 * batch * heads * head_dim) if causal else num_queries * topk_blocks * block_size
+    scores = {"_block_attention_forward_kernel": batch * heads * pairs}
+    name = _causal_label(q, backward) if causal else label(q, backward)
     return BenchCase(
         op="block_topk_attention",
-        label=f"{_label(q, backward)} blocks{topk_blocks}x{block_size}",
+        label=f"{name} blocks{topk_blocks}x{block_size}",
         impls=impls,
         flops=3 * flops if backward else flops,
+        # The backward reads q, k, v, out and its gradient and writes dq, dk, dv: 2x the forward's bytes.
+        bytes_moved=3 * cost.bytes_moved if backward else cost.bytes_moved,
         peer=peer,
         dtype=q.dtype,
         tolerance=TOLERANCE[q.dtype],
         notes=notes,
+        max_mismatched_rows=MISMATCHED_ROWS,
+        hot_loop_scores=scores,
     )
 
 
-def _dense_case(q, k, v, grad_out, device) -> BenchCase:
-    """Dense attention at the same size: the baseline the block cases are compared with."""
-    from torch.nn.attention import SDPBackend
-
-    flops = OPS["topk_attention"].cost_of(q, k, v, k.shape[2]).flops  # top-Nk attention is dense attention
+def _causal_dense_case(q, k, v, grad_out, device: torch.device) -> BenchCase:
+    """SDPA's own causal path at the same size (``is_causal=True``; flash and memory-efficient forced
+    on CUDA): the baseline of the causal cases. FLOPs over the visible pairs only."""
+    batch, heads, num_queries, head_dim = q.shape
+    num_keys = k.shape[2]
+    visible = min(num_queries, num_keys)
+    pairs = visible * (visible + 1) // 2 + max(0, num_queries - num_keys) * num_keys
+    flops = 4 * batch * heads * pairs * head_dim
+    moved = OPS["topk_attention"].cost_of(q, k, v, num_keys).bytes_moved
     backward = grad_out is not None
-    impls = {"reference": _op_fn(F.scaled_dot_product_attention, q, k, v, grad_out)}
-    notes = {"reference": "sdpa: dense F.scaled_dot_product_attention (all Nk keys), the baseline"}
+
+    def causal_sdpa(backend=None):
+        def attention(a, b, c):
+            if backend is None:
+                return F.scaled_dot_product_attention(a, b, c, is_causal=True)
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(a, b, c, is_causal=True)
+
+        return op_fn(attention, q, k, v, grad_out)
+
+    impls = {"reference": causal_sdpa()}
     if device.type == "cuda":
-        impls["sdpa-flash"] = _sdpa_fn(q, k, v, grad_out, SDPBackend.FLASH_ATTENTION)
-        impls["sdpa-mem-efficient"] = _sdpa_fn(q, k, v, grad_out, SDPBackend.EFFICIENT_ATTENTION)
+        from torch.nn.attention import SDPBackend
+
+        impls["sdpa-flash"] = causal_sdpa(SDPBackend.FLASH_ATTENTION)
+        impls["sdpa-mem-efficient"] = causal_sdpa(SDPBackend.EFFICIENT_ATTENTION)
     return BenchCase(
         op="block_topk_attention",
-        label=f"{_label(q, backward)} dense",
+        label=f"{_causal_label(q, backward)} dense",
         impls=impls,
         flops=3 * flops if backward else flops,
+        bytes_moved=3 * moved if backward else moved,
         dtype=q.dtype,
         tolerance=TOLERANCE[q.dtype],
-        notes=notes,
+        notes={"reference": "SDPA's causal path (is_causal=True): the baseline"},
+        baselines=tuple(name for name in impls if name != "reference"),
+        flop_class="wgmma" if q.dtype in (torch.float16, torch.bfloat16) else "cuda_core",
     )
 
 
@@ -168,9 +254,10 @@ def cases(device: torch.device, quick: bool) -> list[BenchCase]:
     if quick or device.type != "cuda":
         sizes, dtype = [((1, 2), 128, 16)], torch.float32
         settings: Callable[[int], list[tuple[int, int]]] = lambda _length: [(2, 16)]  # noqa: E731
+        causal_settings: Callable[[int], list[tuple[int, int]]] = lambda _length: [(2, 16)]  # noqa: E731
     else:
         sizes = [(BATCH_HEADS, n, d) for d in HEAD_DIMS for n in LENGTHS]
-        dtype, settings = torch.bfloat16, _settings
+        dtype, settings, causal_settings = torch.bfloat16, _settings, _causal_settings
     generator = torch.Generator(device="cpu").manual_seed(0)
     result = []
     for (batch, heads), length, head_dim in sizes:
@@ -179,7 +266,13 @@ def cases(device: torch.device, quick: bool) -> list[BenchCase]:
             g = grad_out if backward else None
             for topk_blocks, block_size in settings(length):
                 result.append(
-                    _add_memory_notes(_block_case(q, k, v, topk_blocks, block_size, g, device), device)
+                    add_memory_notes(_block_case(q, k, v, topk_blocks, block_size, g, device), device)
                 )
-            result.append(_add_memory_notes(_dense_case(q, k, v, g, device), device))
+            result.append(add_memory_notes(dense_case("block_topk_attention", q, k, v, g, device), device))
+            causal = causal_settings(length) if head_dim in CAUSAL_HEAD_DIMS or quick else []
+            for topk_blocks, block_size in causal:
+                case = _block_case(q, k, v, topk_blocks, block_size, g, device, causal=True)
+                result.append(add_memory_notes(case, device))
+            if causal:
+                result.append(add_memory_notes(_causal_dense_case(q, k, v, g, device), device))
     return result

@@ -1,6 +1,8 @@
 """selective_scan benchmark cases: forward and forward + backward with Mamba's layout (varying B and C,
 D, z gating, delta bias and softplus), against the sequential reference, every fastvision backend,
-and mamba-ssm's CUDA ``selective_scan_fn`` when installed.
+and mamba-ssm's CUDA ``selective_scan_fn`` through the op's ``mamba_ssm`` backend (a row when mamba-ssm
+imports and the device is CUDA; else the reference row's note says why there is none). Inputs are
+continuous random values (normal u, delta, z, B, C; uniform A), never quantized.
 
 Traffic floor with ``b d L`` elements of e bytes and ``b N L`` of B and C: the forward's is
 ``OPS["selective_scan"].cost`` (reads u, delta, z once, 3 b d L e, and B, C once, 2 b N L e, and
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from fastvision._backend import PEER_BACKENDS, why_unusable
 from fastvision.benchmark.case import BenchCase, backend_impl
 from fastvision.ops import OPS
 from fastvision.ops.selective_scan import selective_scan, selective_scan_reference
@@ -20,12 +23,10 @@ from fastvision.ops.selective_scan import selective_scan, selective_scan_referen
 TOLERANCE = {torch.float32: (1e-3, 1e-3), torch.bfloat16: (5e-2, 5e-2)}
 
 
-def _mamba_ssm():
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except ImportError:
-        return None
-    return selective_scan_fn
+def mamba_ssm_missing(device: torch.device) -> str | None:
+    """Why the mamba-ssm row (the op's ``mamba_ssm`` backend) cannot run on ``device``, or None when it
+    can (mamba-ssm is the 'mamba' extra: a CUDA build of mamba_ssm)."""
+    return why_unusable("mamba_ssm", device)
 
 
 def _inputs(batch, dim, length, state, dtype, device):
@@ -48,7 +49,7 @@ def _cases_for(batch, dim, length, state, dtype, device, reference: bool) -> lis
     args = _inputs(batch, dim, length, state, dtype, device)
     forward = OPS["selective_scan"].cost_of(*args, True)
     backward_flops = 20 * state * batch * dim * length
-    peer = _mamba_ssm() if device.type == "cuda" else None
+    missing = mamba_ssm_missing(device)
 
     def run_forward(fn):
         return lambda: fn(*args, True)
@@ -69,18 +70,23 @@ def _cases_for(batch, dim, length, state, dtype, device, reference: bool) -> lis
         impls = {"reference": make(selective_scan_reference)} if reference else {}
         first = "reference"
         for backend in OPS["selective_scan"].runnable(device)[1:]:
-            impls[backend] = backend_impl(backend, make(selective_scan))
+            if backend not in PEER_BACKENDS:
+                impls[backend] = backend_impl(backend, make(selective_scan))
         if not reference:  # the first backend stands as the reference the others are checked against
             first = next(iter(impls))
             impls = {"reference": impls.pop(first), **impls}
-        if peer is not None:
-            impls["mamba_ssm"] = make(peer)
+        notes = {} if reference else {"reference": f"{first}: the sequential reference is too slow"}
+        if missing is None:
+            impls["mamba_ssm"] = backend_impl("mamba_ssm", make(selective_scan))
+        else:  # the table says why the peer has no row (on the reference row: a failed row fails the run)
+            said = f"{notes['reference']}; " if "reference" in notes else ""
+            notes["reference"] = f"{said}no mamba_ssm row: {missing}"
         result.append(
             BenchCase(
                 op="selective_scan", label=_label(kind, batch, dim, length, state, dtype), impls=impls,
                 bytes_moved=moved, flops=flops, dtype=dtype, tolerance=TOLERANCE[dtype],
-                peer="mamba_ssm" if peer is not None else None,
-                notes={} if reference else {"reference": f"{first}: the sequential reference is too slow"},
+                peer="mamba_ssm" if missing is None else None,
+                notes=notes,
             )  # fmt: skip
         )
     return result

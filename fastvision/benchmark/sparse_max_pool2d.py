@@ -3,9 +3,9 @@ up to 25% density), 2x2 windows with stride 2 (the seed-000 encoder) and 3x3 wit
 
 Traffic floor of the forward with N inputs, M outputs, C channels of s bytes and i-byte coords,
 ``OPS["sparse_max_pool2d"].cost``: read feats and coords (N*C*s + 3*N*i), write the pooled feats and
-coords (M*C*s + 3*M*i); the int32 argmax and window map saved for backward are extra traffic on
-top of it. Backward: read the output gradient and the argmax (M*C*s + 4*M*C), write the input
-gradient (N*C*s).
+coords (M*C*s + 3*M*i); the argmax and window map saved for backward are extra traffic on
+top of it. Backward: read the output gradient and the argmax (M*C*s + M*C: uint8 window offsets for
+these kernels), write the input gradient (N*C*s).
 
 ``compile`` (torch.compile of the reference) is left out: the reference's output size is data-dependent
 (``torch.unique``, ``.max()`` read back to size the key space), so dynamo breaks the graph there and
@@ -79,10 +79,13 @@ def _cases_for(
     }
     if len(forward_impls) > 1:
         # The backward op alone, on the argmax and window map the forward saved.
-        _, _, argmax, window_map = torch.ops.fastvision.sparse_max_pool2d_forward(
-            coords, feats, [kernel, kernel], [stride, stride], [-1, -1]
+        geometry = ([kernel, kernel], [stride, stride])
+        _, _, argmax, window_map, site = torch.ops.fastvision.sparse_max_pool2d_forward(
+            coords, feats, *geometry, [-1, -1]
         )
-        backward = lambda: torch.ops.fastvision.sparse_max_pool2d_backward(grad_out, argmax, window_map)
+        backward = lambda: torch.ops.fastvision.sparse_max_pool2d_backward(
+            grad_out, argmax, window_map, site, *geometry
+        )
         backward_impls |= _impls(backward, device)
     return [
         forward,
@@ -90,7 +93,7 @@ def _cases_for(
             op="sparse_max_pool2d",
             label=f"bwd {name}",
             impls=backward_impls,
-            bytes_moved=m * CHANNELS * (s + 4) + n * CHANNELS * s,
+            bytes_moved=m * CHANNELS * (s + 1) + n * CHANNELS * s,  # the argmax: uint8 window offsets
             dtype=dtype,
             tolerance=GRAD_TOLERANCE[dtype],
         ),

@@ -8,11 +8,11 @@ selection's ``2 B H Nq Nk D`` of score matmul is work the sparse op adds and is 
 dense cases count the same cost at ``topk = Nk``, ``4 B H Nq Nk D`` (and three times that), so their
 TFLOP/s are comparable with flash attention's.
 
-Inputs are multiples of 1/2 in [-1, 1] (values are random normal): every score is then an exact
-float32 number in every implementation, so all of them select the same keys (ties by the lower
-index) and outputs can be compared; random continuous inputs would make implementations that
-round a near-tie differently select different keys. The reference and its compiled form compute
-in float32 from the bfloat16 inputs, as the kernels do. Where the dense ``[B, H, Nq, Nk]`` scores
+Inputs are random normal (``attention_common.attention_inputs``: continuous, no quantization that
+would inflate ties at the top-k threshold); an implementation that rounds a near-tie differently
+may select another key for a few queries, which the check allows for a small share of rows
+(``attention_common.MISMATCHED_ROWS``). The reference and its compiled form compute in float32
+from the bfloat16 inputs, as the kernels do. Where the dense ``[B, H, Nq, Nk]`` scores
 would not fit, the reference runs over query chunks (same math) and ``compile`` is left out.
 
 On CUDA each implementation's peak memory (``torch.cuda.max_memory_allocated`` over its first
@@ -26,13 +26,21 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from fastvision.benchmark.attention_common import (
+    MISMATCH_NOTE,
+    MISMATCHED_ROWS,
+    TOLERANCE,
+    add_memory_notes,
+    attention_inputs,
+    dense_case,
+    label,
+    op_fn,
+)
 from fastvision.benchmark.case import BenchCase, backend_impl
 from fastvision.ops import OPS
 from fastvision.ops.topk_attention import topk_attention, topk_attention_reference
 
-TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 3e-2)}
 HEAD_DIMS = (64, 128)
 TOPKS = (32, 64, 128)
 # (batch, heads): B * H = 32 at every size; B * H = 256 at D = 64 up to N = 16K.
@@ -41,18 +49,6 @@ LENGTHS = (1024, 4096, 16384, 32768)
 # Score elements of the dense reference (and its compiled form) at most; above, query chunks.
 DENSE_SCORE_LIMIT = 1 << 31
 CHUNK_SCORE_ELEMENTS = 1 << 28
-
-
-def _quantized(shape, generator, device, dtype):
-    return (torch.randint(-2, 3, shape, generator=generator) / 2).to(device=device, dtype=dtype)
-
-
-def attention_inputs(shape, generator, device, dtype):
-    """``q, k`` (quantized: exact scores), ``v`` and an output gradient, all of ``shape``."""
-    q, k = (_quantized(shape, generator, device, dtype) for _ in range(2))
-    v = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-    grad_out = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-    return q, k, v, grad_out
 
 
 def _reference_fn(q, k, v, topk, grad_out, chunked: bool) -> Callable[[], Any]:
@@ -98,57 +94,7 @@ def _compiled_fn(q, k, v, topk, grad_out) -> Callable[[], Any]:
         return topk_attention_reference(qf.float(), kf.float(), vf.float(), topk).to(dtype)
 
     compiled = torch.compile(attention)
-    return _op_fn(compiled, q, k, v, grad_out)
-
-
-def _op_fn(attention, q, k, v, grad_out) -> Callable[[], Any]:
-    """``attention(q, k, v)``: forward only, or (out, dq, dk, dv) when ``grad_out`` is given."""
-    if grad_out is None:
-
-        def forward():
-            with torch.no_grad():
-                return attention(q, k, v)
-
-        return forward
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-
-    def forward_backward():
-        out = attention(*leaves)
-        return (out.detach(), *torch.autograd.grad(out, leaves, grad_out))
-
-    return forward_backward
-
-
-def _measure_first_call(case: BenchCase, name: str, fn: Callable[[], Any], device) -> Callable[[], Any]:
-    """``fn``, whose first call also records its peak memory in ``case.notes[name]``."""
-    measured = False
-
-    def run():
-        nonlocal measured
-        if measured:
-            return fn()
-        measured = True
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        out = fn()
-        torch.cuda.synchronize(device)
-        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-        note = f"peak memory {peak:.0f} MiB above inputs (first call)"
-        case.notes[name] = f"{case.notes[name]}; {note}" if name in case.notes else note
-        return out
-
-    return run
-
-
-def _add_memory_notes(case: BenchCase, device: torch.device) -> BenchCase:
-    if device.type == "cuda":
-        case.impls = {name: _measure_first_call(case, name, fn, device) for name, fn in case.impls.items()}
-    return case
-
-
-def _mode(backward: bool) -> str:
-    return "fwd+bwd" if backward else "fwd"
+    return op_fn(compiled, q, k, v, grad_out)
 
 
 def _topk_case(q, k, v, topk, grad_out, device) -> BenchCase:
@@ -161,54 +107,28 @@ def _topk_case(q, k, v, topk, grad_out, device) -> BenchCase:
         impls["compile"] = _compiled_fn(q, k, v, topk, grad_out)
     for backend in OPS["topk_attention"].runnable(device)[1:]:
         impls[backend] = backend_impl(
-            backend, _op_fn(lambda a, b, c: topk_attention(a, b, c, topk), q, k, v, grad_out)
+            backend, op_fn(lambda a, b, c: topk_attention(a, b, c, topk), q, k, v, grad_out)
         )
-    flops = OPS["topk_attention"].cost_of(q, k, v, topk).flops
+        notes[backend] = MISMATCH_NOTE
+    cost = OPS["topk_attention"].cost_of(q, k, v, topk)
+    flops = cost.flops
     backward = grad_out is not None
+    # Issue term of the cost model: the selection scores every query-key pair, the forward every
+    # selected pair (the kernels' SASS_LOOP_WORK units); the backward kernels declare none.
+    scores = {"_select_topk_kernel": batch * heads * num_queries * num_keys}
+    scores["_sparse_forward_kernel"] = batch * heads * num_queries * topk
     return BenchCase(
         op="topk_attention",
-        label=f"{_mode(backward)} {str(q.dtype).removeprefix('torch.')} BH{batch * heads} N{num_queries} "
-        f"D{head_dim} k{topk}",
+        label=f"{label(q, backward)} k{topk}",
         impls=impls,
         flops=3 * flops if backward else flops,
+        # The backward reads q, k, v, out and its gradient and writes dq, dk, dv: 2x the forward's bytes.
+        bytes_moved=3 * cost.bytes_moved if backward else cost.bytes_moved,
         dtype=q.dtype,
         tolerance=TOLERANCE[q.dtype],
         notes=notes,
-    )
-
-
-def _sdpa_fn(q, k, v, grad_out, backend) -> Callable[[], Any]:
-    """F.scaled_dot_product_attention restricted to one SDPA backend (flash, memory-efficient)."""
-    from torch.nn.attention import sdpa_kernel
-
-    def attention(a, b, c):
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(a, b, c)
-
-    return _op_fn(attention, q, k, v, grad_out)
-
-
-def _dense_case(q, k, v, grad_out, device=None) -> BenchCase:
-    """Dense attention at the same size: F.scaled_dot_product_attention is the baseline here, with
-    its flash and memory-efficient backends forced on CUDA (the crossover compares with the fastest)."""
-    batch, heads, num_queries, head_dim = q.shape
-    flops = OPS["topk_attention"].cost_of(q, k, v, k.shape[2]).flops  # top-Nk attention is dense attention
-    backward = grad_out is not None
-    impls = {"reference": _op_fn(F.scaled_dot_product_attention, q, k, v, grad_out)}
-    if device is not None and device.type == "cuda":
-        from torch.nn.attention import SDPBackend
-
-        impls["sdpa-flash"] = _sdpa_fn(q, k, v, grad_out, SDPBackend.FLASH_ATTENTION)
-        impls["sdpa-mem-efficient"] = _sdpa_fn(q, k, v, grad_out, SDPBackend.EFFICIENT_ATTENTION)
-    return BenchCase(
-        op="topk_attention",
-        label=f"{_mode(backward)} {str(q.dtype).removeprefix('torch.')} BH{batch * heads} N{num_queries} "
-        f"D{head_dim} dense",
-        impls=impls,
-        flops=3 * flops if backward else flops,
-        dtype=q.dtype,
-        tolerance=TOLERANCE[q.dtype],
-        notes={"reference": "sdpa: dense F.scaled_dot_product_attention (all Nk keys), the baseline"},
+        max_mismatched_rows=MISMATCHED_ROWS,
+        hot_loop_scores=scores,
     )
 
 
@@ -234,8 +154,8 @@ def cases(device: torch.device, quick: bool) -> list[BenchCase]:
         for backward in (False, True):
             g = grad_out if backward else None
             for topk in topks:
-                result.append(_add_memory_notes(_topk_case(q, k, v, topk, g, device), device))
-            result.append(_add_memory_notes(_dense_case(q, k, v, g, device), device))
+                result.append(add_memory_notes(_topk_case(q, k, v, topk, g, device), device))
+            result.append(add_memory_notes(dense_case("topk_attention", q, k, v, g, device), device))
     if not quick and device.type == "cuda":
         from fastvision.benchmark import block_topk_attention
 

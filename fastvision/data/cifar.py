@@ -1,4 +1,10 @@
-"""CIFAR-10 from a local ``cifar-10-batches-py`` folder, or crops of scikit-image's sample photographs."""
+"""CIFAR-10 from a local ``cifar-10-batches-py`` folder, or crops of scikit-image's sample photographs.
+
+The batch files of the Python distribution of CIFAR-10 are pickles. They are read with a restricted
+unpickler (:class:`_CifarUnpickler`) that admits only what the format holds (dicts, lists, bytes,
+strings, numbers and numpy uint8 arrays), so a crafted file under the data folder cannot run code:
+any other global it names is refused before it is looked up.
+"""
 
 from __future__ import annotations
 
@@ -49,14 +55,70 @@ def find_cifar_dir(root: Path) -> Path:
     )
 
 
+# The only globals a CIFAR-10 batch pickle names: numpy's array and dtype reconstructors (under
+# numpy 1's ``numpy.core`` and numpy 2's ``numpy._core``; ``_frombuffer`` for protocol-5 pickles) and
+# ``_codecs.encode``, with which Python 3 writes bytes at protocol 2. None of them runs code.
+_CIFAR_GLOBALS = frozenset(
+    {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    | {(f"{core}.multiarray", "_reconstruct") for core in ("numpy.core", "numpy._core")}
+    | {(f"{core}.numeric", "_frombuffer") for core in ("numpy.core", "numpy._core")}
+)
+
+
+class CifarFormatError(ValueError):
+    """A CIFAR-10 batch file that is not one; the message names the file and the problem."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"CIFAR-10 batch {self.path}: {problem}")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Resolves only the globals in ``_CIFAR_GLOBALS``; anything else is refused unresolved."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: a CIFAR-10 batch holds only dicts, lists, bytes, "
+                "numbers and numpy arrays"
+            )
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, list[int]]:
+    """The images (uint8 ``[N, 3, 32, 32]``) and labels of one CIFAR-10 batch file, read without
+    executing anything from it; a foreign or malformed file raises :class:`CifarFormatError`."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as error:
+        raise CifarFormatError(path, f"not a CIFAR-10 batch pickle ({error})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as error:
+        raise CifarFormatError(path, f"damaged pickle ({type(error).__name__}: {error})") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise CifarFormatError(path, "expected a dict with b'data' and b'labels'")
+    data, labels = batch[b"data"], batch[b"labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shown = type(data).__name__
+        if isinstance(data, np.ndarray):
+            shown = f"{data.dtype} array of shape {data.shape}"
+        raise CifarFormatError(path, f"b'data' must be a uint8 array of shape (N, 3072), got {shown}")
+    if not isinstance(labels, list) or len(labels) != len(data):
+        raise CifarFormatError(path, f"b'labels' must be a list of {len(data)} class indices")
+    if not all(type(label) is int and 0 <= label < len(CIFAR_CLASSES) for label in labels):
+        raise CifarFormatError(path, f"b'labels' must hold integers in [0, {len(CIFAR_CLASSES)})")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
 def load_cifar10(split: str, root: Path) -> ImageTensorDataset:
     directory = find_cifar_dir(root)
     images, labels = [], []
     for name in CIFAR_TRAIN_BATCHES if split == "train" else CIFAR_TEST_BATCHES:
-        with open(directory / name, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")  # the official format; only read from a local path
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch[b"labels"])
+        batch_images, batch_labels = read_cifar_batch(directory / name)
+        images.append(batch_images)
+        labels.extend(batch_labels)
     return ImageTensorDataset(
         torch.from_numpy(np.concatenate(images)),
         torch.tensor(labels),

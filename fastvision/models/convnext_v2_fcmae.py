@@ -35,7 +35,7 @@ from fastvision.nn import _checks
 from fastvision.nn.convnext import ConvNeXtV2Block, LayerNorm2d, resize_mask
 from fastvision.nn.heads import MaskedInpaintingHead
 from fastvision.ops.masked_gather import masked_gather
-from fastvision.profiling import nvtx_range
+from fastvision.profiling.ranges import nvtx_range
 
 
 @exportable_output

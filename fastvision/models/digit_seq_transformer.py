@@ -16,36 +16,17 @@ import torch
 from torch import nn
 
 from fastvision.models.registry import image_inputs, register_model
-from fastvision.models.vit_mnist import PatchEmbed, TransformerEncoderBlock, init_transformer_weights
-from fastvision.nn.add_layer_norm import AddLayerNorm
-from fastvision.nn.attention import MultiHeadAttention
-from fastvision.nn.geglu import FeedForward
-from fastvision.profiling import nvtx_range
+from fastvision.nn.transformer import (
+    PatchEmbed,
+    TransformerDecoderBlock,
+    TransformerEncoderBlock,
+    init_transformer_weights,
+)
+from fastvision.profiling.ranges import nvtx_range
 
 NUM_DIGITS = 4
 NUM_CLASSES = 10
 START_TOKEN = 10  # decoder input before the first digit; digits are 0..9
-
-
-class TransformerDecoderBlock(nn.Module):
-    """Post-norm decoder block: causal self-attention, cross-attention to ``memory``, feed-forward."""
-
-    def __init__(
-        self, dim: int, heads: int, mlp_mult: int = 4, dropout: float = 0.1, attn_dropout: float = 0.0
-    ):
-        super().__init__()
-        self.self_attn = MultiHeadAttention(dim, heads, dropout=attn_dropout)
-        self.norm1 = AddLayerNorm(dim)
-        self.cross_attn = MultiHeadAttention(dim, heads, dropout=attn_dropout)
-        self.norm2 = AddLayerNorm(dim)
-        self.ff = FeedForward(dim, mult=mlp_mult, activation="relu", dropout=dropout)
-        self.norm3 = AddLayerNorm(dim)
-
-    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        with nvtx_range("fastvision.TransformerDecoderBlock"):
-            x = self.norm1(self.self_attn(x, is_causal=True), x)
-            x = self.norm2(self.cross_attn(x, memory), x)
-            return self.norm3(self.ff(x), x)
 
 
 class DigitSequenceTransformer(nn.Module):

@@ -39,7 +39,7 @@ from fastvision.nn.inr import (
     coordinate_grid,
 )
 from fastvision.nn.mamba import BiMamba
-from fastvision.profiling import nvtx_range
+from fastvision.profiling.ranges import nvtx_range
 
 
 class PatchTokens(nn.Module):

@@ -23,7 +23,7 @@ from torch import nn
 from fastvision.models.registry import image_inputs, register_model
 from fastvision.nn.geglu import FeedForward
 from fastvision.nn.moe import AdaptiveSparseAttentionMoE
-from fastvision.profiling import nvtx_range
+from fastvision.profiling.ranges import nvtx_range
 
 
 class MoEBlock(nn.Module):

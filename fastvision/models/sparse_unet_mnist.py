@@ -29,7 +29,7 @@ from torch import nn
 
 from fastvision.models.registry import image_inputs, register_model
 from fastvision.nn.sparse import ResidualSparseBlock, SparseMaxPool2d
-from fastvision.profiling import nvtx_range
+from fastvision.profiling.ranges import nvtx_range
 from fastvision.sparse import SparseTensor
 from fastvision.sparse.masked_dense import MaskedDense
 

@@ -26,6 +26,12 @@ from fastvision.nn.positional import (
     sinusoidal_pos_embed_2d,
 )
 from fastvision.nn.sparse import ResidualSparseBlock, SparseConv2d, SparseMaxPool2d, SparseReLU, SparseToDense
+from fastvision.nn.transformer import (
+    PatchEmbed,
+    TransformerDecoderBlock,
+    TransformerEncoderBlock,
+    init_transformer_weights,
+)
 
 __all__ = [
     "AdaptiveSparseAttentionMoE",
@@ -67,4 +73,8 @@ __all__ = [
     "faithful_nll_loss",
     "sinusoidal_pos_embed",
     "sinusoidal_pos_embed_2d",
+    "PatchEmbed",
+    "TransformerDecoderBlock",
+    "TransformerEncoderBlock",
+    "init_transformer_weights",
 ]

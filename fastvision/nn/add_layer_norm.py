@@ -1,4 +1,5 @@
-"""Post-norm residual LayerNorm: ``LayerNorm(x + residual)`` on the fused kernel."""
+"""Residual LayerNorm: ``LayerNorm(x + residual)`` on the fused kernel, optionally returning the sum
+(post-norm blocks use the output; pre-norm blocks also take ``x + residual`` from the same pass)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from torch import nn
 
 from fastvision.nn import _checks
 from fastvision.ops.add_layer_norm import add_layer_norm
-from fastvision.profiling import nvtx_range
+from fastvision.profiling.ranges import nvtx_range
 
 
 class AddLayerNorm(nn.Module):
@@ -46,9 +47,13 @@ class AddLayerNorm(nn.Module):
                 setattr(module, name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
         return module
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor, return_residual: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``LayerNorm(x + residual)``; with ``return_residual`` the pair ``(out, x + residual)``, the
+        sum from the same pass (a pre-norm block's next residual stream, without a second add)."""
         with nvtx_range("fastvision.AddLayerNorm"):
-            return add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+            return add_layer_norm(x, residual, self.weight, self.bias, self.eps, return_residual)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastvision.nn import _checks
-from fastvision.profiling import nvtx_range
+from fastvision.profiling.ranges import nvtx_range
 
 
 def _hidden(channels: int, reduction: int) -> int:
@@ -71,15 +71,20 @@ class ChannelAttention(nn.Module):
         return torch.sigmoid(avg + peak)
 
 
+def _odd_kernel(name: str, kernel_size: int) -> int:
+    kernel_size = _checks.positive_int(name, kernel_size)
+    if kernel_size % 2 == 0:
+        raise ValueError(f"{name} must be odd (same-size padding), got {kernel_size}")
+    return kernel_size
+
+
 class SpatialAttention(nn.Module):
     """CBAM's spatial attention: the channel mean and max stacked, a ``k x k`` convolution, sigmoid:
     ``[B, C, H, W] -> [B, 1, H, W]`` weights."""
 
     def __init__(self, kernel_size: int = 7):
         super().__init__()
-        kernel_size = _checks.positive_int("spatial_kernel", kernel_size)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"spatial_kernel must be odd (same-size padding), got {kernel_size}")
+        kernel_size = _odd_kernel("kernel_size", kernel_size)
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +104,7 @@ class CBAM(nn.Module):
         super().__init__()
         self.channels, self.reduction = channels, reduction
         self.channel = ChannelAttention(channels, reduction)
-        self.spatial = SpatialAttention(spatial_kernel)
+        self.spatial = SpatialAttention(_odd_kernel("spatial_kernel", spatial_kernel))
         self.spatial_kernel = spatial_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from fastvision.nn import _checks
 from fastvision.ops.grn import grn
-from fastvision.profiling import nvtx_range
+from fastvision.profiling.ranges import nvtx_range
 
 
 def check_mask(mask: torch.Tensor, x: torch.Tensor, name: str = "mask") -> None:
@@ -117,6 +117,7 @@ class ConvNeXtV2Block(nn.Module):
     def __init__(self, dim: int, drop_path: float = 0.0, kernel_size: int = 7, *, grn: bool = True):
         super().__init__()
         self.dim = _checks.positive_int("dim", dim)
+        _checks.dropout("drop_path", drop_path)
         kernel_size = _checks.positive_int("kernel_size", kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (same-size padding), got {kernel_size}")

@@ -7,7 +7,7 @@ from torch import nn
 
 from fastvision.nn import _checks
 from fastvision.ops.geglu import APPROXIMATIONS, geglu
-from fastvision.profiling import nvtx_range
+from fastvision.profiling.ranges import nvtx_range
 
 FEEDFORWARD_ACTIVATIONS = ("geglu", "gelu", "relu")
 

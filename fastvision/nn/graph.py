@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvision.nn import _checks
-from fastvision.profiling import nvtx_range
+from fastvision.profiling.ranges import nvtx_range
 
 
 def check_adjacency(adjacency) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 from fastvision.nn import _checks
 from fastvision.nn.convnext import check_mask
 from fastvision.ops.masked_gather import MaskedGather, masked_gather
-from fastvision.profiling import nvtx_range
+from fastvision.profiling.ranges import nvtx_range
 
 
 class InpaintingPrediction(NamedTuple):

@@ -13,7 +13,8 @@ from torch import nn
 
 from fastvision.nn import _checks
 from fastvision.nn.geglu import FeedForward
-from fastvision.profiling import nvtx_range
+from fastvision.ops.add_layer_norm import add_layer_norm
+from fastvision.profiling.ranges import nvtx_range
 
 
 class GaussianFourierFeatures(nn.Module):
@@ -146,8 +147,12 @@ class SelfAttentionBlock(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [batch, L, {self.dim}], got {tuple(x.shape)}")
         with nvtx_range("fastvision.SelfAttentionBlock"):
-            x = x + self.attn(self.norm1(x))
-            return x + self.ff(self.norm2(x))
+            # norm2(x + attn(...)) and the new residual stream x + attn(...) from one fused pass.
+            normed, x = add_layer_norm(
+                self.attn(self.norm1(x)), x, self.norm2.weight, self.norm2.bias, self.norm2.eps,
+                return_residual=True,
+            )
+            return x + self.ff(normed)
 
 
 class FeedForwardBlock(nn.Module):

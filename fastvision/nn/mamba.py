@@ -9,7 +9,10 @@ selective scan gated by ``silu(z)``, and an out-projection back to ``d_model``.
 
 ``BiMamba`` is Vision Mamba's bidirectional block ("v2"): the in- and out-projections are shared, and the
 reversed direction has its own convolution, ``x``/``dt`` projections, ``A_b_log`` and ``D_b``. The output
-is ``out_proj((y_forward + flip(y_backward)) / 2)``.
+is ``out_proj((y_forward + flip(y_backward)) / 2)`` where ``y_backward`` is the block run on the flipped
+sequence. It is computed without flipping anything as large as the sequence: the reversed direction's
+convolution is anti-causal (the same weights reversed along the kernel, a few bytes) and its scan runs
+with ``reverse=True``, so ``x``, ``z`` and the output stay in their own time order.
 
 The causal convolution uses ``causal_conv1d_fn`` (the ``causal-conv1d`` package, CUDA tensors) when
 ``conv_backend="causal_conv1d"`` is asked for, and raises an ``ImportError`` naming the ``mamba`` extra if
@@ -27,7 +30,7 @@ from torch import nn
 
 from fastvision.nn import _checks
 from fastvision.ops.selective_scan import MAX_STATE, selective_scan
-from fastvision.profiling import nvtx_range
+from fastvision.profiling.ranges import nvtx_range
 
 CONV_BACKENDS = ("auto", "torch", "causal_conv1d")
 
@@ -157,8 +160,13 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
     # ------------------------------------------------------------------------------------------- pieces
-    def _conv(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-        """``silu(causal depthwise conv(x))`` on ``x [batch, d_inner, L]``."""
+    def _conv(self, x: torch.Tensor, conv: nn.Conv1d, reverse: bool = False) -> torch.Tensor:
+        """``silu(causal depthwise conv(x))`` on ``x [batch, d_inner, L]``; ``reverse``: the anti-causal
+        conv, ``flip(conv(flip(x)))``, as a cross-correlation with the kernel reversed (out_t reads
+        x_t .. x_{t+K-1}), the last ``L`` of the ``L + K - 1`` outputs."""
+        if reverse:
+            out = F.conv1d(x, conv.weight.flip(-1), conv.bias, padding=self.d_conv - 1, groups=self.d_inner)
+            return F.silu(out[..., self.d_conv - 1 :])
         use_fused = self.conv_backend == "causal_conv1d" or (
             self.conv_backend == "auto" and x.is_cuda and _causal_conv1d_fn() is not None
         )
@@ -167,9 +175,10 @@ class Mamba(nn.Module):
             return fn(x, conv.weight.squeeze(1), conv.bias, activation="silu")
         return F.silu(conv(x)[..., : x.shape[-1]])
 
-    def _scan(self, x, z, conv, x_proj, dt_proj, a_log, d) -> torch.Tensor:
-        """One direction: ``x, z [batch, d_inner, L]`` -> ``y [batch, d_inner, L]``."""
-        x = self._conv(x, conv)
+    def _scan(self, x, z, conv, x_proj, dt_proj, a_log, d, reverse: bool = False) -> torch.Tensor:
+        """One direction: ``x, z [batch, d_inner, L]`` -> ``y [batch, d_inner, L]`` (``reverse``: the
+        direction from the last token to the first, in the inputs' time order)."""
+        x = self._conv(x, conv, reverse)
         x_dbl = x_proj(x.transpose(1, 2))  # [batch, L, dt_rank + 2N]
         dt, b, c = x_dbl.split((self.dt_rank, self.d_state, self.d_state), dim=-1)
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # [batch, d_inner, L]; bias goes to the scan
@@ -183,6 +192,7 @@ class Mamba(nn.Module):
             z.contiguous(),
             delta_bias=dt_proj.bias.float(),
             delta_softplus=True,
+            reverse=reverse,
         )
 
     def _check_input(self, hidden: torch.Tensor) -> None:
@@ -212,7 +222,8 @@ class BiMamba(Mamba):
 
     The in- and out-projections are shared; the reversed sequence has its own ``conv1d_b``,
     ``x_proj_b``, ``dt_proj_b``, ``A_b_log`` and ``D_b``. Output: ``out_proj((y + flip(y_b)) / 2)``,
-    so every token sees the whole sequence. Same arguments as :class:`Mamba`.
+    so every token sees the whole sequence; the reversed direction runs an anti-causal convolution and
+    ``selective_scan(..., reverse=True)`` in place of flipped copies. Same arguments as :class:`Mamba`.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, **kwargs):
@@ -231,6 +242,6 @@ class BiMamba(Mamba):
             x, z = self._in(hidden)
             y = self._scan(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
             y_b = self._scan(
-                x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
+                x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True
             )
-            return self.out_proj(((y + y_b.flip(-1)) / 2).transpose(1, 2))
+            return self.out_proj(((y + y_b) / 2).transpose(1, 2))

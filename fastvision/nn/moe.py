@@ -15,17 +15,15 @@ from torch import nn
 from fastvision.nn import _checks
 from fastvision.ops.block_topk_attention import BLOCK_SIZES, block_topk_attention
 from fastvision.ops.topk_attention import SUPPORTED_HEAD_DIMS, topk_attention
-from fastvision.profiling import nvtx_range
+from fastvision.profiling.ranges import nvtx_range
 
 ROUTINGS = ("soft", "top1")
 MODES = ("token", "block")
 
 
 def _check_mode(mode: str, block_size: int) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    _checks.choice("mode", mode, MODES)
+    _checks.int_choice("block_size", block_size, BLOCK_SIZES)
 
 
 class TopKSparseAttention(nn.Module):
@@ -35,7 +33,8 @@ class TopKSparseAttention(nn.Module):
     (``fastvision.ops.topk_attention``). ``mode="block"``: queries and keys are cut into blocks of
     ``block_size`` tokens and each query block attends to all keys of its ``topk`` key blocks of
     highest mean-query . mean-key score (``fastvision.ops.block_topk_attention``); ``topk`` then
-    counts key blocks.
+    counts key blocks. ``causal=True`` (block mode only): query ``i`` sees keys ``j <= i``, aligned as
+    SDPA's ``is_causal`` (upper left), each query block selecting among the key blocks at or before it.
 
     ``forward(x, context=None)``: queries come from ``x`` ``[B, Nq, dim]``, keys and values from
     ``context`` ``[B, Nk, dim]`` (``None``: self-attention over ``x``). ``topk >= Nk`` is plain
@@ -54,6 +53,7 @@ class TopKSparseAttention(nn.Module):
         bias: bool = True,
         mode: str = "token",
         block_size: int = 64,
+        causal: bool = False,
     ):
         super().__init__()
         dim, heads = _checks.positive_int("dim", dim), _checks.positive_int("heads", heads)
@@ -63,13 +63,15 @@ class TopKSparseAttention(nn.Module):
                 f"head dim dim // heads must be one of {SUPPORTED_HEAD_DIMS} (topk_attention), "
                 f"got {dim} // {heads} = {dim // heads}"
             )
-        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-            raise ValueError(f"topk must be a positive int, got {topk!r}")
+        _checks.positive_int("topk", topk)
         _checks.dropout("dropout", dropout)
         _checks.boolean("bias", bias)
         _check_mode(mode, block_size)
+        _checks.boolean("causal", causal)
+        if causal and mode != "block":
+            raise ValueError("causal=True needs mode='block' (the token mode has no causal form)")
         self.dim, self.heads, self.head_dim, self.topk = dim, heads, dim // heads, topk
-        self.mode, self.block_size = mode, block_size
+        self.mode, self.block_size, self.causal = mode, block_size, causal
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
@@ -102,7 +104,7 @@ class TopKSparseAttention(nn.Module):
                 ).chunk(2, dim=-1)
             q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
             if self.mode == "block":
-                out = block_topk_attention(q, k, v, self.topk, self.block_size)
+                out = block_topk_attention(q, k, v, self.topk, self.block_size, causal=self.causal)
             else:
                 out = topk_attention(q, k, v, self.topk)
             out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.dim)
@@ -110,6 +112,7 @@ class TopKSparseAttention(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "" if self.mode == "token" else f", mode='block', block_size={self.block_size}"
+        mode += ", causal=True" if self.causal else ""
         return f"dim={self.dim}, heads={self.heads}, topk={self.topk}{mode}"
 
 
@@ -188,15 +191,8 @@ class AdaptiveSparseAttentionMoE(nn.Module):
         super().__init__()
         dim, heads = _checks.positive_int("dim", dim), _checks.positive_int("heads", heads)
         _checks.heads_divide(dim, heads)
-        if isinstance(expert_topk, (str, bytes)) or not hasattr(expert_topk, "__iter__"):
-            raise TypeError(f"expert_topk must be a sequence of ints, got {type(expert_topk).__name__}")
-        expert_topk = tuple(expert_topk)
-        if not expert_topk:
-            raise ValueError("expert_topk must name at least one expert's topk")
-        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in expert_topk):
-            raise ValueError(f"expert_topk must hold positive ints, got {expert_topk!r}")
-        if routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        expert_topk = _checks.positive_ints("expert_topk", expert_topk)
+        _checks.choice("routing", routing, ROUTINGS)
         _checks.non_negative_float("balance_weight", balance_weight)
         _checks.dropout("dropout", dropout)
         _checks.boolean("output_projection", output_projection)

@@ -13,7 +13,7 @@ from torch import nn
 from fastvision.nn import _checks
 from fastvision.ops.sparse_conv2d import sparse_conv2d
 from fastvision.ops.sparse_max_pool2d import sparse_max_pool2d, sparse_max_pool2d_output_shape
-from fastvision.profiling import nvtx_range
+from fastvision.profiling.ranges import nvtx_range
 from fastvision.sparse import SparseTensor
 from fastvision.sparse.kernel_map import check_kernel_size
 from fastvision.sparse.masked_dense import MaskedDense
@@ -41,6 +41,8 @@ class SparseConv2d(nn.Module):
         super().__init__()
         in_channels = _checks.positive_int("in_channels", in_channels)
         out_channels = _checks.positive_int("out_channels", out_channels)
+        kernel_size = _checks.positive_int("kernel_size", kernel_size)
+        dilation = _checks.positive_int("dilation", dilation)
         check_kernel_size(kernel_size, dilation)
         _checks.boolean("bias", bias)
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -81,9 +83,8 @@ class SparseMaxPool2d(nn.Module):
     def __init__(self, kernel_size: int = 2, stride: int | None = None):
         super().__init__()
         stride = kernel_size if stride is None else stride
-        for name, value in (("kernel_size", kernel_size), ("stride", stride)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        kernel_size = _checks.positive_int("kernel_size", kernel_size)
+        stride = _checks.positive_int("stride", stride)
         self.kernel_size, self.stride = kernel_size, stride
 
     def output_shape(self, spatial_shape: tuple[int, int]) -> tuple[int, int]:

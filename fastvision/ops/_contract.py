@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from fastvision._backend import BackendUnavailableError, forced_backend, why_unusable
+from fastvision._backend import BACKENDS, PEER_BACKENDS, BackendUnavailableError, forced_backend, why_unusable
 from fastvision._extension import has_kernel
 
 Reason = str | None
@@ -66,6 +67,16 @@ class AutogradRule:
     oracle of the backward kernels, and the rule for higher-order gradients);
     ``backward_differentiable`` names the backward op's inputs (by position) that can carry a
     gradient.
+
+    ``forward_check`` / ``backward_check`` validate the forward / backward op's own arguments, as a
+    direct ``torch.ops.fastvision.<op>`` call passes them: everything whose wrongness could make a
+    kernel read or write out of bounds (dtypes, ranks, shapes that must agree, the layout a kernel
+    assumes, index ranges, integer sizes), raising ``TypeError``/``ValueError`` that names the
+    argument (reuse the public check; helpers in ``fastvision/ops/_checks.py``). Every op launched
+    from Python (:func:`triton_launch`) runs them before its kernels when called directly (the
+    public op and autograd pass arguments already checked); C++ ops check in their entry
+    points (``csrc/<op>_common.h``). ``tests/test_registered_ops.py`` calls every registered op with
+    bad arguments and fails for a launch without them.
     """
 
     forward_fake: Callable[..., Any]
@@ -74,6 +85,8 @@ class AutogradRule:
     backward: Callable[..., tuple]
     backward_reference: Callable[..., Any]
     backward_differentiable: tuple[int, ...]
+    forward_check: Callable[..., None] | None = None
+    backward_check: Callable[..., None] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,8 +124,9 @@ class OpSpec:
         check: validates the public arguments; returns the checked argument tuple that the
             reference, ``supports`` and the backends' ``call`` take.
         device: the device that decides dispatch, from the checked arguments.
-        kernels: backend name (``cpu``, ``cuda``, ``triton``, or ``reference`` when the reference
-            backend itself is a registered op pair) -> :class:`KernelBackend`.
+        kernels: backend name (``cpu``, ``cuda``, ``triton``, ``reference`` when the reference
+            backend itself is a registered op pair, or a peer library's in ``PEER_BACKENDS``, run
+            only when forced) -> :class:`KernelBackend`.
         gpu_order, cpu_order: backends tried first on CUDA / CPU tensors, fastest first; the
             reference comes last in both.
         reference_supports: limits of the plain reference (``None``: none).
@@ -226,7 +240,7 @@ class OpSpec:
         if kernel is None or transform is not None:
             return self.reference(*args)
         op = kernel.forward_op()
-        return op(*args) if kernel.call is None else kernel.call(op, *args)
+        return _trusting(op, *args) if kernel.call is None else _trusting(kernel.call, op, *args)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         checked = self.check(*args, **kwargs)
@@ -304,13 +318,16 @@ def define_op(spec: OpSpec) -> OpSpec:
     """
     if spec.name in OPS:
         raise ValueError(f"op {spec.name!r} is declared twice")
-    unknown = set(spec.kernels) - {"reference", "cpu", "triton", "cuda"}
+    unknown = set(spec.kernels) - {*BACKENDS, *PEER_BACKENDS}
     if unknown:
         raise ValueError(f"{spec.name}: unknown backends {sorted(unknown)}")
     for order in (spec.gpu_order, spec.cpu_order):
         missing = [b for b in order if b not in spec.kernels]
         if missing:
             raise ValueError(f"{spec.name}: backends {missing} are ordered but not declared")
+        peers = [b for b in order if b in PEER_BACKENDS]
+        if peers:
+            raise ValueError(f"{spec.name}: peer backends {peers} run only when forced, never in an order")
     spec._absent = spec._find_absent()
     registered: set[str] = set()
     for kernel in spec.kernels.values():
@@ -336,10 +353,42 @@ def _register_kernel_pair(kernel: KernelBackend) -> None:
     backward_op = kernel.backward_op()
 
     def forward_backward(ctx, *grad_outputs):
-        return rule.backward(ctx, backward_op, *grad_outputs)
+        return _trusting(rule.backward, ctx, backward_op, *grad_outputs)
 
     torch.library.register_autograd(forward, forward_backward, setup_context=rule.setup_context)
     _register_higher_order(backward, rule)
+    if not kernel.native:
+        _LAUNCH_CHECKS[kernel.forward] = rule.forward_check
+        _LAUNCH_CHECKS[kernel.backward] = rule.backward_check
+
+
+# The raw-op checks exist for direct torch.ops calls. Calls the contract makes itself (a public op's
+# checked arguments, autograd's saved tensors) skip them: their index-range reads cost a host sync
+# per call. Per thread, since autograd runs a CUDA backward on a thread of its own; under
+# torch.compile the launches run checked (the compiled graph calls the ops directly).
+_trusted = threading.local()
+
+
+def _trusting(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with the raw-op checks of the launches it makes skipped (on this thread)."""
+    if torch.compiler.is_compiling():
+        return fn(*args)
+    depth = getattr(_trusted, "depth", 0)
+    _trusted.depth = depth + 1
+    try:
+        return fn(*args)
+    finally:
+        _trusted.depth = depth
+
+
+# Launch name -> the raw-op check its AutogradRule declares (None: declared without one). Filled by
+# define_op; read by every triton_launch op before it launches.
+_LAUNCH_CHECKS: dict[str, Callable[..., None] | None] = {}
+
+
+def launch_check(name: str) -> Callable[..., None] | None:
+    """The argument check that the Python-launched op ``fastvision::<name>`` runs, or ``None``."""
+    return _LAUNCH_CHECKS.get(name)
 
 
 def _register_higher_order(backward: str, rule: AutogradRule) -> None:
@@ -422,13 +471,20 @@ def active_transform(args: Sequence[Any]) -> str | None:
 def triton_launch(name: str, schema: str | None = None):
     """``torch.library.custom_op`` for a Triton launch, run under a device guard.
 
-    The guard makes the launch use the inputs' device (and that device's current stream), so
-    tensors on a second GPU work as on the first.
+    A direct ``torch.ops.fastvision`` call first runs the raw-op check of its :class:`AutogradRule`
+    (``forward_check`` or ``backward_check``, bound by :func:`define_op`), so that bad arguments get
+    a clear error instead of an out-of-bounds kernel; the contract's own calls, already checked,
+    skip it. The guard makes the
+    launch use the inputs' device (and that device's current stream), so tensors on a second GPU
+    work as on the first.
     """
 
     def wrap(fn):
         @functools.wraps(fn)
         def guarded(*args, **kwargs):
+            check = _LAUNCH_CHECKS.get(name)
+            if check is not None and not getattr(_trusted, "depth", 0):
+                check(*args, **kwargs)
             device = next((t.device for t in _tensors(args) if t.device.type == "cuda"), None)
             if device is None:
                 return fn(*args, **kwargs)
@@ -460,3 +516,18 @@ def only_dtypes(backend: str, dtypes: tuple[torch.dtype, ...], index: int = 0) -
         return f"the {backend} backend takes dtypes ({names}), got {str(dtype).removeprefix('torch.')}"
 
     return supports
+
+
+def without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with autocast off on its inputs' device: a reference that promises float32 math
+    keeps it inside a caller's ``torch.autocast`` region (which would run its matmuls in bfloat16 or
+    float16); traced by torch.compile and torch.export, and transparent to torch.func transforms."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        tensor = next(_tensors(args), None)
+        device_type = "cpu" if tensor is None else tensor.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return run

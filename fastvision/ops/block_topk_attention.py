@@ -12,17 +12,38 @@ over every key of those blocks:
 ``topk_blocks >= ceil(Nk / block_size)`` is dense attention. Gradients flow through the attention;
 the selection is not differentiated. Inputs holding NaN give unspecified results.
 
+``causal=True`` (video, autoregressive decoders), with the alignment of
+``F.scaled_dot_product_attention(..., is_causal=True)``: the upper-left one,
+``torch.tril(torch.ones(Nq, Nk))`` (``torch.nn.attention.bias.causal_upper_left``), query ``i`` sees
+keys ``j <= i`` whatever ``Nq`` and ``Nk`` are (for ``Nq > Nk`` the queries past ``Nk`` see every key;
+for ``Nq < Nk`` the keys past ``Nq`` are seen by none). Two masks, as in native sparse attention:
+
+- block level: query block ``I`` selects only among key blocks ``J <= I`` (the diagonal block is
+  always eligible; its score competes like any other), at most ``min(topk_blocks, I + 1)`` of them;
+- token level: within the selected blocks, ``j <= i`` (only the diagonal block is cut).
+
+Block rows start at 0 for queries and keys alike, so the blocks are aligned: every query of block
+``I`` sees key ``J * block_size`` of each eligible block, and no softmax row is empty. The block
+scores use the means of whole blocks (the diagonal key block's mean includes keys after some of the
+block's queries): selection is block-causal, the attention token-causal.
+
 Backends: ``reference`` (below: block means, block scores and a dense masked softmax in float32;
 O(Nq * Nk) memory) and ``triton`` (triton_kernels/block_topk_attention.py: block means, selection,
 and flash attention over the selected key blocks only, cost O(Nq * topk_blocks * block_size * D);
-a backward without atomics, bit-identical from run to run).
+a backward without atomics, bit-identical from run to run), both causal and not. ONNX export traces
+the reference (standard operators; ``causal`` is a fixed attribute of the exported call).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastvision.ops._checks import check_attention_inputs, check_scale
+from fastvision.ops._checks import (
+    check_attention_backward,
+    check_attention_inputs,
+    check_float,
+    check_scale,
+)
 from fastvision.ops._contract import (
     AutogradRule,
     KernelBackend,
@@ -31,6 +52,7 @@ from fastvision.ops._contract import (
     define_op,
     leaf,
     triton_launch,
+    without_autocast,
 )
 from fastvision.ops.topk_attention import _selection_mask
 
@@ -59,11 +81,36 @@ def _expand_blocks(
     return block_mask[..., rows, :][..., cols]
 
 
-def block_selection_mask(q: torch.Tensor, k: torch.Tensor, topk_blocks: int, block_size: int, scale: float):
-    """``[B, H, Nqb, Nkb]`` boolean: the key blocks each query block selects (the definition)."""
+def _causal_mask(num_rows: int, num_columns: int, device: torch.device) -> torch.Tensor:
+    """``[rows, columns]`` boolean ``column <= row``: SDPA's ``is_causal`` (upper-left) alignment."""
+    rows = torch.arange(num_rows, device=device)
+    return torch.arange(num_columns, device=device)[None, :] <= rows[:, None]
+
+
+def block_selection_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    topk_blocks: int,
+    block_size: int,
+    scale: float,
+    causal: bool = False,
+):
+    """``[B, H, Nqb, Nkb]`` boolean: the key blocks each query block selects (the definition).
+    Causal: among the key blocks ``J <= I`` only (at most ``min(topk_blocks, I + 1)`` blocks)."""
     with torch.no_grad():
         block_scores = (_block_means(q, block_size) @ _block_means(k, block_size).transpose(-2, -1)) * scale
-        return _selection_mask(block_scores, topk_blocks)
+        if not causal:
+            return _selection_mask(block_scores, topk_blocks)
+        eligible = _causal_mask(block_scores.shape[-2], block_scores.shape[-1], q.device)
+        block_scores = block_scores.masked_fill(~eligible, float("-inf"))
+        return _selection_mask(block_scores, topk_blocks) & eligible
+
+
+def _token_mask(block_mask, block_size, num_queries, num_keys, causal):
+    token_mask = _expand_blocks(block_mask, block_size, num_queries, num_keys)
+    if causal:
+        token_mask = token_mask & _causal_mask(num_queries, num_keys, block_mask.device)
+    return token_mask
 
 
 def _masked_attention(q, k, v, token_mask, scale):
@@ -71,6 +118,7 @@ def _masked_attention(q, k, v, token_mask, scale):
     return torch.softmax(scores.masked_fill(~token_mask, float("-inf")), dim=-1) @ v
 
 
+@without_autocast
 def block_topk_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,19 +126,21 @@ def block_topk_attention_reference(
     topk_blocks: int,
     block_size: int = 64,
     scale: float | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """The definition, in plain PyTorch with float32 math (differentiable; memory O(Nq * Nk) per head)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
     compute = torch.promote_types(q.dtype, torch.float32)
     qc, kc, vc = (t.to(compute) for t in (q, k, v))
-    selected = block_selection_mask(qc.detach(), kc.detach(), topk_blocks, block_size, scale)
-    token_mask = _expand_blocks(selected, block_size, q.shape[-2], k.shape[-2])
+    selected = block_selection_mask(qc.detach(), kc.detach(), topk_blocks, block_size, scale, causal)
+    token_mask = _token_mask(selected, block_size, q.shape[-2], k.shape[-2], causal)
     return _masked_attention(qc, kc, vc, token_mask, scale).to(q.dtype)
 
 
-def _backward_op_reference(grad_out, q, k, v, out, lse, indices, block_size, scale):
-    """The backward op's definition over the saved selection, differentiable (the higher-order rule)."""
+def _backward_op_reference(grad_out, q, k, v, out, lse, indices, block_size, scale, causal):
+    """The backward op's definition over the saved selection, differentiable (the higher-order rule).
+    Causal: the token mask ``j <= i`` also removes the entries past a query block's eligible ones."""
     compute = torch.promote_types(q.dtype, torch.float32)
     num_query_blocks = indices.shape[2]
     num_key_blocks = -(-k.shape[2] // block_size)
@@ -99,7 +149,7 @@ def _backward_op_reference(grad_out, q, k, v, out, lse, indices, block_size, sca
     else:
         block_mask = torch.zeros((*indices.shape[:3], num_key_blocks), dtype=torch.bool, device=q.device)
         block_mask.scatter_(-1, indices.long(), True)
-    token_mask = _expand_blocks(block_mask, block_size, q.shape[2], k.shape[2])
+    token_mask = _token_mask(block_mask, block_size, q.shape[2], k.shape[2], causal)
     with torch.enable_grad():
         inputs = [leaf(t.to(compute)) for t in (q, k, v)]
         attended = _masked_attention(*inputs, token_mask, scale)
@@ -116,13 +166,20 @@ def _backward_op_reference(grad_out, q, k, v, out, lse, indices, block_size, sca
 
 @triton_launch("block_topk_attention_triton_forward")
 def block_topk_attention_triton_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk_blocks: int, block_size: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    topk_blocks: int,
+    block_size: int,
+    scale: float,
+    causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(out, lse, indices)``: the log-sum-exp per query and the selected key blocks per query
-    block (``[B, H, Nqb, topk_blocks]`` int32; ``[B, H, Nqb, 0]`` when every block is selected)."""
+    block (``[B, H, Nqb, topk_blocks]`` int32, best first, causal: the eligible ones first;
+    ``[B, H, Nqb, 0]`` when every block is selected)."""
     from fastvision.triton_kernels.block_topk_attention import block_topk_attention_forward
 
-    return block_topk_attention_forward(q, k, v, topk_blocks, block_size, scale)
+    return block_topk_attention_forward(q, k, v, topk_blocks, block_size, scale, causal)
 
 
 @triton_launch("block_topk_attention_triton_backward")
@@ -136,13 +193,14 @@ def block_topk_attention_triton_backward(
     indices: torch.Tensor,
     block_size: int,
     scale: float,
+    causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastvision.triton_kernels.block_topk_attention import block_topk_attention_backward
 
-    return block_topk_attention_backward(grad_out, q, k, v, out, lse, indices, block_size, scale)
+    return block_topk_attention_backward(grad_out, q, k, v, out, lse, indices, block_size, scale, causal)
 
 
-def _forward_fake(q, k, v, topk_blocks, block_size, scale):
+def _forward_fake(q, k, v, topk_blocks, block_size, scale, causal):
     batch, heads, num_queries, _ = q.shape
     num_query_blocks = (num_queries + block_size - 1) // block_size
     num_key_blocks = (k.shape[2] + block_size - 1) // block_size
@@ -154,32 +212,29 @@ def _forward_fake(q, k, v, topk_blocks, block_size, scale):
     )
 
 
-def _backward_fake(grad_out, q, k, v, out, lse, indices, block_size, scale):
+def _backward_fake(grad_out, q, k, v, out, lse, indices, block_size, scale, causal):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, _topk_blocks, block_size, scale = inputs
+    q, k, v, _topk_blocks, block_size, scale, causal = inputs
     out, lse, indices = output
     ctx.save_for_backward(q, k, v, out, lse, indices)
-    ctx.block_size, ctx.scale = block_size, scale
+    ctx.block_size, ctx.scale, ctx.causal = block_size, scale, causal
     ctx.mark_non_differentiable(lse, indices)
 
 
 def _backward(ctx, backward_op, grad_out, _grad_lse, _grad_indices):
     q, k, v, out, lse, indices = ctx.saved_tensors
-    dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, indices, ctx.block_size, ctx.scale)
-    return dq, dk, dv, None, None, None
+    # The backward op is not differentiable in ``out`` (AUTOGRAD.backward_differentiable): passing it
+    # detached keeps a higher-order gradient from walking back into this forward node, which torch
+    # 2.11 runs with zero gradients after its saved tensors were freed (opcheck's AOT check fails).
+    dq, dk, dv = backward_op(
+        grad_out, q, k, v, out.detach(), lse, indices, ctx.block_size, ctx.scale, ctx.causal
+    )
+    return dq, dk, dv, None, None, None, None
 
 
-AUTOGRAD = AutogradRule(
-    forward_fake=_forward_fake,
-    backward_fake=_backward_fake,
-    setup_context=_setup_context,
-    backward=_backward,
-    backward_reference=_backward_op_reference,
-    backward_differentiable=(0, 1, 2, 3),
-)
 
 
 # --- public op ------------------------------------------------------------------------------------
@@ -192,7 +247,7 @@ def _check_int(name: str, value, low: int) -> None:
         raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
-def _check(q, k, v, topk_blocks, block_size=64, scale=None):
+def _check(q, k, v, topk_blocks, block_size=64, scale=None, causal=False):
     check_attention_inputs(q, k, v)
     if q.shape[3] == 0:
         raise ValueError("head dim D (last dim of q, k, v) must be >= 1")
@@ -201,26 +256,71 @@ def _check(q, k, v, topk_blocks, block_size=64, scale=None):
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
     check_scale(scale)
-    return q, k, v, topk_blocks, block_size, float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return q, k, v, topk_blocks, block_size, scale, causal
 
 
-def _triton_supports(q, k, v, topk_blocks, block_size, scale):
+def _triton_supports(q, k, v, topk_blocks, block_size, scale, causal):
     if q.shape[3] not in TRITON_HEAD_DIMS:
         return f"the triton backend takes head dims {TRITON_HEAD_DIMS}, got D = {q.shape[3]}"
     return None
 
 
-def _run(forward_op, q, k, v, topk_blocks, block_size, scale):
-    return forward_op(q, k, v, topk_blocks, block_size, scale)[0]
+def _check_forward_op(q, k, v, topk_blocks, block_size, scale, causal) -> None:
+    """The forward op's own arguments: the public op's, and the Triton kernels' head dims."""
+    checked = _check(q, k, v, topk_blocks, block_size, scale, causal)
+    check_float("scale", scale)
+    reason = _triton_supports(*checked)
+    if reason is not None:
+        raise ValueError(reason)
 
 
-def _cost(q, k, v, topk_blocks, block_size, scale) -> OpCost:
+def _check_backward_op(grad_out, q, k, v, out, lse, indices, block_size, scale, causal) -> None:
+    """The backward op's own arguments: block indices in [0, ceil(Nk / block_size))."""
+    _check_forward_op(q, k, v, 1, block_size, scale, causal)
+    rows, columns = -(-q.shape[2] // block_size), -(-k.shape[2] // block_size)
+    check_attention_backward(grad_out, q, k, v, out, lse, indices, rows, columns)
+
+AUTOGRAD = AutogradRule(
+    forward_fake=_forward_fake,
+    backward_fake=_backward_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    backward_reference=_backward_op_reference,
+    backward_differentiable=(0, 1, 2, 3),
+    forward_check=_check_forward_op,
+    backward_check=_check_backward_op,
+)
+
+
+def _run(forward_op, q, k, v, topk_blocks, block_size, scale, causal):
+    return forward_op(q, k, v, topk_blocks, block_size, scale, causal)[0]
+
+
+def _causal_selected_keys(num_queries: int, num_keys: int, topk_blocks: int, block_size: int) -> int:
+    """Sum over queries of the keys the kernels score in a causal call: each query of block ``I``
+    scores ``min(topk_blocks, I + 1)`` whole blocks (the diagonal one counted whole, as the kernels
+    compute it before the in-block mask), at most ``Nk`` keys."""
+    total = 0
+    for block in range(-(-num_queries // block_size)):
+        rows = min(block_size, num_queries - block * block_size)
+        total += rows * min(min(topk_blocks, block + 1) * block_size, num_keys)
+    return total
+
+
+def _cost(q, k, v, topk_blocks, block_size, scale, causal=False) -> OpCost:
     """Read q, k, v and write out once; FLOPs of scores and weighted sum over the selected keys,
-    ``4 B H Nq min(topk_blocks block_size, Nk) D`` (block selection not counted)."""
+    ``4 B H Nq min(topk_blocks block_size, Nk) D`` (block selection not counted); causal: over the
+    keys each query sees (``_causal_selected_keys``)."""
     batch, heads, num_queries, head_dim = q.shape
     moved = (2 * q.numel() + k.numel() + v.numel()) * q.element_size()
-    selected = min(topk_blocks * block_size, k.shape[2])
-    return OpCost(moved, 4 * batch * heads * num_queries * selected * head_dim)
+    if causal:
+        pairs = _causal_selected_keys(num_queries, k.shape[2], topk_blocks, block_size)
+    else:
+        pairs = num_queries * min(topk_blocks * block_size, k.shape[2])
+    return OpCost(moved, 4 * batch * heads * pairs * head_dim)
 
 
 BLOCK_TOPK_ATTENTION = define_op(
@@ -256,6 +356,7 @@ def block_topk_attention(
     topk_blocks: int,
     block_size: int = 64,
     scale: float | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Attention in which each block of ``block_size`` queries sees only its ``topk_blocks`` best key blocks.
 
@@ -267,9 +368,12 @@ def block_topk_attention(
         topk_blocks: key blocks per query block, ``>= 1``; ``>= ceil(Nk / block_size)`` is dense attention.
         block_size: rows per block, one of (16, 32, 64, 128); the last block of q and of k may be partial.
         scale: score scale, default ``D ** -0.5``; also scales the block scores.
+        causal: query ``i`` sees keys ``j <= i`` only, aligned as ``F.scaled_dot_product_attention``'s
+            ``is_causal=True`` (upper left: ``torch.tril(torch.ones(Nq, Nk))``, also for ``Nq != Nk``);
+            query block ``I`` selects among key blocks ``J <= I`` only (the module docstring).
 
     Returns:
         ``[B, H, Nq, D]`` tensor of ``q``'s dtype. Block scores ``scale * mean(q[I]) . mean(k[J])``;
         among equal block scores the lower key block is selected first. Math in float32.
     """
-    return BLOCK_TOPK_ATTENTION(q, k, v, topk_blocks, block_size, scale)
+    return BLOCK_TOPK_ATTENTION(q, k, v, topk_blocks, block_size, scale, causal)

@@ -16,12 +16,21 @@ from fastvision.ops._checks import check_choice, check_dtype, check_tensor
 from fastvision.ops._contract import AutogradRule, KernelBackend, OpCost, OpSpec, define_op, triton_launch
 
 APPROXIMATIONS = ("none", "tanh")
+# Below this gate GELU and its derivative are 0 in float64 already (erfc underflows); clamping there
+# keeps gelu(-inf) at its limit 0 instead of F.gelu's -inf * 0 = NaN, and leaves every other value.
+GATE_FLOOR = -1e4
+# Above this gate GELU is the identity and its derivative exactly 1 in float32 and float64 (both
+# forms); taking those limits there keeps gate**3, gate**2 and gate * (1 - t*t) (and F.gelu's own
+# gradient) finite instead of inf * 0 = NaN at huge or infinite gates, and leaves every value.
+GATE_CEIL = 50.0
 
 
 def geglu_reference(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """The definition: split the last dim into value and gate, return ``value * gelu(gate)``."""
+    """The definition: split the last dim into value and gate, return ``value * gelu(gate)``
+    (``gelu(-inf) = 0``, ``gelu(g) = g`` past ``GATE_CEIL``: the limits, with finite gradients)."""
     value, gate = x.chunk(2, dim=-1)
-    return value * F.gelu(gate, approximate=approximate)
+    gelu = F.gelu(gate.clamp(GATE_FLOOR, GATE_CEIL), approximate=approximate)
+    return value * torch.where(gate > GATE_CEIL, gate, gelu)
 
 
 def geglu_backward_reference(
@@ -31,16 +40,20 @@ def geglu_backward_reference(
     differentiable PyTorch, their rule for higher-order gradients."""
     compute = torch.promote_types(x.dtype, torch.float32)
     value, gate = x.to(compute).chunk(2, dim=-1)
+    gate = gate.clamp_min(GATE_FLOOR)  # the limits at -inf: gelu 0, derivative 0 (not -inf * 0)
     grad = grad_out.to(compute)
+    dgate = gate.clamp_max(GATE_CEIL)  # the derivative's limit 1 at +inf (not inf * 0)
     if approximate == "tanh":
         k = (2.0 / torch.pi) ** 0.5
         t = torch.tanh(k * (gate + 0.044715 * gate**3))
         gelu = 0.5 * gate * (1 + t)
-        dgelu = 0.5 * (1 + t) + 0.5 * gate * (1 - t * t) * k * (1 + 3 * 0.044715 * gate**2)
+        td = torch.tanh(k * (dgate + 0.044715 * dgate**3))
+        dgelu = 0.5 * (1 + td) + 0.5 * dgate * (1 - td * td) * k * (1 + 3 * 0.044715 * dgate**2)
     else:
         cdf = 0.5 * (1 + torch.erf(gate * 0.5**0.5))
         gelu = gate * cdf
-        dgelu = cdf + gate * torch.exp(-0.5 * gate * gate) / (2 * torch.pi) ** 0.5
+        dcdf = 0.5 * (1 + torch.erf(dgate * 0.5**0.5))
+        dgelu = dcdf + dgate * torch.exp(-0.5 * dgate * dgate) / (2 * torch.pi) ** 0.5
     return torch.cat([grad * gelu, grad * value * dgelu], dim=-1).to(x.dtype)
 
 
@@ -56,6 +69,23 @@ def geglu_triton_backward(grad_out: torch.Tensor, x: torch.Tensor, approximate: 
     from fastvision.triton_kernels.geglu import geglu_backward
 
     return geglu_backward(grad_out, x, approximate)
+
+
+def _check_forward_op(x: torch.Tensor, approximate: str) -> None:
+    """The forward op's own arguments, as a direct torch.ops call passes them: the public checks."""
+    _check(x, approximate)
+
+
+def _check_backward_op(grad_out: torch.Tensor, x: torch.Tensor, approximate: str) -> None:
+    """The backward op's own arguments: the forward's, and grad_out of the output's shape."""
+    _check(x, approximate)
+    check_tensor("grad_out", grad_out)
+    expected = (*x.shape[:-1], x.shape[-1] // 2)
+    if tuple(grad_out.shape) != expected or grad_out.dtype != x.dtype or grad_out.device != x.device:
+        raise ValueError(
+            f"grad_out must be {x.dtype} of shape {list(expected)} on {x.device} (the output's), got "
+            f"{grad_out.dtype} {list(grad_out.shape)} on {grad_out.device}"
+        )
 
 
 def _setup_context(ctx, inputs, output):
@@ -76,6 +106,8 @@ AUTOGRAD = AutogradRule(
     backward=_backward,
     backward_reference=geglu_backward_reference,
     backward_differentiable=(0, 1),
+    forward_check=_check_forward_op,
+    backward_check=_check_backward_op,
 )
 
 

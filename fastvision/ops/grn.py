@@ -9,9 +9,11 @@ Backward, with ``g`` the output gradient and ``S[b, c] = sum over (h, w) of g * 
 ``D = mean over c of Gx``, and ``dx = g * (gamma * Nx + 1) + dGx * x * keep / Gx`` (0 where
 ``Gx = 0``); ``dgamma = sum g * x * Nx``, ``dbeta = sum g``.
 
-Backends: ``reference`` (below) and ``triton`` (triton_kernels/grn.py: a reduction pass, then the
-apply pass, forward and backward; the backward recomputes ``Gx`` rather than keeping it). Math in
-float32. The kernel ops take an empty ``mask`` for "no mask" (op inputs cannot be None).
+Backends: ``reference`` (below) and ``triton`` (triton_kernels/grn.py: one program per sample that
+reduces and then applies from L2 where the sample fits, else per-chunk partial sums summed in a fixed
+order and an apply pass; forward and backward, no float atomics, bit-identical run to run; the
+backward recomputes ``Gx`` rather than keeping it). Math in float32. The kernel ops take an empty
+``mask`` for "no mask" (op inputs cannot be None).
 """
 
 from __future__ import annotations
@@ -42,10 +44,13 @@ def grn_reference(
     """The definition, in float32 math (ConvNeXt V2's GRN, told the mask)."""
     compute = torch.promote_types(x.dtype, torch.float32)
     values = x.to(compute)
-    squares = values.square()
-    if mask is not None:
-        squares = squares * (~mask).unsqueeze(-1).to(compute)
-    gx = squares.sum(dim=(1, 2), keepdim=True).sqrt()
+    # A masked site is left out, not multiplied by 0: a NaN or inf there must not reach Gx.
+    kept = values if mask is None else values.masked_fill(mask.unsqueeze(-1), 0.0)
+    sum_sq = kept.square().sum(dim=(1, 2), keepdim=True)
+    # sqrt with the derivative 0 at 0 (an all-zero channel has Gx = 0 and no gradient through it;
+    # sqrt's own derivative there is inf, and inf * 0 is NaN).
+    positive = sum_sq > 0
+    gx = torch.where(positive, torch.where(positive, sum_sq, 1.0).sqrt(), 0.0)
     nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)
     out = gamma.to(compute) * (values * nx) + beta.to(compute) + values
     return out.to(x.dtype)
@@ -84,6 +89,27 @@ def grn_triton_backward(
     return grn_backward(grad_out, x, gamma, beta, mask, eps)
 
 
+def _check_forward_op(x, gamma, beta, mask, eps) -> None:
+    """The forward op's own arguments, as a direct torch.ops call passes them: the public checks
+    (an empty ``mask`` means none)."""
+    check_tensor("mask", mask)
+    _check(x, gamma, beta, eps, None if mask.numel() == 0 and mask.dim() == 1 else mask)
+    for name, param in (("gamma", gamma), ("beta", beta)):
+        if param.dim() != 1:  # the public op passes them reshaped to [C]; the kernels read them so
+            raise ValueError(f"{name} must have shape [{x.shape[3]}] (x's channels), got {list(param.shape)}")
+
+
+def _check_backward_op(grad_out, x, gamma, beta, mask, eps) -> None:
+    """The backward op's own arguments: the forward's, and grad_out of x's shape, dtype and device."""
+    _check_forward_op(x, gamma, beta, mask, eps)
+    check_tensor("grad_out", grad_out)
+    if grad_out.shape != x.shape or grad_out.dtype != x.dtype or grad_out.device != x.device:
+        raise ValueError(
+            f"grad_out must be {x.dtype} of x's shape {list(x.shape)} on {x.device}, got "
+            f"{grad_out.dtype} {list(grad_out.shape)} on {grad_out.device}"
+        )
+
+
 def _forward_fake(x, gamma, beta, mask, eps):
     return x.new_empty(x.shape)
 
@@ -113,6 +139,8 @@ AUTOGRAD = AutogradRule(
     backward=_backward,
     backward_reference=_grn_backward_reference,
     backward_differentiable=(0, 1, 2, 3),
+    forward_check=_check_forward_op,
+    backward_check=_check_backward_op,
 )
 
 

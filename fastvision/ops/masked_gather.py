@@ -24,8 +24,9 @@ from typing import NamedTuple
 
 import torch
 
-from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
+from fastvision.ops._checks import check_dtype, check_index_range, check_same_device, check_tensor
 from fastvision.ops._contract import AutogradRule, KernelBackend, OpCost, OpSpec, define_op, triton_launch
+from fastvision.ops._native_trust import trusted_native_calls
 
 
 class MaskedGather(NamedTuple):
@@ -110,6 +111,35 @@ def masked_gather_triton_backward(
     return masked_gather_backward(grad_values, sites, height, width)
 
 
+def _check_forward_op(x, mask, max_count) -> None:
+    """The forward op's own arguments, as a direct torch.ops call passes them: the public checks."""
+    _check(x, mask, max_count)
+
+
+def _check_backward_op(grad_values, sites, height, width) -> None:
+    """The backward op's own arguments: shapes and types (as csrc/masked_gather_common.h checks them
+    for the C++ ops) and sites in ``[0, H * W)`` or -1 (an empty slot). Only a direct call pays this
+    check's host sync: the public op's backward passes its forward's own sites, unchecked, so the
+    ``max_count`` path stays sync-free."""
+    check_tensor("grad_values", grad_values)
+    check_tensor("sites", sites)
+    check_dtype("grad_values", grad_values)
+    if grad_values.dim() != 3:
+        raise ValueError(f"grad_values must be [B, M, C], got shape {list(grad_values.shape)}")
+    if sites.dtype != torch.int64 or list(sites.shape) != list(grad_values.shape[:2]):
+        raise ValueError(
+            f"sites must be int64 of shape {list(grad_values.shape[:2])} (grad_values' [B, M]), got "
+            f"{sites.dtype} {list(sites.shape)}"
+        )
+    check_same_device(grad_values=grad_values, sites=sites)
+    for name, size in (("height", height), ("width", width)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {size!r}")
+    if height * width > 2**31 - 1:
+        raise ValueError(f"height * width must fit int32, got {height} x {width}")
+    check_index_range("sites", sites, height * width, absent=-1)
+
+
 def _forward_fake(x, mask, max_count):
     batch, channels = x.shape[:2]
     return (
@@ -134,8 +164,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, backward_op, grad_values, _grad_sites, _grad_valid, _grad_counts):
+    # The forward's own sites: the C++ op's range check (a host sync on CUDA) is skipped.
     (sites,) = ctx.saved_tensors
-    return backward_op(grad_values.contiguous(), sites, ctx.height, ctx.width), None, None
+    with trusted_native_calls(grad_values):
+        return backward_op(grad_values.contiguous(), sites, ctx.height, ctx.width), None, None
 
 
 AUTOGRAD = AutogradRule(
@@ -145,6 +177,8 @@ AUTOGRAD = AutogradRule(
     backward=_backward,
     backward_reference=masked_gather_backward_reference,
     backward_differentiable=(0,),
+    forward_check=_check_forward_op,
+    backward_check=_check_backward_op,
 )
 
 

@@ -7,14 +7,22 @@ The semantics and shapes of mamba-ssm's ``selective_scan_fn``: ``u``, ``delta``,
 ``delta_bias`` ``[dim]`` float32. ``delta = softplus(delta + delta_bias)`` when asked; the output is
 multiplied by ``silu(z)`` when ``z`` is given. ``return_last_state`` also returns ``h_L``
 ``[batch, dim, N]`` (float32). Inputs float32, float16 or bfloat16; state and accumulation float32.
+``B`` and ``C`` may differ in form and group count (fixed ``B`` with grouped ``C``, 2 groups of ``B``
+with 1 of ``C``).
 
 Backends: ``reference`` (below: sequential over ``L`` in plain PyTorch), ``cpu``
 (csrc/cpu/selective_scan.cpp: threads over (batch, dim), a sequential scan over ``L`` vectorized
 over ``N``; the backward recomputes the states of one (batch, channel) in a workspace of ``L x N``
-floats per thread) and ``triton`` (triton_kernels/selective_scan.py: chunked scans with the state on
-chip, carried across chunks; the backward recomputes inside chunks from the chunk-boundary states).
+floats per thread), ``triton`` (triton_kernels/selective_scan.py: chunked scans with the state on
+chip, carried across chunks; the backward recomputes inside chunks from the chunk-boundary states) and
+``cuda`` (csrc/cuda/selective_scan.cu: one block per channel, 2048-step chunks in registers, a block
+scan per state; the backward recomputes each chunk from its entering state, gradients reduced in a
+fixed order). ``mamba_ssm`` runs mamba-ssm's ``selective_scan_fn`` where it imports (forced only,
+never chosen automatically; no ``reverse``, no gradient of the last state, its dtype rules).
 Nothing of size ``L x N`` is saved for the backward: the forward ops return the output and the last
-state only.
+state only. ``reverse=True`` runs the recurrence from ``L - 1`` down to 0 in every backend (each kernel
+reads and writes time index ``L - 1 - s`` at its step ``s``): the flipped-input result without flipped
+copies.
 
 The kernel ops take every input as a tensor, with empty tensors for the absent ``D``, ``z`` and
 ``delta_bias`` (op inputs cannot be None), ``B``/``C`` always in the grouped form ``[batch, G, N, L]``
@@ -22,6 +30,8 @@ or the fixed form ``[dim, N]``.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +68,10 @@ def selective_scan_reference(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    reverse: bool = False,
 ):
-    """The definition: a sequential loop over ``L`` in float32 (as mamba-ssm's ``selective_scan_ref``)."""
+    """The definition: a sequential loop over ``L`` in float32 (as mamba-ssm's ``selective_scan_ref``);
+    ``reverse`` walks the steps from ``L - 1`` down to 0 (the last state is then the one after step 0)."""
     dtype = u.dtype
     compute = torch.promote_types(dtype, torch.float32)
     u, delta, A = u.to(compute), delta.to(compute), A.to(compute)
@@ -76,11 +88,11 @@ def selective_scan_reference(
         drive = (delta * u).unsqueeze(-1) * _expand_groups(B.to(compute), dim).transpose(2, 3)
     readout = C.to(compute) if C.dim() == 2 else _expand_groups(C.to(compute), dim).transpose(2, 3)
     h = u.new_zeros((batch, dim, state))
-    ys = []
-    for t in range(length):
+    ys: list[torch.Tensor | None] = [None] * length
+    for t in range(length - 1, -1, -1) if reverse else range(length):
         h = decay[:, :, t] * h + drive[:, :, t]
         c = readout if C.dim() == 2 else readout[:, :, t]
-        ys.append((h * c).sum(-1))
+        ys[t] = (h * c).sum(-1)
     y = torch.stack(ys, dim=2) if ys else u.new_zeros((batch, dim, 0))
     if D is not None:
         y = y + u * D.to(compute)[:, None]
@@ -97,13 +109,15 @@ def _optional(t: torch.Tensor) -> torch.Tensor | None:
     return None if t.numel() == 0 else t
 
 
-def _backward_op_reference(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _backward_op_reference(
+    grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False
+):
     """The backward ops' definition by autograd of the reference (differentiable: the higher-order rule)."""
     compute = torch.promote_types(u.dtype, torch.float32)
     with torch.enable_grad():
         inputs = [leaf(t.to(compute)) for t in (u, delta, A, B, C)]
         optional = [None if t.numel() == 0 else leaf(t.to(compute)) for t in (D, z, delta_bias)]
-        out, last = selective_scan_reference(*inputs, *optional, delta_softplus, True)
+        out, last = selective_scan_reference(*inputs, *optional, delta_softplus, True, reverse)
         wanted = inputs + [t for t in optional if t is not None]
         grads = torch.autograd.grad(
             (out, last), wanted, (grad_out.to(compute), grad_last.to(compute)), create_graph=True,
@@ -116,40 +130,77 @@ def _backward_op_reference(grad_out, grad_last, u, delta, A, B, C, D, z, delta_b
     return (*first, rest[0].to(D.dtype), rest[1].to(z.dtype), rest[2].to(delta_bias.dtype))
 
 
+def _check_kernel_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, grads=None):
+    """The public checks for a direct call of a kernel op (empty ``D``, ``z``, ``delta_bias`` = absent;
+    ``B``/``C`` fixed ``[dim, N]`` or grouped ``[batch, G, N, L]``), and for the backward the shapes of
+    ``grads = (grad_out, grad_last)``: what a kernel relies on to stay in bounds."""
+    for name, bc in (("B", B), ("C", C)):
+        if isinstance(bc, torch.Tensor) and bc.dim() not in (2, 4):
+            raise ValueError(
+                f"{name} of a kernel op must be [dim, N] or [batch, G, N, L], got {list(bc.shape)}"
+            )
+    optional = (_optional(D), _optional(z), _optional(delta_bias))
+    _check(u, delta, A, B, C, *optional, delta_softplus, False, reverse)
+    if grads is None:
+        return
+    grad_out, grad_last = grads
+    expected = (("grad_out", grad_out, u.shape), ("grad_last", grad_last, (*u.shape[:2], A.shape[1])))
+    for name, grad, shape in expected:
+        check_tensor(name, grad)
+        check_dtype(name, grad)
+        if tuple(grad.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(grad.shape)}")
+    check_same_device(u=u, grad_out=grad_out, grad_last=grad_last)
+
+
 @triton_launch("selective_scan_triton_forward")
 def selective_scan_triton_forward(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool,
+    D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool, reverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     from fastvision.triton_kernels.selective_scan import selective_scan_forward
 
-    return selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
 
 @triton_launch("selective_scan_triton_backward")
 def selective_scan_triton_backward(
     grad_out: torch.Tensor, grad_last: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
     B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor,
-    delta_softplus: bool,
+    delta_softplus: bool, reverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:  # fmt: skip
     from fastvision.triton_kernels.selective_scan import selective_scan_backward
 
-    return selective_scan_backward(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return selective_scan_backward(
+        grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
+    )
 
 
-def _forward_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _check_forward_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False) -> None:
+    """The forward op's own arguments, as a direct torch.ops call passes them."""
+    _check_kernel_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+
+
+def _check_backward_op(
+    grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False
+) -> None:
+    """The backward op's own arguments: the forward's and the gradients of both outputs."""
+    _check_kernel_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, (grad_out, grad_last))
+
+
+def _forward_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False):
     return u.new_empty(u.shape), u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=torch.float32)
 
 
-def _backward_fake(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _backward_fake(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False):
     return tuple(t.new_empty(t.shape) for t in (u, delta, A, B, C, D, z, delta_bias))
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, delta_softplus = inputs
+    *tensors, delta_softplus, reverse = inputs
     ctx.save_for_backward(*tensors)
-    ctx.delta_softplus = delta_softplus
+    ctx.delta_softplus, ctx.reverse = delta_softplus, reverse
 
 
 def _backward(ctx, backward_op, grad_out, grad_last):
@@ -159,10 +210,11 @@ def _backward(ctx, backward_op, grad_out, grad_last):
     if grad_last is None:
         grad_last = u.new_zeros((u.shape[0], u.shape[1], A.shape[1]), dtype=torch.float32)
     grads = backward_op(
-        grad_out.contiguous(), grad_last.contiguous(), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus
-    )
+        grad_out.contiguous(), grad_last.contiguous(), u, delta, A, B, C, D, z, delta_bias,
+        ctx.delta_softplus, ctx.reverse,
+    )  # fmt: skip
     inputs = (u, delta, A, B, C, D, z, delta_bias)
-    return (*(g if t.numel() else None for g, t in zip(grads, inputs, strict=True)), None)
+    return (*(g if t.numel() else None for g, t in zip(grads, inputs, strict=True)), None, None)
 
 
 AUTOGRAD = AutogradRule(
@@ -172,6 +224,8 @@ AUTOGRAD = AutogradRule(
     backward=_backward,
     backward_reference=_backward_op_reference,
     backward_differentiable=tuple(range(10)),
+    forward_check=_check_forward_op,
+    backward_check=_check_backward_op,
 )
 
 
@@ -213,7 +267,8 @@ def _check_vector(name: str, value: torch.Tensor | None, dim: int) -> None:
         raise ValueError(f"{name} must have shape [dim] = [{dim}], got {list(value.shape)}")
 
 
-def _check(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+def _check(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+           reverse=False):  # fmt: skip
     check_tensor("u", u)
     check_dtype("u", u)
     if u.dim() != 3:
@@ -240,23 +295,27 @@ def _check(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Fa
     _check_bc("C", C, batch, dim, state, length)
     _check_vector("D", D, dim)
     _check_vector("delta_bias", delta_bias, dim)
-    for name, flag in (("delta_softplus", delta_softplus), ("return_last_state", return_last_state)):
+    flags = (
+        ("delta_softplus", delta_softplus), ("return_last_state", return_last_state), ("reverse", reverse)
+    )  # fmt: skip
+    for name, flag in flags:
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     present = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
     check_same_device(**{k: v for k, v in present.items() if v is not None})
-    return u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+    return u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse
 
 
 def _kernel_form(bc: torch.Tensor) -> torch.Tensor:
     return bc.unsqueeze(1) if bc.dim() == 3 else bc
 
 
-def _run_kernel(forward_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+def _run_kernel(forward_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse):
     empty = u.new_empty((0,), dtype=torch.float32)
     out, last = forward_op(
         u, delta, A, _kernel_form(B), _kernel_form(C), empty if D is None else D,
         u.new_empty((0,)) if z is None else z, empty if delta_bias is None else delta_bias, delta_softplus,
+        reverse,
     )  # fmt: skip
     return (out, last) if return_last_state else out
 
@@ -266,7 +325,9 @@ def selective_scan_onnx():
     ``torch.onnx.export``.
 
     The recurrence is one ONNX ``Scan`` over ``L`` (its body: ``Mul``, ``Add``, ``Identity``), so
-    the graph's size does not depend on the sequence length. Around it: ``Cast`` to float32 and
+    the graph's size does not depend on the sequence length; ``reverse`` sets the Scan's input and
+    output directions to 1 (last step first, states stored back in time order). Around it: ``Cast`` to
+    float32 and
     ``CastLike`` back; ``Add`` (``delta_bias``), ``Softplus``; ``Exp``, ``Mul`` and ``Unsqueeze`` for
     the per-step decay ``exp(delta A)`` and drive ``delta B u``; ``Reshape``/``Expand``/``Transpose``
     (with ``Shape``, ``Concat``, ``Div``) to spread grouped ``B``/``C`` over their channels;
@@ -292,14 +353,29 @@ def selective_scan_onnx():
         )
         return last, states
 
+    def selective_scan_states_reverse(h0, decay, drive):
+        """The same Scan from the last step to the first; states come out in the inputs' time order."""
+
+        @onnxscript.graph()
+        def step(h, a, b):
+            h_next = op.Add(op.Mul(a, h), b)
+            h_out = op.Identity(h_next)
+            return h_next, h_out
+
+        last, states = op.Scan(
+            h0, decay, drive, body=step, num_scan_inputs=2, scan_input_axes=[2, 2], scan_output_axes=[2],
+            scan_input_directions=[1, 1], scan_output_directions=[1],
+        )  # fmt: skip
+        return last, states
+
     # The exporter reads the function's inputs and its two outputs from the annotations; they are set
     # here because onnxscript is imported only when exporting (postponed annotations could not name it).
-    selective_scan_states.__annotations__ = {
-        "h0": FLOAT, "decay": FLOAT, "drive": FLOAT, "return": tuple[FLOAT, FLOAT]
-    }  # fmt: skip
-    selective_scan_states = onnxscript.script(
-        onnxscript.values.Opset("fastvision.onnx", 1), default_opset=op
-    )(selective_scan_states)
+    scripted = []
+    for fn in (selective_scan_states, selective_scan_states_reverse):
+        fn.__annotations__ = {"h0": FLOAT, "decay": FLOAT, "drive": FLOAT, "return": tuple[FLOAT, FLOAT]}
+        domain = onnxscript.values.Opset("fastvision.onnx", 1)
+        scripted.append(onnxscript.script(domain, default_opset=op)(fn))
+    selective_scan_states, selective_scan_states_reverse = scripted
 
     def absent(value) -> bool:
         return value.shape is not None and len(value.shape) == 1 and value.shape[0] == 0
@@ -317,7 +393,9 @@ def selective_scan_onnx():
                          op.Shape(bc, start=2), axis=0)  # fmt: skip
         return op.Transpose(op.Reshape(spread, flat), perm=[0, 1, 3, 2])
 
-    def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool = False):
+    def selective_scan(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool = False, reverse: bool = False
+    ):
         u32, delta = op.Cast(u, to=FLOAT.dtype), op.Cast(delta, to=FLOAT.dtype)
         if not absent(delta_bias):
             delta = op.Add(delta, op.Unsqueeze(delta_bias, [1]))
@@ -328,7 +406,8 @@ def selective_scan_onnx():
         drive = op.Mul(op.Mul(step_delta, op.Unsqueeze(u32, [-1])), per_step(B, u))
         state_shape = op.Concat(op.Shape(u, start=0, end=2), op.Shape(A, start=1, end=2), axis=0)
         h0 = op.ConstantOfShape(state_shape)  # float32 zeros [batch, dim, N]
-        last, states = selective_scan_states(h0, decay, drive)  # states [batch, dim, L, N]
+        scan = selective_scan_states_reverse if reverse else selective_scan_states
+        last, states = scan(h0, decay, drive)  # states [batch, dim, L, N]
         y = op.ReduceSum(op.Mul(states, per_step(C, u)), [-1], keepdims=0)
         if not absent(D):
             y = op.Add(y, op.Mul(u32, op.Unsqueeze(D, [1])))
@@ -340,13 +419,139 @@ def selective_scan_onnx():
     return selective_scan
 
 
+# --- mamba-ssm's selective_scan_fn as a backend (a peer: forced only, never chosen automatically) ---------
+
+
+def _mamba_ssm_fn():
+    """mamba-ssm's ``selective_scan_fn``, or a clear error where it cannot run here."""
+    from fastvision._backend import BackendUnavailableError, mamba_ssm_missing
+
+    missing = mamba_ssm_missing()
+    if missing is not None:
+        raise BackendUnavailableError(f"selective_scan: the mamba_ssm backend needs mamba-ssm: {missing}")
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _mamba_ssm_limits(u, delta, B, C, z, reverse) -> str | None:
+    """What mamba-ssm's kernel cannot take (B/C fixed [dim, N], varying [batch, N, L] or grouped)."""
+    if reverse:
+        return "mamba-ssm's selective_scan_fn has no reverse direction (reverse=True)"
+    if u.numel() == 0:
+        return "mamba-ssm's kernel takes non-empty inputs (batch, dim and L at least 1)"
+    if delta.dtype != u.dtype or (z is not None and z.dtype != u.dtype):
+        return f"mamba-ssm's kernel reads delta and z in u's dtype ({_dtype_name(u)})"
+    for name, bc in (("B", B), ("C", C)):
+        if bc.dim() == 2 and bc.dtype != torch.float32:
+            return f"mamba-ssm's kernel takes fixed {name} in float32, got {_dtype_name(bc)}"
+        if bc.dim() > 2 and bc.dtype != u.dtype:
+            got = _dtype_name(bc)
+            return f"mamba-ssm's kernel reads varying {name} in u's dtype ({_dtype_name(u)}), got {got}"
+    groups_b = 0 if B.dim() == 2 else 1 if B.dim() == 3 else B.shape[1]
+    groups_c = 0 if C.dim() == 2 else 1 if C.dim() == 3 else C.shape[1]
+    if groups_c and groups_c != max(groups_b, 1):
+        return (f"mamba-ssm's kernel reads varying C in B's group count (1 with fixed B): "
+                f"B has {groups_b or 'fixed'}, C has {groups_c}")  # fmt: skip
+    return None
+
+
+def _mamba_ssm_supports(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse):
+    reason = _mamba_ssm_limits(u, delta, B, C, z, reverse)
+    if reason is not None:
+        return reason
+    tracked = any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    if return_last_state and tracked and torch.is_grad_enabled():
+        return ("mamba-ssm's backward ignores the gradient of the last state: return_last_state=True with "
+                "inputs that require grad")  # fmt: skip
+    return None
+
+
+def _check_mamba_forward_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False) -> None:
+    _check_forward_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    reason = _mamba_ssm_limits(u, delta, B, C, _optional(z), reverse)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def _check_mamba_backward_op(
+    grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False
+) -> None:
+    _check_backward_op(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    reason = _mamba_ssm_limits(u, delta, B, C, _optional(z), reverse)
+    if reason is not None:
+        raise ValueError(reason)
+    if bool(grad_last.any()):  # a host read, on direct calls only
+        raise ValueError("grad_last must be zero: mamba-ssm's backward ignores the last state's gradient")
+
+
+def _mamba_optional(D, z, delta_bias):
+    return _optional(D), _optional(z), _optional(delta_bias)
+
+
+@triton_launch("selective_scan_mamba_ssm_forward")
+def selective_scan_mamba_ssm_forward(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool, reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    fn = _mamba_ssm_fn()
+    with torch.no_grad():
+        out, last = fn(u, delta, A, B, C, *_mamba_optional(D, z, delta_bias), delta_softplus, True)
+    return out, last.contiguous()
+
+
+@triton_launch("selective_scan_mamba_ssm_backward")
+def selective_scan_mamba_ssm_backward(
+    grad_out: torch.Tensor, grad_last: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
+    B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor,
+    delta_softplus: bool, reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:  # fmt: skip
+    """mamba-ssm's backward, its forward recomputed (the op pair saves no chunk states between them);
+    ``grad_last`` must be zero (mamba-ssm ignores it)."""
+    fn = _mamba_ssm_fn()
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(True) for t in (u, delta, A, B, C)]
+        optional = [None if t.numel() == 0 else t.detach().requires_grad_(True) for t in (D, z, delta_bias)]
+        out = fn(*inputs, *optional, delta_softplus, False)
+        wanted = inputs + [t for t in optional if t is not None]
+        grads = torch.autograd.grad(out, wanted, grad_out.to(out.dtype), allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(grads, wanted, strict=True)]
+    found = iter(grads[5:])
+    rest = [next(found) if t.numel() else t.new_empty(0) for t in (D, z, delta_bias)]
+    return (*(g.contiguous() for g in grads[:5]), *(g.contiguous() for g in rest))
+
+
+def _run_mamba_ssm(
+    forward_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse
+):
+    """Eagerly mamba-ssm's own autograd function (its forward saves the chunk states that its backward
+    reads: the peer at its own cost); traced by torch.compile / torch.export, the opaque op pair."""
+    if torch.compiler.is_compiling():
+        return _run_kernel(forward_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                           reverse)  # fmt: skip
+    fn = _mamba_ssm_fn()
+    u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
+    z = None if z is None else z.contiguous()
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+MAMBA_SSM_AUTOGRAD = dataclasses.replace(
+    AUTOGRAD, forward_check=_check_mamba_forward_op, backward_check=_check_mamba_backward_op
+)
+
+
 def _triton_supports(u, delta, A, *_):
     if A.shape[1] > 64:
         return f"the triton backend keeps N x chunk states on chip and takes N up to 64, got {A.shape[1]}"
     return None
 
 
-def _cost(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state) -> OpCost:
+def _cost(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse) -> OpCost:
     """Read u, delta, z, B, C and write out once (A, D, delta_bias not counted), plus the float32 last
     state when returned; about 6 FLOPs per step, channel and state (exp, decay, input, readout)."""
     batch, dim, length = u.shape
@@ -373,8 +578,20 @@ SELECTIVE_SCAN = define_op(
                 "selective_scan_triton_forward", "selective_scan_triton_backward", AUTOGRAD,
                 supports=_triton_supports, call=_run_kernel, onnx=selective_scan_onnx,
             ),
+            "cuda": KernelBackend(
+                "selective_scan_forward", "selective_scan_backward", AUTOGRAD, native=True, call=_run_kernel,
+                onnx=selective_scan_onnx,
+            ),
+            # mamba-ssm's selective_scan_fn: forced only (use_backend("mamba_ssm")), for comparison.
+            "mamba_ssm": KernelBackend(
+                "selective_scan_mamba_ssm_forward", "selective_scan_mamba_ssm_backward", MAMBA_SSM_AUTOGRAD,
+                supports=_mamba_ssm_supports, call=_run_mamba_ssm,
+            ),
         },
-        gpu_order=("triton",),
+        # Not yet measured on a GPU: the CUDA kernel goes first, as the other ops' unmeasured CUDA
+        # kernels do (block scans over 2048-step chunks in registers, Triton's scans in [channels,
+        # chunk] tiles); the GPU pass (bench/gpu_pass.sh) decides the order.
+        gpu_order=("cuda", "triton"),
         cpu_order=("cpu",),
         triton_module="fastvision.triton_kernels.selective_scan",
         benchmark_module="fastvision.benchmark.selective_scan",
@@ -393,11 +610,16 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    reverse: bool = False,
 ):
     """Mamba's selective scan with ``selective_scan_fn``'s semantics (see the module docstring).
+
+    ``reverse=True`` scans from the last step to the first, as if every sequence input (``u``,
+    ``delta``, ``z``, varying ``B``/``C``) were flipped along ``L`` and the output flipped back, without
+    making the flipped copies; the last state is then the state after step 0.
 
     Returns:
         ``out [batch, dim, L]`` of ``u``'s dtype, and with ``return_last_state`` also ``h_L
         [batch, dim, N]`` float32.
     """
-    return SELECTIVE_SCAN(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return SELECTIVE_SCAN(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse)

@@ -21,20 +21,25 @@ Backends: ``reference`` (below: unique + scatter_reduce), ``cpu`` (csrc/cpu/spar
 ``sparse_max_pool2d_backward`` (schema in csrc/sparse_max_pool2d.cpp) get, through the op contract
 (``fastvision/ops/_contract.py``), a fake kernel with a data-dependent output size and autograd, so
 torch.compile / torch.export see one opaque op.
-The forward returns, besides the pooled map, the argmax ``[M, C]`` int32 and a ``window_map [N, P]``
-int32 (for each input, the output row of each of the ``P = ceil(ky/sy) * ceil(kx/sx)`` windows that can
-hold it, or -1); the backward gathers with them: no atomics, deterministic, no host synchronization.
+The forward returns, besides the pooled map, the argmax ``[M, C]`` as window offsets
+(``(y - oy*sy) * kx + (x - ox*sx)`` of each max: uint8 for windows of at most 256 sites, so kernel_size
+up to 16, int16 up to 32768, else int32 / int64, :func:`argmax_dtype`), a ``window_map [N, P]`` int32
+(for each input, the output row of each of the ``P = ceil(ky/sy) * ceil(kx/sx)`` windows that can hold
+it, or -1) and ``site_offset [N]`` (each input's offset in the first window that holds it); the backward
+gathers with them: no atomics, deterministic, no host synchronization.
 
-Validation (``ValueError``): the C++ kernels always check that coords are non-negative and in canonical
-order, at no extra cost (the CPU kernel in its first pass over the coords; the CUDA kernel raises a flag
-that it reads back with the output count). ``check_coords=True`` adds, in Python, the check that coords
-lie inside ``spatial_shape`` (when given) and, for the reference backend, the sign and order check; on
-CUDA tensors that costs one host synchronization. It is skipped while torch.compile / torch.export
-trace. With ``check_coords=False`` the reference pools whatever it is given, and the kernels ignore sites
-outside ``spatial_shape`` (no window inside the map holds them).
+Validation (``ValueError``): the C++ kernels always check that coords are non-negative, below 2**62
+and in canonical order, and with ``check_coords=True`` that they lie inside ``spatial_shape`` (when
+given), at no extra cost (the CPU kernel in its first pass over the coords; the CUDA kernel raises
+flags that it reads back with the output count), also while torch.compile / torch.export trace. The
+reference backend checks the same in Python (one host synchronization on CUDA tensors), skipped while
+tracing. With ``check_coords=False`` the reference pools whatever it is given, and the kernels ignore
+sites outside ``spatial_shape`` (no window inside the map holds them).
 
-Host synchronizations: the C++ forward syncs once (for the output count, which sizes the outputs); the
-backward never does.
+Launches and host synchronizations on CUDA: the forward is two kernels (a cooperative planning kernel
+that validates, numbers the output windows and fills the window map; the pooling kernel) and one host
+synchronization (the output count with the error flags, which sizes the outputs); a non-contiguous
+``feats`` adds one copy. The backward is one kernel and never synchronizes.
 
 Bounds: ``kernel_size`` and ``stride`` are at most ``2**31 - 1``, and int64 coordinates below
 ``2**62`` (checked with ``check_coords``), so that window arithmetic never overflows int64.
@@ -48,6 +53,7 @@ import torch
 
 from fastvision.ops._checks import check_dtype, check_same_device, check_tensor
 from fastvision.ops._contract import AutogradRule, KernelBackend, OpCost, OpSpec, define_op
+from fastvision.ops._native_trust import trusted_native_calls
 
 COORD_DTYPES = (torch.int32, torch.int64)
 # Max pooling does no arithmetic, so float64 costs nothing extra (and makes gradcheck possible).
@@ -200,39 +206,72 @@ def _check_coords(coords: torch.Tensor, spatial_shape: tuple[int, int] | None, o
 # --- the C++ ops' fake kernels and autograd, registered by the op contract ---------------------------
 
 
-def _forward_fake(coords, feats, kernel_size, stride, window_limit):
+def argmax_dtype(kernel_size: Sequence[int]) -> torch.dtype:
+    """The dtype of the kernels' argmax (window offsets in ``[0, ky * kx)``): the narrowest that holds
+    them (csrc/sparse_max_pool2d_common.h, ``offset_dtype``)."""
+    area = kernel_size[0] * kernel_size[1]
+    if area <= 256:
+        return torch.uint8
+    if area <= 2**15:
+        return torch.int16
+    return torch.int32 if area <= 2**31 else torch.int64
+
+
+def _forward_fake(coords, feats, kernel_size, stride, window_limit, coord_bound=(-1, -1)):
     m = torch.library.get_ctx().new_dynamic_size()
     slots = _windows_per_input(tuple(kernel_size), tuple(stride))
+    offsets = argmax_dtype(kernel_size)
     return (
         coords.new_empty((m, 3)),
         feats.new_empty((m, feats.shape[1])),
-        feats.new_empty((m, feats.shape[1]), dtype=torch.int32),
+        feats.new_empty((m, feats.shape[1]), dtype=offsets),
         feats.new_empty((feats.shape[0], slots), dtype=torch.int32),
+        feats.new_empty((feats.shape[0],), dtype=offsets),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, argmax, window_map = output
-    ctx.save_for_backward(argmax, window_map)
-    ctx.mark_non_differentiable(output[0], argmax, window_map)
+    _, _, kernel_size, stride, *_ = inputs
+    _, _, argmax, window_map, site_offset = output
+    ctx.save_for_backward(argmax, window_map, site_offset)
+    ctx.geometry = (list(kernel_size), list(stride))
+    ctx.mark_non_differentiable(output[0], argmax, window_map, site_offset)
 
 
-def _backward(ctx, backward_op, grad_coords, grad_feats, grad_argmax, grad_window_map):
-    argmax, window_map = ctx.saved_tensors
-    return None, backward_op(grad_feats, argmax, window_map), None, None, None
+def _backward(ctx, backward_op, grad_coords, grad_feats, *_grad_tables):
+    # The forward's own tables: the C++ op's range check (a host sync on CUDA) is skipped.
+    argmax, window_map, site_offset = ctx.saved_tensors
+    with trusted_native_calls(grad_feats):
+        grad = backward_op(grad_feats.contiguous(), argmax, window_map, site_offset, *ctx.geometry)
+    return None, grad, None, None, None, None
 
 
-def _backward_op_reference(grad_out_feats, argmax, window_map):
-    """The backward ops' definition: each input sums the gradients of the outputs it is the max of.
-    Linear in ``grad_out_feats``, so differentiable through the scatter (the higher-order rule)."""
-    grad = grad_out_feats.new_zeros((window_map.shape[0], grad_out_feats.shape[1]))
-    return grad.scatter_add(0, argmax.long(), grad_out_feats)
+def _backward_op_reference(grad_out_feats, argmax, window_map, site_offset, kernel_size, stride):
+    """The backward ops' definition: each input sums, over the windows that hold it (``window_map``),
+    the gradients of the channels whose argmax is its offset in that window (``site_offset`` shifted
+    by the slot). Linear in ``grad_out_feats``, so differentiable (the higher-order rule)."""
+    kx, (sy, sx) = kernel_size[1], stride
+    n, channels = window_map.shape[0], grad_out_feats.shape[1]
+    grad = grad_out_feats.new_zeros((n, channels))
+    if grad_out_feats.shape[0] == 0 or n == 0:
+        return grad
+    px = -(-kx // sx)
+    ry, rx = site_offset.long() // kx, site_offset.long() % kx
+    for slot in range(window_map.shape[1]):
+        dy, dx = divmod(slot, px)
+        window = window_map[:, slot].long()
+        oy, ox = ry - dy * sy, rx - dx * sx
+        held = (window >= 0) & (oy >= 0) & (ox >= 0)
+        window = window.clamp(min=0)
+        hit = (argmax[window].long() == (oy * kx + ox)[:, None]) & held[:, None]
+        grad = grad + torch.where(hit, grad_out_feats[window], 0)
+    return grad
 
 
 AUTOGRAD = AutogradRule(
     forward_fake=_forward_fake,
-    backward_fake=lambda grad_out_feats, argmax, window_map: grad_out_feats.new_empty(
-        (window_map.shape[0], grad_out_feats.shape[1])
+    backward_fake=lambda grad_out_feats, argmax, window_map, site_offset, kernel_size, stride: (
+        grad_out_feats.new_empty((window_map.shape[0], grad_out_feats.shape[1]))
     ),
     setup_context=_setup_context,
     backward=_backward,
@@ -264,13 +303,13 @@ def _check(
     shape = None if spatial_shape is None else _pair("spatial_shape", spatial_shape)
     slots = _windows_per_input(kernel, step)
     if slots > _INT32_MAX or coords.shape[0] * slots > _INT32_MAX:
-        raise ValueError("N * ceil(ky/sy) * ceil(kx/sx) must fit int32 (the argmax and window map are int32)")
+        raise ValueError("N * ceil(ky/sy) * ceil(kx/sx) must fit int32 (the window map is int32)")
     return coords, feats, kernel, step, shape, bool(check_coords)
 
 
-def _validate(coords, shape, check_coords, order_and_sign):
+def _validate(coords, shape, check_coords):
     if check_coords and not torch.compiler.is_compiling():
-        _check_coords(coords, shape, order_and_sign)
+        _check_coords(coords, shape, order_and_sign=True)
 
 
 def _run_reference(coords, feats, kernel, step, shape, check_coords):
@@ -280,15 +319,16 @@ def _run_reference(coords, feats, kernel, step, shape, check_coords):
             "(its output size depends on the data at every step); the cpu and cuda backends (C++ "
             "extension) can. Build the extension, or run this op eagerly"
         )
-    _validate(coords, shape, check_coords, order_and_sign=True)
+    _validate(coords, shape, check_coords)
     return sparse_max_pool2d_reference(coords, feats, kernel, step, shape)
 
 
 def _run_kernel(forward_op, coords, feats, kernel, step, shape, check_coords):
-    # The C++ kernels check sign and order themselves, without a sync of their own.
-    _validate(coords, shape, check_coords, order_and_sign=False)
+    # The C++ kernels check every coordinate themselves (the spatial_shape bound too, through
+    # coord_bound) in passes they make anyway: no sync of their own besides the output count.
     limit = _geometry(kernel, step, shape)[2]
-    out_coords, out_feats, _, _ = forward_op(coords, feats, list(kernel), list(step), list(limit))
+    bound = list(shape) if check_coords and shape is not None else [-1, -1]
+    out_coords, out_feats, *_ = forward_op(coords, feats, list(kernel), list(step), list(limit), bound)
     return out_coords, out_feats
 
 
@@ -340,9 +380,10 @@ def sparse_max_pool2d(
         stride: window step, an int or (sy, sx); defaults to ``kernel_size``.
         spatial_shape: (H, W) of the map: floor-mode extent like ``F.max_pool2d``; ``None`` keeps
             every window that holds an active site.
-        check_coords: also check in Python that coords lie inside ``spatial_shape`` (and, for the
-            reference backend, their sign and order; the kernels always check those): one host sync on
-            CUDA when there is something to check; skipped while torch.compile/export trace.
+        check_coords: also check that coords lie inside ``spatial_shape``: the kernels in a pass they
+            make anyway (no extra sync); the reference backend in Python, with its sign and order check
+            (which the kernels always make), one host sync on CUDA, skipped while torch.compile/export
+            trace.
 
     Returns:
         ``(out_coords [M, 3], out_feats [M, C])``: ``coords``' and ``feats``' dtypes, canonical order.

@@ -21,7 +21,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastvision.ops._checks import check_attention_inputs, check_scale
+from fastvision.ops._checks import (
+    check_attention_backward,
+    check_attention_inputs,
+    check_float,
+    check_scale,
+)
 from fastvision.ops._contract import (
     AutogradRule,
     KernelBackend,
@@ -30,6 +35,7 @@ from fastvision.ops._contract import (
     define_op,
     leaf,
     triton_launch,
+    without_autocast,
 )
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -49,6 +55,25 @@ def _selection_mask(scores: torch.Tensor, topk: int) -> torch.Tensor:
     return above | (at & (at.cumsum(dim=-1) <= room))
 
 
+_SELECTION_CHUNK = 1 << 24  # elements of the [rows, Nk, D] products summed at a time
+
+
+def _selection_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * q . k`` for the selection, summed over D in one order for every (query, key) pair:
+    identical keys get bit-identical scores, so ties go to the lower index as documented (a matmul's
+    blocking can round the same dot product differently at different key positions)."""
+    batch, heads, num_queries, head_dim = q.shape
+    if num_queries == 0:
+        return q.new_zeros((batch, heads, 0, k.shape[2]))
+    rows = max(1, _SELECTION_CHUNK // max(1, batch * heads * k.shape[2] * head_dim))
+    parts = [
+        (q[:, :, i : i + rows, None, :] * k[:, :, None, :, :]).sum(-1)
+        for i in range(0, num_queries, rows)
+    ]
+    return torch.cat(parts, dim=2) * scale
+
+
+@without_autocast
 def topk_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale: float | None = None
 ) -> torch.Tensor:
@@ -56,8 +81,9 @@ def topk_attention_reference(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     compute = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.to(compute) @ k.to(compute).transpose(-2, -1)) * scale
-    selected = _selection_mask(scores.detach(), topk)
+    q32, k32 = q.to(compute), k.to(compute)
+    scores = (q32 @ k32.transpose(-2, -1)) * scale
+    selected = _selection_mask(_selection_scores(q32.detach(), k32.detach(), scale), topk)
     weights = torch.softmax(scores.masked_fill(~selected, float("-inf")), dim=-1)
     return (weights @ v.to(compute)).to(q.dtype)
 
@@ -140,29 +166,28 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, backward_op, grad_out, _grad_lse, _grad_indices):
     q, k, v, out, lse, indices = ctx.saved_tensors
-    dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, indices, ctx.scale)
+    # The backward op is not differentiable in ``out`` (AUTOGRAD.backward_differentiable): passing it
+    # detached keeps a higher-order gradient from walking back into this forward node, which torch
+    # 2.11 runs with zero gradients after its saved tensors were freed (opcheck's AOT check fails).
+    dq, dk, dv = backward_op(grad_out, q, k, v, out.detach(), lse, indices, ctx.scale)
     return dq, dk, dv, None, None
 
 
-AUTOGRAD = AutogradRule(
-    forward_fake=_forward_fake,
-    backward_fake=_backward_fake,
-    setup_context=_setup_context,
-    backward=_backward,
-    backward_reference=_backward_op_reference,
-    backward_differentiable=(0, 1, 2, 3),
-)
 
 
 # --- public op ------------------------------------------------------------------------------------
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale) -> None:
+def _check_qkv(q, k, v) -> None:
     check_attention_inputs(q, k, v)
     if q.shape[3] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
             f"head dim D (last dim of q, k, v) must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[3]}"
         )
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, scale) -> None:
+    _check_qkv(q, k, v)
     if isinstance(topk, bool) or not isinstance(topk, int):
         raise TypeError(f"topk must be an int, got {type(topk).__name__}")
     if topk < 1:
@@ -175,6 +200,20 @@ def _check(q, k, v, topk, scale=None):
     return q, k, v, topk, float(q.shape[-1] ** -0.5 if scale is None else scale)
 
 
+def _check_forward_op(q, k, v, topk, scale) -> None:
+    """The forward op's own arguments, as a direct torch.ops call passes them."""
+    _check_inputs(q, k, v, topk, scale)
+    check_float("scale", scale)
+
+
+def _check_backward_op(grad_out, q, k, v, out, lse, indices, scale) -> None:
+    """The backward op's own arguments: the forward's, its saved outputs, key indices in [0, Nk)."""
+    _check_qkv(q, k, v)
+    check_float("scale", scale)
+    check_attention_backward(grad_out, q, k, v, out, lse, indices, q.shape[2], k.shape[2])
+
+
+@without_autocast
 def _dense(q, k, v, scale):
     """Every key selected: SDPA, in float32 on CPU tensors (the op promises float32 math)."""
     if q.device.type == "cuda":
@@ -182,6 +221,18 @@ def _dense(q, k, v, scale):
     compute = torch.promote_types(q.dtype, torch.float32)
     out = F.scaled_dot_product_attention(q.to(compute), k.to(compute), v.to(compute), scale=scale)
     return out.to(q.dtype)
+
+
+AUTOGRAD = AutogradRule(
+    forward_fake=_forward_fake,
+    backward_fake=_backward_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    backward_reference=_backward_op_reference,
+    backward_differentiable=(0, 1, 2, 3),
+    forward_check=_check_forward_op,
+    backward_check=_check_backward_op,
+)
 
 
 def _run_selection(forward_op, q, k, v, topk, scale):

@@ -6,7 +6,13 @@ from typing import Any
 
 import torch
 
-from fastvision.sparse.kernel_map import KernelMap, build_kernel_map, check_kernel_size, coords_to_keys
+from fastvision.sparse.kernel_map import (
+    KernelMap,
+    build_kernel_map,
+    check_kernel_size,
+    check_key_range,
+    coords_to_keys,
+)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -29,7 +35,8 @@ class SparseTensor:
             order every op in fastvision.sparse relies on (and produces).
         feats: ``[N, C]`` features, row ``i`` belongs to ``coords[i]``.
         spatial_shape: ``(H, W)``.
-        batch_size: ``B`` (items may have no active site at all).
+        batch_size: ``B`` (items may have no active site at all); ``B * H * W`` is at most ``2**62``
+            (the int64 coordinate keys, :func:`~fastvision.sparse.kernel_map.check_key_range`).
 
     Kernel maps depend only on the coordinates, so they are cached in a dict that
     :meth:`replace_feats` shares: every layer at one resolution builds its map once.
@@ -52,6 +59,7 @@ class SparseTensor:
         spatial_shape = _check_shape_pair("spatial_shape", spatial_shape)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"batch_size must be a non-negative int, got {batch_size!r}")
+        check_key_range(spatial_shape, batch_size)
         if not isinstance(coords, torch.Tensor):
             raise TypeError(f"coords must be a torch.Tensor, got {type(coords).__name__}")
         if not isinstance(feats, torch.Tensor):
@@ -212,7 +220,9 @@ class SparseTensor:
         key = (kernel_size, dilation)
         cached = self._kernel_maps.get(key)
         if cached is None:
-            cached = build_kernel_map(self.coords, self.spatial_shape, kernel_size, dilation)
+            cached = build_kernel_map(
+                self.coords, self.spatial_shape, kernel_size, dilation, batch_size=self.batch_size
+            )
             self._kernel_maps[key] = cached
         return cached
 

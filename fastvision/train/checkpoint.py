@@ -236,6 +236,8 @@ def load_checkpoint(
     (no header) is read too, with the same weights-only loader but without a digest to check.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(path, "is a directory, not a checkpoint file")
     data = path.read_bytes()
     payload = _verified_payload(data, path)
     state = _unpickle(io.BytesIO(data if payload is None else payload), path, map_location)

@@ -1,10 +1,11 @@
-"""``fastvision train`` / ``fastvision evaluate`` sub-commands (wired in by ``fastvision.cli``)."""
+"""``fastvision train`` / ``fastvision evaluate`` sub-commands (wired in by ``fastvision.cli``, which
+turns what they raise into one error line and the exit status: ``UsageError`` 2, a failure 1)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+from pathlib import Path
 
 from fastvision.train.config import AMP_MODES, OPTIMIZERS, SCHEDULERS, TASK_NAMES
 
@@ -16,11 +17,17 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         help="train a registered model",
         description="Train MODEL. Config precedence: model defaults < --config FILE < command-line flags.",
     )
-    train.add_argument("model", metavar="MODEL", help="registered model name")
+    from fastvision.cli import registered_model
+
+    train.add_argument("model", metavar="MODEL", type=registered_model, help="registered model name")
     train.add_argument("--config", metavar="FILE", help="YAML training config (flat or under 'training:')")
     _add_data_device(train)
     train.add_argument("--run-dir", metavar="DIR", help="output folder (default: runs/MODEL)")
-    train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt if it exists")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from RUN_DIR/last.pt (a folder without one starts afresh only when it holds no run)",
+    )
     train.add_argument("--overwrite", action="store_true", help="start over in a run dir that holds a run")
     train.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     train.add_argument(
@@ -77,7 +84,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=run_train)
 
     evaluate = subparsers.add_parser("evaluate", help="test-split metrics of a checkpoint")
-    evaluate.add_argument("model", metavar="MODEL")
+    evaluate.add_argument("model", metavar="MODEL", type=registered_model, help="registered model name")
     evaluate.add_argument("--checkpoint", required=True, metavar="PATH", help="best.pt or last.pt of a run")
     _add_data_device(evaluate)
     evaluate.add_argument("--batch-size", type=int)
@@ -133,8 +140,6 @@ CONFIG_FLAGS = (
 def _validation_display(model_name: str, run_dir: str | None, task: str | None = None):
     """The per-validation display for a model's task: braille digit samples in the terminal for the
     digit tasks, noisy/denoised/clean PNGs under RUN_DIR/figures for the denoiser, none for others."""
-    from pathlib import Path
-
     from fastvision.models import get_model_spec
 
     task = task or get_model_spec(model_name).task
@@ -150,59 +155,69 @@ def _validation_display(model_name: str, run_dir: str | None, task: str | None =
 
 
 def config_from_args(args: argparse.Namespace):
-    """The run's ``TrainConfig``: model defaults < ``--config`` file < command-line overrides."""
+    """The run's ``TrainConfig``: model defaults < ``--config`` file < command-line overrides.
+
+    A value refused in the flags themselves is a ``UsageError`` (exit 2); a problem of the config
+    file (or of the file and the flags together) stays a ``ValueError`` naming it (exit 1).
+    """
+    from fastvision.cli import UsageError
     from fastvision.train.trainer import resolve_config
 
-    return resolve_config(args.model, args.config, **{name: getattr(args, name) for name in CONFIG_FLAGS})
+    flags = {name: getattr(args, name) for name in CONFIG_FLAGS}
+    try:
+        return resolve_config(args.model, args.config, **flags)
+    except ValueError as error:
+        if args.config is None:
+            raise UsageError(str(error)) from None
+        try:
+            resolve_config(args.model, None, **flags)
+        except ValueError as flag_error:
+            raise UsageError(str(flag_error)) from None
+        raise
 
 
-# Errors in what the user gave (config values, data and checkpoint files, a diverging run, a missing
-# optional dependency): the CLI prints their message, which names the field or file, and exits 1.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError)
+def _check_paths(args: argparse.Namespace) -> None:
+    """Paths the command line names that cannot work, before any work starts (usage errors)."""
+    from fastvision.cli import existing_file, existing_folder
 
-
-def _report(command: str, error: BaseException) -> int:
-    print(f"fastvision {command}: error: {error}", file=sys.stderr)
-    return 1
+    existing_folder(args.data_dir, "--data-dir")
+    for flag, name in (("--config", "config"), ("--checkpoint", "checkpoint"), ("--init-from", "init_from")):
+        existing_file(getattr(args, name, None), flag)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    try:
-        return _run_train(args)
-    except USER_ERRORS as error:
-        return _report("train", error)
+    from fastvision.cli import UsageError
+    from fastvision.train.trainer import RunExistsError, train
 
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    try:
-        return _run_evaluate(args)
-    except USER_ERRORS as error:
-        return _report("evaluate", error)
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    from fastvision.train.trainer import train
-
+    _check_paths(args)
     cfg = config_from_args(args)
-    summary = train(
-        args.model,
-        cfg,
-        data_dir=args.data_dir,
-        device=args.device,
-        run_dir=args.run_dir,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        on_validation=None if args.no_viz else _validation_display(args.model, args.run_dir, cfg.task),
-    )
+    try:
+        summary = train(
+            args.model,
+            cfg,
+            data_dir=args.data_dir,
+            device=args.device,
+            run_dir=args.run_dir,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            on_validation=None if args.no_viz else _validation_display(args.model, args.run_dir, cfg.task),
+        )
+    except RunExistsError as error:
+        raise UsageError(error.describe(cli=True)) from None
     shown = ("model", "dataset", "test_metrics", "wall_time_s", "run_dir")
     print(json.dumps({key: summary[key] for key in shown}, indent=2))
     return 0
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
+def run_evaluate(args: argparse.Namespace) -> int:
     from fastvision.train.trainer import evaluate_checkpoint
 
+    _check_paths(args)
+    if args.batch_size is not None and args.batch_size < 1:
+        from fastvision.cli import UsageError
+
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     result = evaluate_checkpoint(
         args.model,
         args.checkpoint,

@@ -36,16 +36,86 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
                 raise TypeError
             return float(value)
         if annotation.startswith("int"):
-            if isinstance(value, bool) or float(value) != int(float(value)):
+            if isinstance(value, bool):
                 raise TypeError
-            return int(float(value))
+            if isinstance(value, int):
+                return value
+            number = float(value)  # "1e3" or 1000.0; an infinity or NaN is no integer
+            if not math.isfinite(number) or number != int(number):
+                raise TypeError
+            return int(number)
         if annotation.startswith("bool") and isinstance(value, bool):
             return value
         if annotation.startswith("str") and isinstance(value, str):
             return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
-    raise ValueError(f"training config key {key!r} expects {annotation}, got {value!r}")
+    raise ValueError(f"training config key {key!r} expects {annotation}, got {_shown(value)}")
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Limits on a config file: it is a short list of options, so anything far larger or deeper is a
+# mistake (or an attack: YAML aliases can expand a few hundred bytes into gigabytes).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 8
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without aliases and with a nesting limit, so that parsing is bounded by
+    the file's size."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not allowed in a training config",
+                event.start_mark,
+            )
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                problem = f"nested more than {MAX_CONFIG_DEPTH} levels deep"
+                raise yaml.composer.ComposerError(None, None, problem, self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    context = getattr(error, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"invalid YAML{where}: {problem}" + (f" ({context})" if context else "")
+
+
+def load_yaml_file(path: str | Path) -> Any:
+    """The parsed contents of a config file: UTF-8 text, at most ``MAX_CONFIG_BYTES``, no aliases,
+    nesting at most ``MAX_CONFIG_DEPTH``; any problem is one ``ValueError`` line naming the file."""
+    path = Path(path)
+    with path.open("rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; not a training config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+            "save the config as UTF-8"
+        ) from None
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506  (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: {_yaml_problem(error)}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply; not a training config") from None
 
 
 @dataclass
@@ -100,20 +170,20 @@ class TrainConfig:
             if value is None and "None" in f.type:
                 continue
             if f.type.startswith("bool"):
-                check(isinstance(value, bool), f"{f.name} must be true or false, got {value!r}")
+                check(isinstance(value, bool), f"{f.name} must be true or false, got {_shown(value)}")
             elif f.type.startswith("int"):
                 check(
                     isinstance(value, numbers.Integral) and not isinstance(value, bool),
-                    f"{f.name} must be an integer, got {value!r}",
+                    f"{f.name} must be an integer, got {_shown(value)}",
                 )
             elif f.type.startswith("float"):
                 check(
                     isinstance(value, numbers.Real) and not isinstance(value, bool),
-                    f"{f.name} must be a number, got {value!r}",
+                    f"{f.name} must be a number, got {_shown(value)}",
                 )
                 check(math.isfinite(value), f"{f.name} must be finite, got {value}")
             elif f.type.startswith("str"):
-                check(isinstance(value, str), f"{f.name} must be a string, got {value!r}")
+                check(isinstance(value, str), f"{f.name} must be a string, got {_shown(value)}")
 
         check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         check(self.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
@@ -187,6 +257,12 @@ class TrainConfig:
 
         Ranges are not checked here: that happens once, on the merged config (``validate``).
         """
+        not_text = [key for key in values if not isinstance(key, str)]
+        if not_text:
+            raise ValueError(
+                f"training config keys must be option names, got {_shown(not_text[0])} "
+                f"({type(not_text[0]).__name__})"
+            )
         unknown = sorted(set(values) - cls.field_names())
         if unknown:
             raise ValueError(
@@ -207,8 +283,8 @@ class TrainConfig:
     def read_yaml(cls, path: str | Path) -> dict[str, Any]:
         """The options of a YAML file (flat or under a top-level ``training:``), type-checked."""
         path = Path(path)
-        with path.open() as f:
-            data = yaml.safe_load(f) or {}
+        data = load_yaml_file(path)
+        data = {} if data is None else data
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of training options, got {type(data).__name__}")
         if set(data) == {"training"} and isinstance(data["training"], dict):

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import io
 import json
 import math
+import os
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,22 +81,185 @@ def check_model_task(model: nn.Module, model_name: str, own_task: str, task: str
         )
 
 
+def check_model_name(state: dict[str, Any], path: str | Path, model_name: str) -> None:
+    if state["model_name"] != model_name:
+        saved = state["model_name"]
+        shown = saved if isinstance(saved, str) else type(saved).__name__
+        raise CheckpointError(path, f"is a checkpoint of {shown!r}, not {model_name!r}")
+
+
+def check_counters(state: dict[str, Any], path: str | Path) -> None:
+    """The counters a checkpoint stores have their types and ranges (a crafted or foreign file
+    could hold a string epoch, a negative step, a best epoch after the last)."""
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    epoch = state["epoch"]
+    if not integer(epoch):
+        shown = f"{type(epoch).__name__} {epoch!r:.40}"
+        raise CheckpointError(path, f"its 'epoch' must be a non-negative integer, got {shown}")
+    checks = [
+        ("global_step", integer, "a non-negative integer"),
+        ("best_epoch", lambda v: v is None or (integer(v) and v <= epoch), f"empty or an integer <= {epoch}"),
+        ("best_score", lambda v: v is None or number(v), "empty or a number"),
+        ("wall_time_s", lambda v: number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ]
+    for key, ok, rule in checks:
+        if key in state and not ok(state[key]):
+            value = state[key]
+            shown = f"{type(value).__name__} {value!r:.40}"
+            raise CheckpointError(path, f"its {key!r} must be {rule}, got {shown}")
+
+
+def checkpoint_config(state: dict[str, Any], path: str | Path) -> TrainConfig:
+    """The training config a checkpoint stores, validated like a config file."""
+    values = state["config"]
+    if not isinstance(values, dict):
+        shown = type(values).__name__
+        raise CheckpointError(path, f"its 'config' is a {shown}, not a mapping of training options")
+    try:
+        return TrainConfig.from_dict(values)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(path, f"its stored training config is unusable: {error}") from None
+
+
 def init_weights(model: nn.Module, path: str | Path, device: torch.device) -> str:
     """Load the weights of a verified checkpoint of the same architecture into ``model``: the EMA
     weights when the checkpoint has them (those validation selected), else the live ones.
     Returns a one-line description of what was loaded."""
     state = load_checkpoint(path, map_location=device, required=WEIGHTS_KEYS)
     use_ema = state["ema"] is not None
-    weights = state["ema"]["module"] if use_ema else state["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        raise ValueError(
-            f"init_from {path}: its weights ({state['model_name']}) do not fit this model: {error}"
-        ) from None
+    what = "the EMA weights" if use_ema else "the weights"
+    load_weights(model, _weights_of(state, path, use_ema), path, what)
     kind = "EMA" if use_ema else "live"
     task = state.get("task", "?")
     return f"{path} ({state['model_name']}, task {task}, epoch {state['epoch']}, {kind} weights)"
+
+
+def _weights_of(state: dict[str, Any], path: str | Path, use_ema: bool) -> Any:
+    """The state dict a checkpoint holds for the live (or the EMA) weights, checked to be one."""
+    if use_ema:
+        ema = state["ema"]
+        if not isinstance(ema, dict) or not isinstance(ema.get("module"), dict):
+            raise CheckpointError(path, "its 'ema' field is not an EMA state (a mapping with 'module')")
+        return ema["module"]
+    if not isinstance(state["model"], dict):
+        raise CheckpointError(path, f"its 'model' field is a {type(state['model']).__name__}, not weights")
+    return state["model"]
+
+
+def load_weights(model: nn.Module, weights: Any, path: str | Path, what: str = "the weights") -> None:
+    """``model.load_state_dict(weights)``, where a mismatch (missing, unexpected or wrong-shape
+    tensors) is one :class:`CheckpointError` line naming the file and the first few differences."""
+    if not isinstance(weights, dict):
+        raise CheckpointError(path, f"{what} are a {type(weights).__name__}, not a state dict")
+    expected = model.state_dict()
+    problems = [f"missing {key!r}" for key in expected if key not in weights]
+    problems += [f"unexpected {key!r}" for key in weights if key not in expected]
+    for key, tensor in expected.items():
+        value = weights.get(key)
+        if key not in weights:
+            continue
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{key!r} is a {type(value).__name__}, not a tensor")
+        elif value.shape != tensor.shape:
+            problems.append(f"{key!r} has shape {tuple(value.shape)}, the model's is {tuple(tensor.shape)}")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise CheckpointError(path, f"{what} do not fit this model ({type(model).__name__}): {shown}")
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(path, f"{what} cannot be loaded: {first}") from None
+
+
+class RunExistsError(FileExistsError):
+    """The run folder already holds a run (or parts of one) and neither resuming nor overwriting it
+    was asked for, or resuming was asked for but there is no ``last.pt`` to resume from."""
+
+    def __init__(self, run_dir: Path, contents: list[str], resume_asked: bool):
+        self.run_dir, self.contents, self.resume_asked = run_dir, contents, resume_asked
+        super().__init__(self.describe(cli=False))
+
+    def describe(self, cli: bool) -> str:
+        resume, overwrite = ("--resume", "--overwrite") if cli else ("resume=True", "overwrite=True")
+        run_dir = "--run-dir" if cli else "run_dir"
+        held = ", ".join(self.contents)
+        if self.resume_asked:
+            return (
+                f"{self.run_dir} holds {held} but no {LAST_CHECKPOINT} to resume from; starting over would "
+                f"replace them: pass {overwrite} to start over, restore {LAST_CHECKPOINT}, or choose another "
+                f"{run_dir}"
+            )
+        return (
+            f"{self.run_dir} already holds a run ({held}); pass {resume} to continue it, {overwrite} to "
+            f"start over, or choose another {run_dir}"
+        )
+
+
+def run_contents(run_dir: Path) -> list[str]:
+    """What of a run a folder holds: its checkpoints (with their epochs), metrics and summary."""
+    held = []
+    for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
+        path = run_dir / name
+        if path.is_symlink() and not path.exists():
+            held.append(f"{name} (a dangling symbolic link to {os.readlink(path)})")
+        elif path.is_dir():
+            held.append(f"{name} (a directory)")
+        elif path.exists():
+            try:
+                epoch = load_checkpoint(path, required=("epoch",))["epoch"]
+                held.append(f"{name} (epoch {epoch})")
+            except (CheckpointError, OSError):
+                held.append(f"{name} (unreadable)")
+    for name in (METRICS_FILE, SUMMARY_FILE):
+        if (run_dir / name).exists():
+            held.append(name)
+    return held
+
+
+def ensure_writable_dir(path: Path, what: str = "run folder") -> None:
+    """Create ``path`` (and its parents) and check that files can be written in it; any problem is
+    one ``OSError`` naming the folder (a regular file in the way, no permission, a full disk)."""
+    for parent in (path, *path.parents):
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise NotADirectoryError(
+                    errno.ENOTDIR, f"cannot create the {what} {path}: {parent} is a file, not a folder"
+                )
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise type(error)(error.errno, f"cannot write in the {what} {path}: {error.strerror}") from None
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The records of a ``metrics.jsonl`` and whether its last line was torn (a write cut short by a
+    kill: it is dropped). A damaged line elsewhere is a ``ValueError`` naming file and line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    records, torn = [], False
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise ValueError("not an epoch record")
+        except ValueError as error:
+            if all(not rest.strip() for rest in lines[number:]):
+                torn = True  # the last line: a partial write
+                break
+            raise ValueError(f"{path}: line {number} is not a metrics record ({error})") from None
+        records.append(record)
+    return records, torn
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -144,6 +311,13 @@ def split_train_val(
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"empty split: {len(train)} train / {len(val)} validation samples")
     return train, val, test
+
+
+def _composition_base(dataset: Dataset) -> Dataset:
+    """The dataset under any ``Subset`` wrappers."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
 
 
 def _composition_source(dataset: Dataset) -> Dataset:
@@ -256,13 +430,7 @@ class Trainer:
         self.ctx, self.device = setup_distributed(device)
         self._log = log if self.ctx.is_main else None
 
-        if not resume and not overwrite and (self.run_dir / LAST_CHECKPOINT).exists():
-            raise FileExistsError(
-                f"{self.run_dir} already holds a run; pass resume=True (--resume) to continue it, "
-                "overwrite=True (--overwrite) to start over, or choose another run dir"
-            )
-
-        if datasets is None:
+        if datasets is None:  # first: a wrong data folder is reported before anything about the run folder
             from fastvision.data import build_dataset
 
             datasets = (
@@ -273,11 +441,17 @@ class Trainer:
         if cfg.shift_augment > 0 and self.task.shifts_images:
             image = self.train_set[0][0]
             cfg.validate_for_images(image.shape[-2], image.shape[-1])
+        self._check_run_dir(resume, overwrite)
         self.redraw_source = _composition_source(self.train_set) if cfg.redraw_each_epoch else None
+        # Per split, the samples it actually uses (after the caps) and where they come from.
+        redrawn = ", redrawn every epoch" if cfg.redraw_each_epoch else ""
+        val_from_test = _composition_base(self.val_set) is _composition_base(datasets[1])
         self.dataset_description = {
-            "train": describe(self.train_set) + (", redrawn every epoch" if cfg.redraw_each_epoch else ""),
-            "val": describe(self.val_set),
-            "test": describe(datasets[1]),
+            "train": f"{len(self.train_set)} samples of {describe(self.train_set)}{redrawn}",
+            "val": f"{len(self.val_set)} samples "
+            + ("of the test split (nothing held out for validation): " if val_from_test else "held out of ")
+            + describe(self.val_set),
+            "test": f"{len(self.test_set)} samples of {describe(self.test_set)}",
         }
 
         # Same seed on every rank for identical initial weights; then per-rank streams for noise/dropout.
@@ -320,6 +494,24 @@ class Trainer:
         self.elapsed_before = 0.0  # wall time of earlier (interrupted) sessions of this run
 
     # ----------------------------------------------------------------------------------------- utils
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """Refuse to replace a run's weights unless asked: a run folder with a checkpoint needs
+        ``overwrite``, or ``resume`` with a usable ``last.pt`` (a best.pt alone is not resumable)."""
+        if overwrite or not self.run_dir.is_dir():
+            return
+        last = self.run_dir / LAST_CHECKPOINT
+        if resume and last.is_symlink() and not last.exists():
+            raise CheckpointError(
+                last, f"is a dangling symbolic link (to {os.readlink(last)}); restore it, or start over"
+            )
+        if resume and last.exists():
+            return
+        contents = run_contents(self.run_dir)
+        # Weights are what a fresh start would lose; metric lines without a checkpoint belong to
+        # epochs that a resume would re-run anyway.
+        if any(item.startswith((LAST_CHECKPOINT, BEST_CHECKPOINT)) for item in contents):
+            raise RunExistsError(self.run_dir, contents, resume_asked=resume)
+
     def log(self, message: str) -> None:
         if self._log is not None:
             self._log(message)
@@ -359,23 +551,36 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device, required=RESUME_KEYS)
-        if state["model_name"] != self.model_name:
-            raise ValueError(f"{path} is a checkpoint of {state['model_name']!r}, not {self.model_name!r}")
-        changed = {k for k, v in state["config"].items() if getattr(self.cfg, k, None) != v}
+        check_model_name(state, path, self.model_name)
+        check_counters(state, path)
+        saved_cfg = checkpoint_config(state, path)
+        changed = {k for k, v in saved_cfg.to_dict().items() if getattr(self.cfg, k, None) != v}
         if changed:
             self.log(f"note: resuming with changed config keys: {', '.join(sorted(changed))}")
-        self.model.load_state_dict(state["model"])
+        load_weights(self.model, _weights_of(state, path, use_ema=False), path)
         if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            restore_scheduler(self.scheduler, state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
+            load_weights(self.ema.module, _weights_of(state, path, use_ema=True), path, "the EMA weights")
+        part = "state"
+        try:
+            part = "optimizer state"
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None and state["ema"] is not None:
+                part = "EMA state"
+                self.ema.load_state_dict(state["ema"])
+            if self.scheduler is not None and state["scheduler"] is not None:
+                part = "scheduler state"
+                restore_scheduler(self.scheduler, state["scheduler"])
+            part = "gradient-scaler state"
+            self.scaler.load_state_dict(state["scaler"])
+            part = "random-number generator state"
+            restore_rng_state(state["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(path, f"its {part} is unusable ({type(error).__name__}: {first})") from None
+        self.start_epoch = state["epoch"]
+        self.global_step = state["global_step"]
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.elapsed_before = float(state["wall_time_s"])
-        restore_rng_state(state["rng"])
         if self.ctx.rank > 0:  # rank 0's streams were saved; keep the other ranks' noise distinct
             torch.manual_seed(self.cfg.seed + self.ctx.rank + 7919 * self.start_epoch)
         self._truncate_metrics(self.start_epoch)
@@ -419,22 +624,23 @@ class Trainer:
         path = self.run_dir / METRICS_FILE
         if not self.ctx.is_main or not path.exists():
             return
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if line and json.loads(line)["epoch"] <= completed_epochs]
-        path.write_text("".join(line + "\n" for line in kept))
+        records, torn = read_metrics(path)
+        if torn:
+            self.log(f"note: dropped the torn last line of {path} (a write cut short)")
+        kept = [record for record in records if record["epoch"] <= completed_epochs]
+        # Atomic: a kill during the rewrite leaves the old file, never an empty one.
+        write_atomic("".join(json.dumps(record) + "\n" for record in kept).encode(), path)
         self._write_metrics_csv()
 
     def _write_metrics_csv(self) -> None:
         """``metrics.csv``: the JSONL records as one table (columns in first-seen order)."""
-        path = self.run_dir / METRICS_FILE
-        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        records, _ = read_metrics(self.run_dir / METRICS_FILE)
         columns = list(dict.fromkeys(key for record in records for key in record))
-        temporary = self.run_dir / (METRICS_CSV + ".tmp")
-        with temporary.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(records)
-        temporary.replace(self.run_dir / METRICS_CSV)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+        write_atomic(table.getvalue().encode(), self.run_dir / METRICS_CSV)
 
     # ------------------------------------------------------------------------------------- training
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
@@ -530,8 +736,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.ctx.is_main:
+            ensure_writable_dir(self.run_dir)  # before an epoch of work is spent
             for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):  # left by a killed save
                 remove_stale_temporaries(self.run_dir / name)
         if self.resume and (self.run_dir / LAST_CHECKPOINT).exists():
@@ -598,7 +803,7 @@ class Trainer:
                 raise CheckpointError(
                     best_path, f"holds epoch {state['epoch']}, but this run's best epoch is {self.best_epoch}"
                 )
-            model.load_state_dict(state["ema"]["module"] if state["ema"] is not None else state["model"])
+            load_weights(model, _weights_of(state, best_path, state["ema"] is not None), best_path)
         elif self.schedule_free:
             self.optimizer.eval()
         test_loader = _loader(self.test_set, self.cfg, self.ctx, self.device, train=False)
@@ -661,15 +866,16 @@ def evaluate_checkpoint(
     spec = get_model_spec(model_name)
     resolved = resolve_device(device)
     state = load_checkpoint(checkpoint, map_location=resolved, required=WEIGHTS_KEYS)
-    if state["model_name"] != model_name:
-        raise ValueError(f"{checkpoint} is a checkpoint of {state['model_name']!r}, not {model_name!r}")
-    cfg = TrainConfig.from_dict(state["config"])
+    check_model_name(state, checkpoint, model_name)
+    check_counters(state, checkpoint)
+    cfg = checkpoint_config(state, checkpoint)
     overrides = {"batch_size": batch_size, "test_samples": test_samples}
     cfg = cfg.replace(**{key: value for key, value in overrides.items() if value is not None})
     task = get_task(cfg.task or spec.task)
     model = create_model(model_name).to(resolved)
-    weights = state["ema"]["module"] if use_ema and state["ema"] is not None else state["model"]
-    model.load_state_dict(weights)
+    use_ema = use_ema and state["ema"] is not None
+    weights = _weights_of(state, checkpoint, use_ema)
+    load_weights(model, weights, checkpoint, "the EMA weights" if use_ema else "the weights")
     if dataset is None:
         from fastvision.data import build_dataset
 
@@ -683,7 +889,7 @@ def evaluate_checkpoint(
         "model": model_name,
         "checkpoint": str(checkpoint),
         "epoch": state["epoch"],
-        "weights": "ema" if weights is not state["model"] else "model",
+        "weights": "ema" if use_ema else "model",
         "dataset": data_description,
         "samples": len(dataset),
         "device": str(resolved),

@@ -1,74 +1,26 @@
-"""NVTX ranges that mark module forwards in Nsight timelines, and ``profile_model``.
+"""``profile_model(name)`` (``fastvision profile MODEL``): torch.profiler over a few training and
+inference steps of a registered model.
 
-Uses ``torch.cuda.nvtx`` where torch has it, else the ``nvtx`` package, else does nothing. Ranges
-are skipped while torch.compile or torch.export trace, so they never cause a graph break. While
-:func:`profile_model` runs, each range is also a ``torch.profiler`` record (so module forwards show
-in its Chrome trace and per-module table); otherwise a range costs nothing beyond the NVTX push.
-
-``profile_model(name)`` (``fastvision profile MODEL``) runs a few training steps (forward, the
-model's task loss on a synthetic batch, backward, optimizer step) and a few inference steps after
-warm-up under ``torch.profiler`` and writes a Chrome trace and a per-op summary (``summary.md``,
-``summary.json``). Each fastvision op call runs inside a ``fastvision.op.<name>`` range and records
-the cost of its arguments (``OpSpec.cost``: bytes and FLOPs of one forward call), so the summary
-gives per op its calls, time, bytes, FLOPs, GB/s and GFLOP/s. On CUDA the same steps then run once more under
-``torch.autograd.profiler.emit_nvtx`` so that Nsight Systems sees every aten op as an NVTX range.
+It runs a few training steps (forward, the model's task loss on a synthetic batch, backward,
+optimizer step) and a few inference steps after warm-up under ``torch.profiler`` and writes a
+Chrome trace and a per-op summary (``summary.md``, ``summary.json``). Each fastvision op call runs
+inside a ``fastvision.op.<name>`` range and records the cost of its arguments (``OpSpec.cost``:
+bytes and FLOPs of one forward call), so the summary gives per op its calls, time, bytes, FLOPs,
+GB/s and GFLOP/s. Module forwards appear through their NVTX ranges
+(``fastvision.profiling.ranges``), which record into the profile while it runs. On CUDA the same
+steps then run once more under ``torch.autograd.profiler.emit_nvtx`` so that Nsight Systems sees
+every aten op as an NVTX range.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Callable, Iterator
+import os
 from pathlib import Path
 
 import torch
 
-
-def _pick_backend() -> tuple[str, Callable[[str], object] | None, Callable[[], object] | None]:
-    try:
-        from torch.cuda import nvtx as torch_nvtx
-
-        torch_nvtx.range_push("fastvision")  # raises on builds without NVTX support
-        torch_nvtx.range_pop()
-        return "torch.cuda.nvtx", torch_nvtx.range_push, torch_nvtx.range_pop
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        import nvtx
-
-        return "nvtx", nvtx.push_range, nvtx.pop_range
-    except ImportError:
-        return "none", None, None
-
-
-NVTX_BACKEND, _push, _pop = _pick_backend()
-
-
-def _tracing() -> bool:
-    compiler = torch.compiler
-    return compiler.is_compiling() or (hasattr(compiler, "is_exporting") and compiler.is_exporting())
-
-
-# Set by profile_model: nvtx_range then also opens a torch.profiler record of the same name.
-_RECORD_FUNCTIONS = False
-
-
-@contextlib.contextmanager
-def nvtx_range(name: str) -> Iterator[None]:
-    """``with nvtx_range("fastvision.GEGLU"):`` marks the enclosed work in a profile."""
-    if (_push is None and not _RECORD_FUNCTIONS) or _tracing():
-        yield
-        return
-    record = torch.profiler.record_function(name) if _RECORD_FUNCTIONS else contextlib.nullcontext()
-    with record:
-        if _push is not None:
-            _push(name)
-        try:
-            yield
-        finally:
-            if _push is not None:
-                _pop()
-
+from fastvision.profiling.ranges import NVTX_BACKEND, nvtx_range, recording_functions
 
 # --------------------------------------------------------------------------------------------------
 # profile_model: torch.profiler over a few training and inference steps of a registered model
@@ -137,7 +89,7 @@ def profile_model(
 ) -> dict:
     """Profile ``steps`` training steps and ``inference_steps`` (default ``steps``) inference steps of
     registered model ``name`` after ``warmup`` of each, and write ``trace.json`` (or ``.json.gz``),
-    ``summary.json`` and ``summary.md`` into ``out`` (default ``profiles/<name>``). Returns the summary.
+    ``summary.json`` and ``summary.md`` into ``out`` (default ``runs/profile/<name>``). Returns the summary.
 
     A training step is forward + the model's task loss on :func:`synthetic_batch` (a surrogate loss
     where the task has none) + backward + the step of the optimizer its training config names; an
@@ -145,7 +97,6 @@ def profile_model(
     """
     import time
 
-    import fastvision.profiling as this
     from fastvision.benchmark.runner import environment
     from fastvision.benchmark.timing import load_average, synchronize
     from fastvision.deploy import tensor_leaves
@@ -166,7 +117,7 @@ def profile_model(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("profile_model: device cuda asked for, but no CUDA device is visible")
-    out = Path(out) if out is not None else Path("profiles") / name
+    out = Path(out) if out is not None else Path("runs") / "profile" / name  # never the committed profiles/
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)
@@ -213,19 +164,20 @@ def profile_model(
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    quiet_kineto_without_gpu()
     load_start = load_average()
     wall_ms: dict[str, float] = {}
     from fastvision.ops._contract import record_op_costs
 
-    this._RECORD_FUNCTIONS = True
-    try:
-        with record_op_costs() as op_costs, torch.profiler.profile(activities=activities) as prof:
-            for phase, run, n in ((_PHASES[0], train_steps, steps), (_PHASES[1], inference, inference_steps)):
-                begin = time.perf_counter()
-                run(n)
-                wall_ms[phase] = (time.perf_counter() - begin) * 1e3 / max(n, 1)
-    finally:
-        this._RECORD_FUNCTIONS = False
+    with (
+        recording_functions(),
+        record_op_costs() as op_costs,
+        torch.profiler.profile(activities=activities) as prof,
+    ):
+        for phase, run, n in ((_PHASES[0], train_steps, steps), (_PHASES[1], inference, inference_steps)):
+            begin = time.perf_counter()
+            run(n)
+            wall_ms[phase] = (time.perf_counter() - begin) * 1e3 / max(n, 1)
     if device.type == "cuda":
         # A pass for Nsight Systems: every aten op as an NVTX range (emit_nvtx cannot share the run
         # with torch.profiler: both are autograd profilers).
@@ -266,6 +218,22 @@ def profile_model(
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(format_summary(summary))
     return summary
+
+
+KINETO_LOG_ENV_VAR = "KINETO_LOG_LEVEL"
+KINETO_SILENT = "6"  # above every level kineto logs at (ERROR is 4, its USDT start/stop marks 5)
+
+
+def quiet_kineto_without_gpu() -> None:
+    """On a machine without a CUDA device, silence the profiler library's (kineto's) log lines.
+
+    A CUDA build of torch without a GPU makes kineto print ``ERROR: ... gpuGetDeviceCount failed
+    with code 35`` (no driver) and two ``profiler_start``/``profiler_stop`` marks on every CPU
+    profile: they concern only its GPU tracer, which a CPU profile does not use. Set before the first
+    profile starts; a ``KINETO_LOG_LEVEL`` the user chose is kept, and with a GPU nothing changes.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault(KINETO_LOG_ENV_VAR, KINETO_SILENT)
 
 
 def _write_trace(prof: torch.profiler.profile, path: Path) -> Path:
