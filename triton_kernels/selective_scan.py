@@ -53,14 +53,24 @@ import triton
 import triton.language as tl
 from fastvision.triton_kernels._launch import KernelLaunch, SpillAllowance, interpreting, kernel_signature
 
-# Local memory found by compiling launch_configs() for sm_90: none in the forward; 8-byte stack frames
-# in the backward at 96 to 168 registers and 16 bytes with fixed B and C in 16-bit dtypes (a few
-# LDL/STL per state and chunk, next to about 600 instructions). To revisit with GPU timings.
+# Local memory found by compiling launch_configs() for sm_90. Triton 3.7 and later: none in the forward;
+# 8-byte stack frames in the backward at 96 to 168 registers and 16 bytes with fixed B and C in 16-bit
+# dtypes (a few LDL/STL per state and chunk, next to about 600 instructions). Triton 3.6 lowers the
+# chunk scan through shared memory at up to 128 registers: 8 bytes in the full 16-bit forward (two
+# LDL/STL per state step of about 170 instructions) and up to 24 in the float32 backward. To revisit
+# with GPU timings.
+_TRITON_3_6 = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7)
 SPILL_ALLOWANCE: dict[str, SpillAllowance] = {
     "selective_scan_backward_kernel": SpillAllowance(
-        16, "8-byte stack frames (16 with fixed B and C in 16-bit dtypes), a few accesses per state and chunk"
+        24 if _TRITON_3_6 else 16,
+        "8-byte stack frames (16 with fixed B and C in 16-bit dtypes; up to 24 in float32 under triton 3.6),"
+        " a few accesses per state and chunk",
     ),
 }
+if _TRITON_3_6:
+    SPILL_ALLOWANCE["selective_scan_forward_kernel"] = SpillAllowance(
+        8, "triton 3.6 only: 8 bytes in the full 16-bit forward, two accesses per state step"
+    )
 # The state loop runs inside the chunk, so N bounds no tile: any N the op takes.
 MAX_STATE = 256
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
@@ -147,7 +157,7 @@ def selective_scan_forward_kernel(
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):  # fmt: skip
     """``out`` like u (not written with ``STATES_ONLY``) and the chunk-entering states ``[batch, dim,
-    num_chunks + 1, N]`` float32 (slot 0 is not written: the zero state; the last slot is h_L)."""
+    num_chunks + 1, N]`` float32 (slot 0 the zero state; the last slot is h_L)."""
     dim_blocks = tl.cdiv(dim, BLOCK_D)
     batch_index = tl.program_id(0) // dim_blocks
     dims = (tl.program_id(0) % dim_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -163,6 +173,11 @@ def selective_scan_forward_kernel(
     enter = dim_ok[:, None] & (steps[None, :] == (BLOCK_L - 1 if REVERSE else 0))
     zero_d = tl.zeros((BLOCK_D,), dtype=tl.float32)
     bias = tl.load(bias_ptr + dims, mask=dim_ok, other=0.0) if HAS_BIAS else zero_d
+    # Slot 0 holds the zero state, so the first chunk folds in its entering state like the others (no
+    # per-chunk condition on the load); the thread that stores each element is the one that loads it.
+    zero_tile = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    for n in range(0, state):
+        tl.store(slots + n, zero_tile, mask=enter)
     for chunk in range(0, num_chunks):
         index = _chunk_index(chunk, steps, length, BLOCK_L, REVERSE)
         both = dim_ok[:, None] & ((index >= 0) & (index < length))[None, :]
@@ -174,16 +189,13 @@ def selective_scan_forward_kernel(
         entering = slots + chunk * state
         b_rows = _state_rows(B_ptr, dims, index, batch_index, length, state, b_per_group, b_groups, B_FIXED)
         c_rows = _state_rows(C_ptr, dims, index, batch_index, length, state, c_per_group, c_groups, C_FIXED)
-        # A tile-wide compare: a scalar condition joined to a 2-D mask is not a mask every release's
-        # interpreter accepts.
-        carried_in = enter & ((zero_l + chunk) > 0)
         for n in range(0, state):
             a2 = tl.load(A_ptr + dims * state + n, mask=dim_ok, other=0.0) * LOG2E
             decay = tl.exp2(dt * a2[:, None])
             drive = dtu * _state_row(b_rows, n, length, dim_ok, both, B_FIXED)
             # The entering state joins the chunk's first step (h_0 = a_0 h + b_0), so no product of decays
             # ever multiplies it: a zero state times an overflowed product would be NaN.
-            h_in = tl.load(entering + n, mask=carried_in, other=0.0)
+            h_in = tl.load(entering + n, mask=enter, other=0.0)
             drive = tl.where(enter, drive + decay * h_in, drive)
             _, h = tl.associative_scan((decay, drive), 1, _combine, reverse=REVERSE)
             # The chunk's last step (identity steps past the end keep the last real state) enters the next.
@@ -261,9 +273,6 @@ def selective_scan_backward_kernel(
         entering = slots + chunk * state
         b_rows = _state_rows(B_ptr, dims, index, batch_index, length, state, b_per_group, b_groups, B_FIXED)
         c_rows = _state_rows(C_ptr, dims, index, batch_index, length, state, c_per_group, c_groups, C_FIXED)
-        # A tile-wide compare: a scalar condition joined to a 2-D mask is not a mask every release's
-        # interpreter accepts.
-        carried_in = enter & ((zero_l + chunk) > 0)
         for n in range(0, state):
             a = tl.load(A_ptr + dims * state + n, mask=dim_ok, other=0.0)
             a2 = a * LOG2E
@@ -271,7 +280,7 @@ def selective_scan_backward_kernel(
             b_val = _state_row(b_rows, n, length, dim_ok, both, B_FIXED)
             drive = dtu * b_val
             # h_t by the scan from the entering state (folded into the first step), as in the forward.
-            h_in = tl.load(entering + n, mask=carried_in, other=0.0)
+            h_in = tl.load(entering + n, mask=enter, other=0.0)
             folded = tl.where(enter, drive + decay * h_in, drive)
             _, h = tl.associative_scan((decay, folded), 1, _combine, reverse=REVERSE)
             c = _state_row(c_rows, n, length, dim_ok, both, C_FIXED)
