@@ -382,6 +382,12 @@ def scan_grid(batch: int, dim: int, tile: Tile) -> tuple[int]:
     return (batch * triton.cdiv(dim, tile.block_d),)
 
 
+def gradient_tile_states(state: int) -> int:
+    """``BLOCK_N`` of the backward's per-state gradient tiles: N rounded up to a power of two, at least 16
+    (smaller tiles would only add configurations)."""
+    return max(16, triton.next_power_of_2(state))
+
+
 def _check_state(state: int) -> None:
     if state > MAX_STATE:
         raise ValueError(f"the triton selective scan takes N up to {MAX_STATE}, got {state}")
@@ -484,7 +490,7 @@ def selective_scan_backward(
             du, ddelta, dz, dA, d_skip, d_bias, dB, dC,
             dim, length, state, *groups, num_chunks,
             **_flags(B, C, D, z, delta_bias, delta_softplus, reverse),
-            BLOCK_D=tile.block_d, BLOCK_L=tile.block_l, BLOCK_N=triton.next_power_of_2(state),
+            BLOCK_D=tile.block_d, BLOCK_L=tile.block_l, BLOCK_N=gradient_tile_states(state),
             num_warps=tile.num_warps,
         )  # fmt: skip
     dB = (dB.sum(0) if B.dim() == 2 else _group_sum(dB, B.shape)).to(B.dtype)
@@ -528,13 +534,14 @@ def launch_configs() -> Iterator[KernelLaunch]:
     """Forward (with the readout, and the states-only pass of the backward) and backward for every
     dtype, fixed or varying B and C, with D, z and delta_bias present, softplus on and reversed (the
     branches that hold the most registers), and the bare forward-direction scan. N is a runtime loop
-    bound; it sizes only the backward's per-state gradient tile (``BLOCK_N``: the benchmark's 16 and
-    the largest, 256)."""
+    bound; it sizes only the backward's per-state gradient tile (``BLOCK_N``, ``gradient_tile_states``:
+    16 to 256)."""
     kernels = [
         (selective_scan_forward_kernel, "states", {"STATES_ONLY": True}),
         (selective_scan_forward_kernel, "forward", {"STATES_ONLY": False}),
     ]
-    kernels += [(selective_scan_backward_kernel, f"backward N<={n}", {"BLOCK_N": n}) for n in (16, MAX_STATE)]
+    gradient_tiles = (16, 32, 64, 128, MAX_STATE)
+    kernels += [(selective_scan_backward_kernel, f"backward N<={n}", {"BLOCK_N": n}) for n in gradient_tiles]
     for dtype, fixed, full, (kernel, name, extra) in itertools.product(
         _DTYPES, (True, False), (False, True), kernels
     ):

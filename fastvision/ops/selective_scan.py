@@ -545,12 +545,6 @@ MAMBA_SSM_AUTOGRAD = dataclasses.replace(
 )
 
 
-def _triton_supports(u, delta, A, *_):
-    if A.shape[1] > 64:
-        return f"the triton backend keeps N x chunk states on chip and takes N up to 64, got {A.shape[1]}"
-    return None
-
-
 def _cost(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse) -> OpCost:
     """Read u, delta, z, B, C and write out once (A, D, delta_bias not counted), plus the float32 last
     state when returned; about 6 FLOPs per step, channel and state (exp, decay, input, readout)."""
@@ -576,7 +570,7 @@ SELECTIVE_SCAN = define_op(
             ),
             "triton": KernelBackend(
                 "selective_scan_triton_forward", "selective_scan_triton_backward", AUTOGRAD,
-                supports=_triton_supports, call=_run_kernel, onnx=selective_scan_onnx,
+                call=_run_kernel, onnx=selective_scan_onnx,
             ),
             "cuda": KernelBackend(
                 "selective_scan_forward", "selective_scan_backward", AUTOGRAD, native=True, call=_run_kernel,
