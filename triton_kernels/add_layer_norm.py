@@ -58,8 +58,12 @@ _INTERPRETER_ELEMENTS = 65536
 # Narrowest column block: shorter rows share one tile class.
 MIN_BLOCK_N = 16
 
-# Nothing spills at any configuration the launchers choose (checked for sm_90 by launch_configs()).
-SPILL_ALLOWANCE: dict[str, SpillAllowance] = {}
+# Local memory found by compiling every configuration of launch_configs() for sm_90: an 8-byte frame
+# (2 to 4 LDL/STL in the whole kernel) in 9 backward tiles with parameter gradients, mostly at 16 warps
+# and 64 registers; nothing in the forward.
+SPILL_ALLOWANCE: dict[str, SpillAllowance] = {
+    "add_layer_norm_backward_kernel": SpillAllowance(8, "an 8-byte frame, 2 to 4 accesses, in 9 tiles"),
+}
 
 
 @triton.jit

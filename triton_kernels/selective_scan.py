@@ -54,17 +54,15 @@ import triton.language as tl
 from fastvision.triton_kernels._launch import KernelLaunch, SpillAllowance, interpreting, kernel_signature
 
 # Local memory found by compiling launch_configs() for sm_90. Triton 3.7 and later: none in the forward;
-# 8-byte stack frames in the backward at 96 to 168 registers and 16 bytes with fixed B and C in 16-bit
-# dtypes (a few LDL/STL per state and chunk, next to about 600 instructions). Triton 3.6 lowers the
-# chunk scan through shared memory at up to 128 registers: 8 bytes in the full 16-bit forward (two
-# LDL/STL per state step of about 170 instructions) and up to 24 in the float32 backward. To revisit
+# 8 to 24-byte stack frames in the backward at 96 to 168 registers (24 with 16-bit varying B and C at
+# gradient tiles of 32 to 128 states; a few LDL/STL per state and chunk, next to about 600
+# instructions). Triton 3.6 lowers the chunk scan through shared memory at up to 128 registers: also 8
+# bytes in the full 16-bit forward (two LDL/STL per state step of about 170 instructions). To revisit
 # with GPU timings.
 _TRITON_3_6 = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7)
 SPILL_ALLOWANCE: dict[str, SpillAllowance] = {
     "selective_scan_backward_kernel": SpillAllowance(
-        24 if _TRITON_3_6 else 16,
-        "8-byte stack frames (16 with fixed B and C in 16-bit dtypes; up to 24 in float32 under triton 3.6),"
-        " a few accesses per state and chunk",
+        24, "8 to 24-byte stack frames, a few accesses per state and chunk"
     ),
 }
 if _TRITON_3_6:
@@ -514,6 +512,7 @@ def _benchmark_launch(kernel, constexprs: dict) -> dict[str, int]:
     values.update(dim=dim, length=length, state=state, b_per_group=dim, b_groups=1, c_per_group=dim,
                   c_groups=1, num_chunks=length // constexprs["BLOCK_L"])  # fmt: skip
     return {k: v for k, v in values.items() if k in kernel.arg_names}
+
 
 _DTYPES = ("fp32", "fp16", "bf16")
 _ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
