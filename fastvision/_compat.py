@@ -2,7 +2,8 @@
 
 ``TESTED`` is the range that ``pyproject.toml`` declares (the oldest tested release to the newest
 tested release, by major.minor): torch 2.11 with triton 3.6 is the GPU machine's stack, torch 2.14
-with triton 3.8 the development stack; CI runs the suite on both. Outside the range the package may
+with triton 3.8 the development stack (CI runs the suite on both), torch 2.15 with triton 3.9 the newest
+release (the suite and the kernel budget run on it by hand: README, "Supported versions"). Outside the range the package may
 well work, but nothing has checked it.
 """
 
@@ -14,8 +15,8 @@ import re
 
 # package -> (oldest tested, newest tested), as (major, minor); keep in step with pyproject.toml.
 TESTED: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
-    "torch": ((2, 11), (2, 14)),
-    "triton": ((3, 6), (3, 8)),
+    "torch": ((2, 11), (2, 15)),
+    "triton": ((3, 6), (3, 9)),
 }
 
 # Triton releases whose interpreter (TRITON_INTERPRET=1) fails on numpy from this release on: under

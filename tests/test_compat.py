@@ -66,7 +66,8 @@ def test_parse_version_rejects_a_non_string():
 
 @pytest.mark.parametrize(
     "torch_version, triton_version",
-    [("2.11.0+cu130", "3.6.0"), ("2.14.1+cu130", "3.8.0"), ("2.12.0", "3.7.1"), ("2.13.0+cpu", None)],
+    [("2.11.0+cu130", "3.6.0"), ("2.14.1+cu130", "3.8.0"), ("2.15.0+cu132", "3.9.0"), ("2.12.0", "3.7.1"),
+     ("2.13.0+cpu", None)],
 )
 def test_inside_the_range_no_warning(torch_version, triton_version):
     versions = {"torch": torch_version, "triton": triton_version, "numpy": "2.3.5"}
@@ -76,7 +77,7 @@ def test_inside_the_range_no_warning(torch_version, triton_version):
 
 @pytest.mark.parametrize(
     "package, version",
-    [("torch", "2.10.0"), ("torch", "2.15.0"), ("torch", "3.0.0"), ("triton", "3.5.1"), ("triton", "3.9.0"),
+    [("torch", "2.10.0"), ("torch", "2.16.0"), ("torch", "3.0.0"), ("triton", "3.5.1"), ("triton", "3.10.0"),
      ("torch", "nightly")],
 )  # fmt: skip
 def test_outside_the_range_warns(package, version):
