@@ -12,6 +12,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace fastvision {
 
@@ -40,8 +41,10 @@ inline MaskedGatherOutputs masked_gather_check_and_allocate(const at::Tensor& x,
           at::empty({batch, max_count}, x.options().dtype(at::kBool)), at::empty({batch}, index_options)};
 }
 
+// The gradient of x, [B, C, H, W]: zero-filled, or uninitialized with zeroed = false (a kernel that
+// writes every element).
 inline at::Tensor masked_gather_backward_check_and_allocate(const at::Tensor& grad_values, const at::Tensor& sites,
-                                                            int64_t height, int64_t width) {
+                                                            int64_t height, int64_t width, bool zeroed = true) {
   TORCH_CHECK(grad_values.dim() == 3, "masked_gather_backward: grad_values must be [B, M, C]");
   TORCH_CHECK(sites.scalar_type() == at::kLong && sites.dim() == 2 && sites.size(0) == grad_values.size(0) &&
                   sites.size(1) == grad_values.size(1),
@@ -51,7 +54,8 @@ inline at::Tensor masked_gather_backward_check_and_allocate(const at::Tensor& gr
   constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
   TORCH_CHECK_VALUE(height <= kInt32Max && width <= kInt32Max && (width == 0 || height <= kInt32Max / width),
                     "masked_gather_backward: height * width must fit int32, got ", height, " x ", width);
-  return at::zeros({grad_values.size(0), grad_values.size(2), height, width}, grad_values.options());
+  const std::vector<int64_t> shape = {grad_values.size(0), grad_values.size(2), height, width};
+  return zeroed ? at::zeros(shape, grad_values.options()) : at::empty(shape, grad_values.options());
 }
 
 // Sites in [0, H * W), or -1 (an empty slot): always on the CPU, on direct calls only on CUDA.

@@ -3,8 +3,8 @@
 ``TESTED`` is the range that ``pyproject.toml`` declares (the oldest tested release to the newest
 tested release, by major.minor): torch 2.11 with triton 3.6 is the GPU machine's stack, torch 2.14
 with triton 3.8 the development stack (CI runs the suite on both), torch 2.15 with triton 3.9 the newest
-release (the suite and the kernel budget run on it by hand: README, "Supported versions"). Outside the range the package may
-well work, but nothing has checked it.
+release (the suite and the kernel budget run on it by hand: README, "Supported versions"). Outside
+the range the package may well work, but nothing has checked it.
 """
 
 from __future__ import annotations

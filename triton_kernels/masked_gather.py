@@ -8,9 +8,10 @@
 2. ``masked_gather_values_kernel``: programs over (slot blocks of all samples, channel blocks)
    read ``x[b, c, h, w]`` through its strides (any layout, channels-last included) and write
    ``values[b, m, c]``, zeros for empty slots.
-3. ``masked_gather_scatter_kernel`` (backward): the same tiles, writing each valid slot's gradient
-   at its site of a zero-filled ``[B, C, H, W]``; every site belongs to at most one slot, so plain
-   stores suffice.
+3. backward: ``slot_of_site [B, H W + 1]`` int32 (-1 where no slot holds the site; the last column
+   takes the empty slots) from the slot table by one ``scatter_``, then ``masked_gather_grad_kernel``
+   writes every element of ``grad_x [B, C, H, W]`` once, along sites, from its slot's gradient or 0:
+   no zero-fill of the whole gradient followed by scattered narrow stores.
 
 Bytes moved, forward: the mask once (``B H W``), the gathered elements once (``B M C e``), the
 outputs once (``B M (C e + 8 + 1)``) and the slot table twice (``16 B M``).
@@ -82,22 +83,27 @@ def masked_gather_values_kernel(
 
 
 @triton.jit
-def masked_gather_scatter_kernel(
-    grad_values_ptr, sites_ptr, grad_x_ptr,
-    total_slots, max_count, channels, num_sites,
+def masked_gather_grad_kernel(
+    grad_values_ptr, slot_of_site_ptr, grad_x_ptr,
+    num_sites, max_count, channels,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    """``grad_x[b, c, site]`` for ``BLOCK_S`` consecutive sites of one sample by ``BLOCK_C`` channels:
+    the gradient of the site's slot, 0 where no slot holds the site. Every element is written once:
+    the store runs along sites (contiguous in ``[B, C, H, W]``), the load of ``grad_values`` along
+    channels (contiguous in ``[B, M, C]``)."""
+    site_tiles = tl.cdiv(num_sites, BLOCK_S)
+    b = (tl.program_id(0) // site_tiles).to(tl.int64)
+    sites = (tl.program_id(0) % site_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    slot_ok = slots < total_slots
+    site_ok = sites < num_sites
     col_ok = cols < channels
-    site = tl.load(sites_ptr + slots, mask=slot_ok, other=-1)
-    # A site outside [0, H * W) (-1: an empty slot; anything else: a bad table) writes nothing.
-    present = ((site >= 0) & (site < num_sites))[:, None] & col_ok[None, :]
-    grad = tl.load(grad_values_ptr + slots[:, None] * channels + cols[None, :], mask=present, other=0.0)
-    b = slots // max_count
-    target = grad_x_ptr + (b * channels * num_sites + site)[:, None] + cols[None, :].to(tl.int64) * num_sites
-    tl.store(target, grad, mask=present)
+    slot = tl.load(slot_of_site_ptr + b * (num_sites + 1) + sites, mask=site_ok, other=-1)
+    present = (slot >= 0)[:, None] & col_ok[None, :]
+    source = grad_values_ptr + ((b * max_count + slot) * channels)[:, None] + cols[None, :]
+    grad = tl.load(source, mask=present, other=0.0)
+    target = grad_x_ptr + b * channels * num_sites + cols[None, :].to(tl.int64) * num_sites + sites[:, None]
+    tl.store(target, grad, mask=site_ok[:, None] & col_ok[None, :])
 
 
 # --- tile choice (shared by the launchers and launch_configs) --------------------------------------
@@ -139,6 +145,12 @@ def gather_grid(batch: int, max_count: int, channels: int, interpret: bool = Fal
     return (triton.cdiv(batch * max_count, tile.block_s), triton.cdiv(channels, tile.block_c))
 
 
+def grad_grid(batch: int, num_sites: int, channels: int, interpret: bool = False) -> tuple[int, int]:
+    """Site blocks of all samples on axis 0, channel blocks on axis 1 (as ``gather_grid``)."""
+    tile = gather_tile(channels, interpret)
+    return (batch * triton.cdiv(num_sites, tile.block_s), triton.cdiv(channels, tile.block_c))
+
+
 # --- launchers ---------------------------------------------------------------------------------------
 
 
@@ -174,16 +186,23 @@ def masked_gather_forward(
 def masked_gather_backward(
     grad_values: torch.Tensor, sites: torch.Tensor, height: int, width: int
 ) -> torch.Tensor:
-    """The gradient of ``x``: contiguous ``[B, C, H, W]``, zero except at gathered sites."""
+    """The gradient of ``x``: contiguous ``[B, C, H, W]``, zero except at gathered sites. A site outside
+    ``[0, H * W)`` (-1: an empty slot) is no site's slot."""
     batch, max_count, channels = grad_values.shape
-    grad_x = grad_values.new_zeros((batch, channels, height, width))
-    if grad_x.numel() == 0 or max_count == 0:
-        return grad_x
-    grad_values = grad_values.contiguous()
+    num_sites = height * width
+    if batch * channels * num_sites == 0 or max_count == 0:
+        return grad_values.new_zeros((batch, channels, height, width))
+    if max_count > 2**31 - 1:
+        raise ValueError(f"masked_gather takes at most 2**31 - 1 slots per sample, got {max_count}")
+    grad_x = grad_values.new_empty((batch, channels, height, width))
+    in_range = (sites >= 0) & (sites < num_sites)
+    slot_of_site = torch.full((batch, num_sites + 1), -1, dtype=torch.int32, device=sites.device)
+    slot_ids = torch.arange(max_count, dtype=torch.int32, device=sites.device).expand(batch, max_count)
+    slot_of_site.scatter_(1, torch.where(in_range, sites, num_sites), slot_ids)
     interpret = interpreting()
     tile = gather_tile(channels, interpret)
-    masked_gather_scatter_kernel[gather_grid(batch, max_count, channels, interpret)](
-        grad_values, sites.contiguous(), grad_x, batch * max_count, max_count, channels, height * width,
+    masked_gather_grad_kernel[grad_grid(batch, num_sites, channels, interpret)](
+        grad_values.contiguous(), slot_of_site, grad_x, num_sites, max_count, channels,
         BLOCK_S=tile.block_s, BLOCK_C=tile.block_c, num_warps=tile.num_warps,
     )  # fmt: skip
     return grad_x
@@ -194,8 +213,21 @@ def masked_gather_backward(
 _DTYPES = ("fp32", "fp16", "bf16")
 
 
+def _benchmark_gradient_launch(constexprs: dict) -> dict[str, int]:
+    """The gradient kernel's argument values at the benchmark's size (batch 256, 64 channels, 64 x 64
+    sites, M = 2458 slots: a 60 % mask) on contiguous tensors, as Triton specializes that launch:
+    pointers 16-byte aligned, ``num_sites`` and ``channels`` multiples of 16 (its stores along sites can
+    then be 16-byte vectors), ``max_count`` not."""
+    values = dict.fromkeys(("grad_values_ptr", "slot_of_site_ptr", "grad_x_ptr"), 16)
+    values.update(num_sites=64 * 64, max_count=2458, channels=64)
+    return values
+
+
+LAUNCH_SPECIALIZATION = {"masked_gather_grad_kernel": _benchmark_gradient_launch}
+
+
 def launch_configs() -> Iterator[KernelLaunch]:
-    """The scan kernel, and the gather and scatter kernels at the tile of every channel class
+    """The scan kernel, and the gather and gradient kernels at the tile of every channel class
     (powers of two up to the widest channel block), for every dtype."""
     block = scan_block()
     yield KernelLaunch(
@@ -212,9 +244,10 @@ def launch_configs() -> Iterator[KernelLaunch]:
         constexprs = {"BLOCK_S": tile.block_s, "BLOCK_C": tile.block_c}
         for dtype in _DTYPES:
             pointers = {"x_ptr": f"*{dtype}", "values_ptr": f"*{dtype}", "sites_ptr": "*i64",
-                        "grad_values_ptr": f"*{dtype}", "grad_x_ptr": f"*{dtype}"}  # fmt: skip
-            label = f"{dtype} C<={tile.block_c} slots={tile.block_s}"
-            for kernel in (masked_gather_values_kernel, masked_gather_scatter_kernel):
+                        "grad_values_ptr": f"*{dtype}", "slot_of_site_ptr": "*i32",
+                        "grad_x_ptr": f"*{dtype}"}  # fmt: skip
+            label = f"{dtype} C<={tile.block_c} slots/sites={tile.block_s}"
+            for kernel in (masked_gather_values_kernel, masked_gather_grad_kernel):
                 signature = kernel_signature(kernel, constexprs, pointers)
                 yield KernelLaunch(kernel, signature, constexprs, tile.num_warps, label=label,
                                    tags={"dtype": dtype, "channels": channels})  # fmt: skip

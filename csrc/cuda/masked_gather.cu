@@ -5,11 +5,16 @@
 //   2. gather: a 2-D block of (channel lanes x slots) per tile of slots: for channels-last x the lanes
 //      read consecutive channels of one site (coalesced); for NCHW they still read one channel plane
 //      per lane, in site order.
-//   3. backward: the same tiles write each valid slot's gradient at its site of a zero [B, C, H, W].
+//   3. backward: a site-to-slot map (one scatter_ of the slot table), then tiles of (32 sites x 32
+//      channels) write every element of grad_x once, staged through shared memory so that the reads
+//      run along channels and the writes along sites.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/where.h>
 #include <torch/library.h>
 
 #include <cuda_runtime.h>
@@ -26,6 +31,9 @@ constexpr int kScanThreads = 512;
 constexpr int kWarps = kScanThreads / 32;
 constexpr int kChannelLanes = 32;
 constexpr int kSlotsPerBlock = 8;
+constexpr int kGradSites = 32;
+constexpr int kGradChannels = 32;
+constexpr int kGradRows = 8;
 
 __global__ void __launch_bounds__(kScanThreads)
 masked_gather_scan_kernel(const bool* __restrict__ mask, int64_t num_sites, int64_t max_count,
@@ -84,19 +92,36 @@ masked_gather_values_kernel(const T* __restrict__ x, const int64_t* __restrict__
   }
 }
 
+// One tile of kGradSites consecutive sites of one sample by kGradChannels channels: lanes read each
+// site's slot row along channels (contiguous in [B, M, C]) into shared memory, then write the tile
+// along sites (contiguous in [B, C, H, W]); every element of grad_x is written once, 0 where no slot
+// holds the site.
 template <typename T>
-__global__ void __launch_bounds__(kChannelLanes * kSlotsPerBlock)
-masked_gather_scatter_kernel(const T* __restrict__ grad_values, const int64_t* __restrict__ sites,
-                             T* __restrict__ grad_x, int64_t total_slots, int64_t max_count, int64_t channels,
-                             int64_t num_sites) {
-  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kSlotsPerBlock + threadIdx.y;
-  if (slot >= total_slots) return;
-  const int64_t site = sites[slot];
-  if (site < 0 || site >= num_sites) return;
-  const int64_t b = slot / max_count;
-  T* target = grad_x + b * channels * num_sites + site;
-  const T* grad = grad_values + slot * channels;
-  for (int64_t c = threadIdx.x; c < channels; c += kChannelLanes) target[c * num_sites] = grad[c];
+__global__ void __launch_bounds__(kGradSites * kGradRows)
+masked_gather_grad_kernel(const T* __restrict__ grad_values, const int32_t* __restrict__ slot_of_site,
+                          T* __restrict__ grad_x, int64_t num_sites, int64_t max_count, int64_t channels,
+                          int64_t site_tiles) {
+  __shared__ T tile[kGradChannels][kGradSites + 1];  // +1: the column reads hit distinct banks
+  __shared__ int32_t slots[kGradSites];
+  const int64_t b = blockIdx.x / site_tiles;
+  const int64_t site0 = (blockIdx.x % site_tiles) * kGradSites;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kGradChannels;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  if (ty == 0) {
+    const int64_t s = site0 + tx;
+    slots[tx] = s < num_sites ? slot_of_site[b * (num_sites + 1) + s] : -1;
+  }
+  __syncthreads();
+  for (int i = ty; i < kGradSites; i += kGradRows) {
+    const int32_t slot = slots[i];
+    const int64_t c = c0 + tx;
+    tile[tx][i] = slot >= 0 && c < channels ? grad_values[(b * max_count + slot) * channels + c] : T(0);
+  }
+  __syncthreads();
+  for (int j = ty; j < kGradChannels; j += kGradRows) {
+    const int64_t c = c0 + j, s = site0 + tx;
+    if (c < channels && s < num_sites) grad_x[(b * channels + c) * num_sites + s] = tile[j][tx];
+  }
 }
 
 unsigned slot_blocks(int64_t total_slots) {
@@ -134,20 +159,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_gather_forward
 at::Tensor masked_gather_backward_cuda(const at::Tensor& grad_values, const at::Tensor& sites, int64_t height,
                                        int64_t width) {
   const c10::cuda::CUDAGuard guard(grad_values.device());
-  at::Tensor grad_x = masked_gather_backward_check_and_allocate(grad_values, sites, height, width);
+  at::Tensor grad_x = masked_gather_backward_check_and_allocate(grad_values, sites, height, width, false);
   const int64_t batch = grad_values.size(0), max_count = grad_values.size(1), channels = grad_values.size(2);
-  const int64_t total_slots = batch * max_count;
-  masked_gather_check_sites(sites, height * width);
-  if (grad_x.numel() == 0 || total_slots == 0) return grad_x;
-  TORCH_CHECK(total_slots / kSlotsPerBlock < 2147483647LL, "masked_gather: too many slots for one launch");
-  const at::Tensor grad = grad_values.contiguous();
+  const int64_t num_sites = height * width;
+  TORCH_CHECK(max_count <= 2147483647LL, "masked_gather: at most 2**31 - 1 slots per sample");
+  masked_gather_check_sites(sites, num_sites);
+  if (grad_x.numel() == 0) return grad_x;
+  if (max_count == 0) return grad_x.zero_();
+  const int64_t site_tiles = (num_sites + kGradSites - 1) / kGradSites;
+  const int64_t channel_tiles = (channels + kGradChannels - 1) / kGradChannels;
+  TORCH_CHECK(batch * site_tiles <= 2147483647LL, "masked_gather: too many sites for one launch");
+  TORCH_CHECK(channel_tiles <= 65535, "masked_gather: at most ", 65535 * kGradChannels, " channels");
+  // The slot of each site (-1: none); slots whose site is outside [0, H W) land in the last column.
   const at::Tensor slot_sites = sites.contiguous();
+  const at::Tensor in_range = slot_sites.ge(0).logical_and_(slot_sites.lt(num_sites));
+  at::Tensor slot_of_site = at::full({batch, num_sites + 1}, -1, sites.options().dtype(at::kInt));
+  slot_of_site.scatter_(1, at::where(in_range, slot_sites, num_sites),
+                        at::arange(max_count, sites.options().dtype(at::kInt)).expand({batch, max_count}));
+  const at::Tensor grad = grad_values.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 block(kChannelLanes, kSlotsPerBlock);
+  const dim3 grid(static_cast<unsigned>(batch * site_tiles), static_cast<unsigned>(channel_tiles));
+  const dim3 block(kGradSites, kGradRows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "masked_gather_backward_cuda", [&] {
-    masked_gather_scatter_kernel<scalar_t><<<slot_blocks(total_slots), block, 0, stream>>>(
-        grad.const_data_ptr<scalar_t>(), slot_sites.const_data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(),
-        total_slots, max_count, channels, height * width);
+    masked_gather_grad_kernel<scalar_t><<<grid, block, 0, stream>>>(
+        grad.const_data_ptr<scalar_t>(), slot_of_site.const_data_ptr<int32_t>(), grad_x.data_ptr<scalar_t>(),
+        num_sites, max_count, channels, site_tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_x;
