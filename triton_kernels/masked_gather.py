@@ -65,8 +65,13 @@ def masked_gather_values_kernel(
     x_ptr, sites_ptr, values_ptr,
     total_slots, max_count, channels, width,
     x_stride_b, x_stride_c, x_stride_h, x_stride_w,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SLOT_LANES: tl.constexpr,
 ):  # fmt: skip
+    """``values[b, m, c]`` for ``BLOCK_S`` slots by ``BLOCK_C`` channels. ``SLOT_LANES`` (x not
+    channels-last): the tile is ``[BLOCK_C, BLOCK_S]``, so the load runs along slots (the default order
+    puts the last axis across lanes), reading nearby sites of one channel plane, and the store, along
+    channels, gets its own layout (the transpose goes through shared memory); else ``[BLOCK_S,
+    BLOCK_C]``, lanes along channels, contiguous in a channels-last x."""
     slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     slot_ok = slots < total_slots
@@ -75,11 +80,18 @@ def masked_gather_values_kernel(
     present = site >= 0
     h, w = site // width, site % width
     b = slots // max_count
-    source = x_ptr + (b * x_stride_b + h * x_stride_h + w * x_stride_w)[:, None]
-    source += cols[None, :].to(tl.int64) * x_stride_c
-    values = tl.load(source, mask=(present[:, None] & col_ok[None, :]), other=0.0)
-    out = values_ptr + slots[:, None] * channels + cols[None, :]
-    tl.store(out, values, mask=slot_ok[:, None] & col_ok[None, :])
+    at_site = b * x_stride_b + h * x_stride_h + w * x_stride_w
+    channel_offset = cols.to(tl.int64) * x_stride_c
+    if SLOT_LANES:
+        source = x_ptr + at_site[None, :] + channel_offset[:, None]
+        values = tl.load(source, mask=(present[None, :] & col_ok[:, None]), other=0.0)
+        out = values_ptr + slots[None, :] * channels + cols[:, None]
+        tl.store(out, values, mask=slot_ok[None, :] & col_ok[:, None])
+    else:
+        source = x_ptr + at_site[:, None] + channel_offset[None, :]
+        values = tl.load(source, mask=(present[:, None] & col_ok[None, :]), other=0.0)
+        out = values_ptr + slots[:, None] * channels + cols[None, :]
+        tl.store(out, values, mask=slot_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -134,6 +146,12 @@ def gather_tile(channels: int, interpret: bool = False) -> Tile:
     return Tile(block_s, block_c, 4)
 
 
+def slot_lanes(x: torch.Tensor) -> bool:
+    """Whether the gather's lanes run along slots: x's channels are not its innermost axis (NCHW-like),
+    so neighbouring channels are a plane apart and neighbouring slots' sites are close."""
+    return x.shape[1] > 1 and x.stride(1) != 1
+
+
 def scan_grid(batch: int) -> tuple[int]:
     return (batch,)
 
@@ -178,7 +196,7 @@ def masked_gather_forward(
     tile = gather_tile(channels, interpret)
     masked_gather_values_kernel[gather_grid(batch, max_count, channels, interpret)](
         x, sites, values, batch * max_count, max_count, channels, width, *x.stride(),
-        BLOCK_S=tile.block_s, BLOCK_C=tile.block_c, num_warps=tile.num_warps,
+        BLOCK_S=tile.block_s, BLOCK_C=tile.block_c, SLOT_LANES=slot_lanes(x), num_warps=tile.num_warps,
     )  # fmt: skip
     return values, sites, valid, counts
 
@@ -223,7 +241,21 @@ def _benchmark_gradient_launch(constexprs: dict) -> dict[str, int]:
     return values
 
 
-LAUNCH_SPECIALIZATION = {"masked_gather_grad_kernel": _benchmark_gradient_launch}
+def _benchmark_values_launch(constexprs: dict) -> dict[str, int]:
+    """The gather's argument values at the same size: x NCHW with ``SLOT_LANES``, else channels-last."""
+    values = dict.fromkeys(("x_ptr", "sites_ptr", "values_ptr"), 16)
+    values.update(total_slots=256 * 2458, max_count=2458, channels=64, width=64)
+    if constexprs["SLOT_LANES"]:
+        values.update(x_stride_b=64 * 4096, x_stride_c=4096, x_stride_h=64, x_stride_w=1)
+    else:
+        values.update(x_stride_b=64 * 4096, x_stride_c=1, x_stride_h=64 * 64, x_stride_w=64)
+    return values
+
+
+LAUNCH_SPECIALIZATION = {
+    "masked_gather_grad_kernel": _benchmark_gradient_launch,
+    "masked_gather_values_kernel": _benchmark_values_launch,
+}
 
 
 def launch_configs() -> Iterator[KernelLaunch]:
@@ -247,8 +279,11 @@ def launch_configs() -> Iterator[KernelLaunch]:
                         "grad_values_ptr": f"*{dtype}", "slot_of_site_ptr": "*i32",
                         "grad_x_ptr": f"*{dtype}"}  # fmt: skip
             label = f"{dtype} C<={tile.block_c} slots/sites={tile.block_s}"
-            for kernel in (masked_gather_values_kernel, masked_gather_grad_kernel):
-                signature = kernel_signature(kernel, constexprs, pointers)
-                yield KernelLaunch(kernel, signature, constexprs, tile.num_warps, label=label,
+            variants = [(masked_gather_values_kernel, {"SLOT_LANES": lanes}, " slot lanes" if lanes else "")
+                        for lanes in (True, False)]  # fmt: skip
+            for kernel, extra, suffix in [*variants, (masked_gather_grad_kernel, {}, "")]:
+                chosen = {**constexprs, **extra}
+                signature = kernel_signature(kernel, chosen, pointers)
+                yield KernelLaunch(kernel, signature, chosen, tile.num_warps, label=label + suffix,
                                    tags={"dtype": dtype, "channels": channels})  # fmt: skip
         channels *= 2
