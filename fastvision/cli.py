@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -509,8 +510,19 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
 
 
+class _DropNoCudaRuntimeNotice(logging.Filter):
+    """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." whenever it is
+    imported (torch.compile does) on a machine with the CUDA toolkit but no GPU: a notice about
+    building extensions, which no command here does, printed in the middle of their output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
 def main(argv: list[str] | None = None) -> int:
     import fastvision.models  # noqa: F401  (registers the architectures)
+
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_DropNoCudaRuntimeNotice())
 
     try:
         parser = build_parser()

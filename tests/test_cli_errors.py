@@ -390,3 +390,17 @@ def test_export_without_checkpoint_says_random_and_writes_under_runs(capsys, tmp
     assert "weights: random initialisation (no --checkpoint given)" in out
     assert (tmp_path / "runs" / "export" / "vit_mnist.pt2").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_the_no_cuda_runtime_notice_is_dropped_and_nothing_else():
+    import logging
+
+    from fastvision.cli import _DropNoCudaRuntimeNotice
+
+    def record(message):
+        name = "torch.utils.cpp_extension"
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, message, ("/x",), None)
+
+    keep = _DropNoCudaRuntimeNotice()
+    assert not keep.filter(record("No CUDA runtime is found, using CUDA_HOME='%s'"))
+    assert keep.filter(record("Error building extension '%s'"))
