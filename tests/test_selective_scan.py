@@ -460,3 +460,28 @@ def test_mamba_ssm_backend_refuses_what_it_cannot_take():
             selective_scan(u.requires_grad_(True), delta, A, B, C, return_last_state=True)
         with pytest.raises(fastvision.BackendUnavailableError, match="dtype"):
             selective_scan(u.detach().half(), delta, A, B.half(), C.half())
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id == "triton"])
+def test_triton_backward_reuses_the_forward_chunk_states(backend, monkeypatch):
+    """The forward's chunk states reach the backward: no second states pass, and the same bits as the
+    backward op that recomputes them."""
+    from fastvision.triton_kernels import selective_scan as kernels
+
+    passes = []
+    states_pass = kernels._scan_states
+    monkeypatch.setattr(kernels, "_scan_states", lambda *a, **k: passes.append(1) or states_pass(*a, **k))
+    u, delta, A, B, C, D, z, bias = _inputs(batch=2, dim=3, length=37, state=5, seed=21)
+    leaves = [t.clone().requires_grad_(True) for t in (u, delta, A, B, C)]
+    with fastvision.use_backend(backend):
+        out, last = selective_scan(*leaves, D, z, bias, True, True, reverse=True)
+        assert len(passes) == 1
+        grad_out, grad_last = torch.randn_like(out), torch.randn_like(last)
+        grads = torch.autograd.grad((out, last), leaves, (grad_out, grad_last))
+    assert len(passes) == 1
+    recomputed = OPS["selective_scan"].kernels["triton"].backward_op()(
+        grad_out, grad_last, u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, bias, True, True
+    )
+    assert len(passes) == 2
+    for got, want in zip(grads, recomputed[:5], strict=True):
+        assert torch.equal(got, want.view_as(got))

@@ -441,22 +441,33 @@ def _scan_states(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, o
     return out, states
 
 
+def chunk_states_shape(batch: int, dim: int, length: int, state: int, element_size: int) -> tuple[int, ...]:
+    """``[batch, dim, chunks + 1, N]``: the chunk-entering states the forward saves for the backward
+    (chunks of the dtype's ``BLOCK_L``, which the forward and backward tiles share)."""
+    chunk = scan_tile(element_size, interpret=interpreting()).block_l
+    return (batch, dim, triton.cdiv(length, chunk) + 1, state)
+
+
 def selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False):
-    """``(out, last_state)``; ``B``/``C`` fixed ``[dim, N]`` or grouped ``[batch, G, N, L]``."""
+    """``(out, last_state, chunk_states)``; ``B``/``C`` fixed ``[dim, N]`` or grouped ``[batch, G, N,
+    L]``. ``chunk_states`` (``chunk_states_shape``) lets the backward skip the forward's states pass."""
     batch, dim, length = u.shape
     state = A.shape[1]
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
     if out.numel() == 0:
-        return out, torch.zeros((batch, dim, state), dtype=torch.float32, device=u.device)
+        shape = chunk_states_shape(batch, dim, length, state, u.element_size())
+        states = torch.zeros(shape, dtype=torch.float32, device=u.device)
+        return out, torch.zeros((batch, dim, state), dtype=torch.float32, device=u.device), states
     u, delta, A, B, C, z = (t.contiguous() for t in (u, delta, A, B, C, z))
     out, states = _scan_states(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out)
-    return out, states[:, :, -1].contiguous()
+    return out, states[:, :, -1].contiguous(), states
 
 
 def selective_scan_backward(
-    grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False
+    grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False, states=None
 ):
-    """Gradients of ``(u, delta, A, B, C, D, z, delta_bias)``, empty for an absent input."""
+    """Gradients of ``(u, delta, A, B, C, D, z, delta_bias)``, empty for an absent input. ``states``: the
+    forward's chunk states (``chunk_states_shape``); ``None`` or empty: recomputed by a states pass."""
     batch, dim, length = u.shape
     state = A.shape[1]
     f32 = {"dtype": torch.float32, "device": u.device}
@@ -481,7 +492,9 @@ def selective_scan_backward(
     if u.numel() > 0:
         u, delta, A, B, C, z = (t.contiguous() for t in (u, delta, A, B, C, z))
         grad_out = grad_out.contiguous()
-        _, states = _scan_states(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+        if states is None or states.numel() == 0:
+            _, states = _scan_states(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+        states = states.contiguous()
         carry = grad_last.to(torch.float32).contiguous().clone()
         selective_scan_backward_kernel[scan_grid(batch, dim, tile)](
             grad_out, carry, u, delta, A, B, C, D, z, delta_bias, states,

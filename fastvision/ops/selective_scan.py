@@ -20,7 +20,9 @@ scan per state; the backward recomputes each chunk from its entering state, grad
 fixed order). ``mamba_ssm`` runs mamba-ssm's ``selective_scan_fn`` where it imports (forced only,
 never chosen automatically; no ``reverse``, no gradient of the last state, its dtype rules).
 Nothing of size ``L x N`` is saved for the backward: the forward ops return the output and the last
-state only. ``reverse=True`` runs the recurrence from ``L - 1`` down to 0 in every backend (each kernel
+state, and the Triton forward also its chunk-entering states (``[batch, dim, L / chunk + 1, N]``
+float32, chunk 128 or 256), which its backward reads instead of rerunning a states pass.
+``reverse=True`` runs the recurrence from ``L - 1`` down to 0 in every backend (each kernel
 reads and writes time index ``L - 1 - s`` at its step ``s``): the flipped-input result without flipped
 copies.
 
@@ -157,7 +159,9 @@ def _check_kernel_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
 def selective_scan_triton_forward(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool, reverse: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(out, last_state, chunk_states)``: the third output, float32 ``[batch, dim, chunks + 1, N]``, is
+    what the backward needs to skip the forward's states pass (saved by the autograd rule)."""
     from fastvision.triton_kernels.selective_scan import selective_scan_forward
 
     return selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
@@ -167,13 +171,14 @@ def selective_scan_triton_forward(
 def selective_scan_triton_backward(
     grad_out: torch.Tensor, grad_last: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
     B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor,
-    delta_softplus: bool, reverse: bool = False,
+    delta_softplus: bool, reverse: bool = False, chunk_states: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:  # fmt: skip
+    """The gradients; ``chunk_states`` from the forward op, or ``None`` (recomputed)."""
     from fastvision.triton_kernels.selective_scan import selective_scan_backward
 
     return selective_scan_backward(
-        grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
+        grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk_states
     )
 
 
@@ -203,18 +208,75 @@ def _setup_context(ctx, inputs, output):
     ctx.delta_softplus, ctx.reverse = delta_softplus, reverse
 
 
-def _backward(ctx, backward_op, grad_out, grad_last):
-    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+def _backward(ctx, backward_op, grad_out, grad_last, **extra):
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors[:8]
     if grad_out is None:
         grad_out = torch.zeros_like(u)
     if grad_last is None:
         grad_last = u.new_zeros((u.shape[0], u.shape[1], A.shape[1]), dtype=torch.float32)
     grads = backward_op(
         grad_out.contiguous(), grad_last.contiguous(), u, delta, A, B, C, D, z, delta_bias,
-        ctx.delta_softplus, ctx.reverse,
+        ctx.delta_softplus, ctx.reverse, **extra,
     )  # fmt: skip
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     return (*(g if t.numel() else None for g, t in zip(grads, inputs, strict=True)), None, None)
+
+
+def _check_triton_backward_op(
+    grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False, chunk_states=None
+) -> None:
+    """The Triton backward's arguments: the shared ones, and ``chunk_states`` float32 of the forward op's
+    shape (its kernel reads every entry of it)."""
+    _check_backward_op(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    if chunk_states is None:
+        return
+    from fastvision.triton_kernels.selective_scan import chunk_states_shape
+
+    check_tensor("chunk_states", chunk_states)
+    shape = chunk_states_shape(*u.shape, A.shape[1], u.element_size())
+    if chunk_states.dtype != torch.float32 or tuple(chunk_states.shape) != shape:
+        raise ValueError(
+            f"chunk_states must be the forward op's float32 {list(shape)}, got {chunk_states.dtype} "
+            f"{list(chunk_states.shape)}"
+        )
+    check_same_device(u=u, chunk_states=chunk_states)
+
+
+def _triton_forward_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False):
+    from fastvision.triton_kernels.selective_scan import chunk_states_shape
+
+    out, last = _forward_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    shape = chunk_states_shape(*u.shape, A.shape[1], u.element_size())
+    return out, last, u.new_empty(shape, dtype=torch.float32)
+
+
+def _triton_backward_fake(
+    grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False, chunk_states=None
+):
+    return _backward_fake(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+
+
+def _triton_setup_context(ctx, inputs, output):
+    *tensors, delta_softplus, reverse = inputs
+    ctx.save_for_backward(*tensors, output[2])
+    ctx.delta_softplus, ctx.reverse = delta_softplus, reverse
+    ctx.mark_non_differentiable(output[2])
+
+
+def _triton_backward(ctx, backward_op, grad_out, grad_last, grad_chunk_states=None):
+    # Detached: the backward op is not differentiable in the states (backward_differentiable), and a
+    # higher-order gradient must not walk back into this forward node, which torch 2.11 runs after its
+    # saved tensors were freed (opcheck's AOT check fails), as in topk_attention.
+    return _backward(ctx, backward_op, grad_out, grad_last, chunk_states=ctx.saved_tensors[8].detach())
+
+
+def _triton_backward_op_reference(
+    grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False, chunk_states=None
+):
+    """The Triton backward's definition: the shared one (the chunk states only save time)."""
+    return _backward_op_reference(
+        grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse
+    )
 
 
 AUTOGRAD = AutogradRule(
@@ -226,6 +288,19 @@ AUTOGRAD = AutogradRule(
     backward_differentiable=tuple(range(10)),
     forward_check=_check_forward_op,
     backward_check=_check_backward_op,
+)
+
+
+# The Triton pair: the forward also returns its chunk states, which the backward takes.
+TRITON_AUTOGRAD = AutogradRule(
+    forward_fake=_triton_forward_fake,
+    backward_fake=_triton_backward_fake,
+    setup_context=_triton_setup_context,
+    backward=_triton_backward,
+    backward_reference=_triton_backward_op_reference,
+    backward_differentiable=tuple(range(10)),
+    forward_check=_check_forward_op,
+    backward_check=_check_triton_backward_op,
 )
 
 
@@ -312,7 +387,7 @@ def _kernel_form(bc: torch.Tensor) -> torch.Tensor:
 
 def _run_kernel(forward_op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse):
     empty = u.new_empty((0,), dtype=torch.float32)
-    out, last = forward_op(
+    out, last, *_ = forward_op(
         u, delta, A, _kernel_form(B), _kernel_form(C), empty if D is None else D,
         u.new_empty((0,)) if z is None else z, empty if delta_bias is None else delta_bias, delta_softplus,
         reverse,
@@ -568,9 +643,11 @@ SELECTIVE_SCAN = define_op(
                 "selective_scan_forward", "selective_scan_backward", AUTOGRAD, native=True, call=_run_kernel,
                 onnx=selective_scan_onnx,
             ),
+            # No ONNX translation of its own (the forward has a third output): export traces the
+            # cpu or cuda op's translation, or the reference.
             "triton": KernelBackend(
-                "selective_scan_triton_forward", "selective_scan_triton_backward", AUTOGRAD,
-                call=_run_kernel, onnx=selective_scan_onnx,
+                "selective_scan_triton_forward", "selective_scan_triton_backward", TRITON_AUTOGRAD,
+                call=_run_kernel,
             ),
             "cuda": KernelBackend(
                 "selective_scan_forward", "selective_scan_backward", AUTOGRAD, native=True, call=_run_kernel,
