@@ -193,18 +193,24 @@ echo "GPU pass: ${GPU_NAME:-no GPU visible}, arch ${TORCH_CUDA_ARCH_LIST}, budge
 ALL_GROUPS="peers build tests bench-quick bench-full pytest-bench memcheck deploy tests-rest"
 
 # ---- versions: what this machine has, and what the pass can do with it (runs in --dry-run too)
-TESTED_TORCH="2.11 2.14"   # oldest and newest torch the suite runs on (major.minor)
-TESTED_TRITON="3.6 3.8"
 check_versions() {
-  "$PY" - "$OUT/versions.json" "$TESTED_TORCH" "$TESTED_TRITON" "$CUDA_HOME" <<'EOF'
+  "$PY" - "$OUT/versions.json" "$CUDA_HOME" <<'EOF'
 import importlib
 import importlib.metadata as md
+import importlib.util
 import json
 import os
 import platform
 import sys
 
-out, tested_torch, tested_triton, cuda_home = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4]
+out, cuda_home = sys.argv[1], sys.argv[2]
+# The tested range is fastvision._compat.TESTED, read from its file (no package import, no build yet).
+spec = importlib.util.spec_from_file_location("fastvision_compat", os.path.join("fastvision", "_compat.py"))
+compat = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compat)
+tested_torch, tested_triton = (
+    [f"{major}.{minor}" for major, minor in compat.TESTED[name]] for name in ("torch", "triton")
+)
 dists = ["torch", "triton", "numpy", "pytest", "pytest-benchmark", "pytest-timeout", "liger-kernel",
          "fla-core", "spconv-triton", "einops", "onnxruntime", "tensorrt", "mamba-ssm", "fastvision"]
 info = {"python": platform.python_version()}
@@ -335,7 +341,7 @@ run build build 30 "$BUILD_CAP" "$OUT/build.log" bash -c build
 # ---- GPU correctness of the cuda and triton backends, fastest files first
 PYTEST_ARGS=(-q -p no:cacheprovider -o "faulthandler_timeout=$PER_TEST")
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=("--timeout=$PER_TEST"); fi
-OP_TESTS="geglu add_layer_norm grn masked_gather sparse_max_pool2d kernel_edges sparse_conv topk_attention moe op_contract"
+OP_TESTS="geglu add_layer_norm grn masked_gather sparse_max_pool2d selective_scan kernel_edges sparse_conv block_topk_attention topk_attention moe op_contract"
 mkdir -p "$OUT/tests"
 RUN_FILES=()
 for name in $OP_TESTS; do [ -f "tests/test_$name.py" ] && RUN_FILES+=("tests/test_$name.py"); done
