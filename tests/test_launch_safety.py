@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import subprocess
 import sys
@@ -97,8 +98,11 @@ def test_add_layer_norm_grids_fit_the_axis_limits(n_rows, dim):
 )
 def test_sparse_conv2d_grids_fit_the_axis_limits(n_sites, c_in, c_out, num_offsets):
     sparse_conv2d = _module("sparse_conv2d")
-    _check_grid(sparse_conv2d.gather_gemm_grid(n_sites, c_out))
-    _check_grid(sparse_conv2d.weight_grad_grid(n_sites, c_in, c_out, num_offsets))
+    for dtype in (torch.float32, torch.bfloat16):
+        tile = sparse_conv2d.conv_tile(c_in, c_out, dtype)
+        _check_grid(sparse_conv2d.implicit_gemm_grid(n_sites, c_out, tile))
+        tile = sparse_conv2d.weight_grad_tile(c_in, c_out, dtype)
+        _check_grid(sparse_conv2d.weight_grad_grid(n_sites, c_in, c_out, num_offsets, tile))
 
 
 EXACT_POINTERS = {
@@ -113,6 +117,9 @@ EXACT_POINTERS = {
     "cand_ptr": "*i64",  # topk_attention: the selection's candidate scratch (packed int64 keys)
     "delta_ptr": "*fp32",  # topk_attention: rowsum(dO * O) per query
     "grad_weight_ptr": "*fp32",
+    "partial_ptr": "*fp32",  # sparse_conv2d: per-chunk weight-gradient partials
+    "tile_offsets_ptr": "*i32",
+    "tile_counts_ptr": "*i32",
     "dweight_partial_ptr": "*fp32",
     "dbias_partial_ptr": "*fp32",
 }
@@ -172,6 +179,23 @@ def test_launch_configs_hold_the_launchers_tiles():
                     and launch.num_stages == tile.num_stages
                     for launch in launches
                 ), (name, head_dim, topk)
+    sparse_conv2d = _module("sparse_conv2d")
+    launches = list(sparse_conv2d.launch_configs())
+    choosers = {
+        "implicit_gemm_kernel": sparse_conv2d.conv_tile,
+        "weight_grad_kernel": sparse_conv2d.weight_grad_tile,
+    }
+    for (kernel, chooser), dtype, c_in, c_out in itertools.product(
+        choosers.items(), (torch.float32, torch.bfloat16), (1, 3, 32, 33, 64, 200), (1, 5, 64, 127, 512)
+    ):
+        tile = chooser(c_in, c_out, dtype)
+        assert any(
+            launch.name == kernel
+            and (launch.constexprs["BLOCK_M"], launch.constexprs["BLOCK_N"], launch.constexprs["BLOCK_K"])
+            == (tile.block_m, tile.block_n, tile.block_k)
+            and (launch.num_warps, launch.num_stages) == (tile.num_warps, tile.num_stages)
+            for launch in launches
+        ), (kernel, dtype, c_in, c_out)
     add_layer_norm = _module("add_layer_norm")
     launches = list(add_layer_norm.launch_configs())
     for dim in (1, 5, 100, 4096, 4097, 65536):

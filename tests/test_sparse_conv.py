@@ -888,3 +888,80 @@ def test_cpu_kernel_checks_its_arguments(backend):
         backward(grad[:, :3], x.feats, km.neighbors, weight, True, True)
     with pytest.raises(TypeError, match="feats must be float32"):
         forward(x.feats.long(), km.neighbors, weight.long())
+
+
+# --- the Triton implicit GEMM: skipped offsets, chunked weight gradient, product precision ---------
+
+_TRITON = [p for p in BACKENDS if p.values[0] == "triton"]
+
+
+def _triton_module():
+    return importlib.import_module("fastvision.triton_kernels.sparse_conv2d")
+
+
+@pytest.mark.parametrize("backend", _TRITON)
+def test_triton_tile_offsets_list_the_offsets_present_in_each_tile(backend):
+    module = _triton_module()
+    x = SparseTensor.from_dense(_random_sparse_dense((2, 1, 40, 40), 0.08, seed=50))
+    neighbors = x.kernel_map(3).neighbors
+    for block_m in (16, 64):
+        offsets, counts = module.tile_offsets(neighbors, block_m)
+        tiles = -(-x.num_sites // block_m)
+        assert offsets.shape == (tiles, 9) and counts.shape == (tiles,)
+        for tile in range(tiles):
+            present = (neighbors[tile * block_m : (tile + 1) * block_m] >= 0).any(0)
+            want = torch.nonzero(present).flatten().tolist()
+            assert counts[tile].item() == len(want)
+            assert offsets[tile, : len(want)].tolist() == want
+        assert counts.min() < 9, "some tile must skip an offset for this test to mean anything"
+
+
+@pytest.mark.parametrize("backend", _TRITON)
+def test_triton_skips_offsets_absent_from_a_tile_and_stays_exact(backend):
+    """Sites far apart (each with the centre offset only) next to a dense blob: the blob's tiles run
+    every offset, the others one; every output and gradient still matches the definition."""
+    dense = torch.zeros(1, 3, 48, 48)
+    dense[0, :, 0:48:4, 0:48:4] = _random((3, 12, 12), seed=51)
+    dense[0, :, 20:30, 20:30] = _random((3, 10, 10), seed=52)
+    x = SparseTensor.from_dense(dense.to(DEVICE))
+    offsets, counts = _triton_module().tile_offsets(x.kernel_map(3).neighbors, 64)
+    assert counts.min() == 1 and counts.max() == 9
+    weight = _random((9, 3, 5), seed=53, scale=3**-1)
+    bias = _random((5,), seed=54)
+    _check_against_dense(x, weight, bias, 3, 1, backend)
+
+
+@pytest.mark.parametrize("backend", _TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_weight_gradient_sums_chunks_in_a_fixed_order(backend, dtype):
+    module = _triton_module()
+    x, weight, _, _, _ = _conv_inputs((1, 7, 5, 80, 80, 3, 0.5, 1), dtype, seed=55)
+    km = x.kernel_map(3)
+    tile = module.weight_grad_tile(7, 5, dtype)
+    splits, _ = module.weight_grad_split(x.num_sites, 7, 5, 9, tile)
+    assert splits > 1, "the weight gradient must be summed over several chunks here"
+    grad = _random((x.num_sites, 5), seed=56, dtype=dtype)
+    backward = OPS["sparse_conv2d"].kernels["triton"].backward_op()
+    first = backward(grad, x.feats, km.neighbors, weight, True, True)
+    second = backward(grad, x.feats, km.neighbors, weight, True, True)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    reference = torch.zeros((9, 7, 5), dtype=torch.float64, device=DEVICE)
+    feats64, grad64 = x.feats.double(), grad.double()
+    for k in range(9):
+        rows = km.neighbors[:, k] >= 0
+        reference[k] = feats64[km.neighbors[rows, k].long()].T @ grad64[rows]
+    # Each entry sums about N products of unit-scale values: rounding grows like sqrt(N).
+    assert_close(first[1], reference, dtype, scale=x.num_sites**0.5)
+
+
+def test_triton_float32_products_follow_the_matmul_precision():
+    module = pytest.importorskip("fastvision.triton_kernels.sparse_conv2d")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert module.float32_precision() == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert module.float32_precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -15,8 +15,11 @@ Backends:
   the custom op ``fastvision::sparse_conv2d_gather_gemm`` with an explicit backward, so autograd
   saves only the features and weight (not the gathered rows) and torch.compile / torch.export see
   one op.
-* ``triton``: triton_kernels/sparse_conv2d.py, a fused output-stationary gather-GEMM over the map's
-  neighbour table (no scatter, no atomics in the forward); float32/float16/bfloat16.
+* ``triton``: triton_kernels/sparse_conv2d.py, an implicit GEMM over the map's neighbour table: rows
+  gathered through the table straight into ``tl.dot`` (wgmma for 16-bit inputs), offsets absent
+  from a whole site tile skipped, no scatter and no atomics in any pass (the weight gradient sums
+  per-chunk partials in a fixed order); float32 (IEEE products, TF32 when
+  ``torch.get_float32_matmul_precision()`` allows it)/float16/bfloat16.
 * ``cpu``: csrc/cpu/sparse_conv2d.cpp, the same neighbour-table form in C++: blocks of output sites
   per thread, per offset only the present pairs, at::vec register-tiled multiply-adds into float
   (double for float64) accumulators, the input gradient over the mirrored offsets of the symmetric
@@ -321,9 +324,7 @@ def _triton_setup_context(ctx, inputs, output):
 def _triton_backward(ctx, backward_op, grad_out):
     feats, neighbors, weight = ctx.saved_tensors
     need_feats, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    grad_feats, grad_weight = backward_op(
-        grad_out, feats, neighbors, weight, need_feats, need_weight
-    )
+    grad_feats, grad_weight = backward_op(grad_out, feats, neighbors, weight, need_feats, need_weight)
     return (grad_feats if need_feats else None, None, grad_weight if need_weight else None)
 
 
@@ -464,16 +465,25 @@ SPARSE_CONV2D = define_op(
         device=lambda feats, *_: feats.device,
         kernels={
             "reference": KernelBackend(
-                "sparse_conv2d_gather_gemm", "sparse_conv2d_gather_gemm_backward", PAIRS_AUTOGRAD,
+                "sparse_conv2d_gather_gemm",
+                "sparse_conv2d_gather_gemm_backward",
+                PAIRS_AUTOGRAD,
                 call=_run_pairs,
             ),
             "triton": KernelBackend(
-                "sparse_conv2d_triton_forward", "sparse_conv2d_triton_backward", NEIGHBORS_AUTOGRAD,
-                supports=only_dtypes("triton", FLOAT_DTYPES), call=_run_neighbors, onnx=sparse_conv2d_onnx,
+                "sparse_conv2d_triton_forward",
+                "sparse_conv2d_triton_backward",
+                NEIGHBORS_AUTOGRAD,
+                supports=only_dtypes("triton", FLOAT_DTYPES),
+                call=_run_neighbors,
+                onnx=sparse_conv2d_onnx,
             ),
             "cpu": KernelBackend(
-                "sparse_conv2d_forward", "sparse_conv2d_backward", NEIGHBORS_AUTOGRAD,
-                call=_run_neighbors, native=True,
+                "sparse_conv2d_forward",
+                "sparse_conv2d_backward",
+                NEIGHBORS_AUTOGRAD,
+                call=_run_neighbors,
+                native=True,
             ),
         },
         # Not yet measured on a GPU: Triton is the only GPU kernel, and it fuses what the reference
