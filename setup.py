@@ -6,6 +6,7 @@ import glob
 import os
 import platform
 import shutil
+import sys
 
 from setuptools import find_namespace_packages, setup
 
@@ -34,6 +35,21 @@ def _cpu_flags() -> set[str]:
     except OSError:
         return set()
     return set(flag_lines[0].split(":", 1)[1].split()) if flag_lines else set()
+
+
+def _openmp_flags() -> list[str]:
+    """``-fopenmp`` when torch's ATen runs its parallel regions on OpenMP (the Linux wheels).
+
+    ``at::parallel_for`` is a header template whose parallel region is an ``omp parallel`` pragma:
+    compiled without ``-fopenmp`` it runs the whole range on the calling thread. Only the compile
+    needs the flag: the OpenMP calls resolve to the runtime torch has already loaded (no second
+    runtime is linked in)."""
+    import torch
+
+    info = torch.__config__.parallel_info()
+    if "parallel backend: OpenMP" not in info or sys.platform == "darwin":
+        return []
+    return ["-fopenmp"]
 
 
 def _cpu_vector_flags() -> list[str]:
@@ -84,7 +100,7 @@ def _extensions():
         and bool(cuda_sources)
     )
     cxx_flags = ["-O3"]  # torch adds the C++ standard it was built with
-    cxx_flags += _cpu_vector_flags()
+    cxx_flags += _cpu_vector_flags() + _openmp_flags()
     include_dirs = [os.path.join(here, "csrc")]
     if build_cuda:
         # torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper script; pin the real one.
