@@ -561,30 +561,48 @@ def block_topk_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, lse, indices)``; ``indices`` ``[B, H, Nqb, topk_blocks]`` int32, or ``[B, H, Nqb, 0]``
     when ``topk_blocks >= Nkb`` (dense: every block; causal: every block at or before the query's)."""
-    batch, heads, num_queries, head_dim = q.shape
-    num_keys = k.shape[2]
-    num_query_blocks, num_key_blocks = triton.cdiv(num_queries, block_size), triton.cdiv(num_keys, block_size)
-    dense = topk_blocks >= num_key_blocks
-    out = torch.empty((batch, heads, num_queries, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, num_queries), dtype=torch.float32, device=q.device)
-    if dense or out.numel() == 0:
+    batch, heads, num_queries, _ = q.shape
+    num_query_blocks = triton.cdiv(num_queries, block_size)
+    dense = topk_blocks >= triton.cdiv(k.shape[2], block_size)
+    if dense or batch * heads * num_queries * q.shape[3] == 0:
         indices = torch.empty((batch, heads, num_query_blocks, 0 if dense else topk_blocks),
                               dtype=torch.int32, device=q.device)  # fmt: skip
     else:
         indices = select_blocks(q, k, topk_blocks, block_size, scale, causal)
+    out, lse = block_attention_forward(q, k, v, indices, block_size, scale, causal)
+    return out, lse, indices
+
+
+def block_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    block_size: int,
+    scale: float,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of attention over given key blocks: ``indices`` ``[B, H, Nqb, S]`` int32 (the
+    blocks each query block attends; ``S = 0``: every block)."""
+    batch, heads, num_queries, head_dim = q.shape
+    num_keys = k.shape[2]
+    num_key_blocks = triton.cdiv(num_keys, block_size)
+    dense = indices.shape[-1] == 0
+    out = torch.empty((batch, heads, num_queries, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, num_queries), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        return out, lse, indices
+        return out, lse
     interpret = _interpret(q)
     tile = attention_tile(block_size, head_dim, q.dtype, "forward", interpret)
     grid = forward_grid(batch, heads, num_queries, block_size, head_dim, q.dtype, interpret)
     qk_scale = max(abs(scale) * LOG2E, MIN_QK_SCALE)
     _block_attention_forward_kernel[grid](
-        q, k, v, indices, out, lse, num_queries, num_keys, num_key_blocks if dense else topk_blocks, heads,
-        qk_scale, int(scale < 0), *_strides(q), *_strides(k), *_strides(v),
+        q, k, v, indices, out, lse, num_queries, num_keys, num_key_blocks if dense else indices.shape[-1],
+        heads, qk_scale, int(scale < 0), *_strides(q), *_strides(k), *_strides(v),
         **_constexprs(dense, causal, head_dim, block_size, tile, q.dtype, interpret),
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
-    return out, lse, indices
+    return out, lse
 
 
 def block_topk_attention_backward(

@@ -47,6 +47,7 @@ from fastvision.benchmark.attention_common import (
     dense_case,
     flex_block_fn,
     label,
+    mode,
     op_fn,
 )
 from fastvision.benchmark.case import BenchCase, backend_impl
@@ -177,7 +178,10 @@ def _block_case(q, k, v, topk_blocks, block_size, grad_out, device, causal: bool
             backend,
             op_fn(
                 lambda a, b, c: block_topk_attention(a, b, c, topk_blocks, block_size, causal=causal),
-                q, k, v, grad_out,
+                q,
+                k,
+                v,
+                grad_out,
             ),  # fmt: skip
         )
         notes[backend] = MISMATCH_NOTE
@@ -250,6 +254,162 @@ def _causal_dense_case(q, k, v, grad_out, device: torch.device) -> BenchCase:
     )
 
 
+# Attention over given blocks, grouped-query layout (the native-sparse-attention peers' setting):
+# (batch, query heads, key/value heads, N, D), selected blocks per query, block size.
+GIVEN_BLOCKS_SHAPE = (1, 32, 2, 16384, 128)
+GIVEN_BLOCKS_SELECTED, GIVEN_BLOCKS_SIZE = 16, 64
+
+
+def _fla_nsa():
+    """fla-core's ``ParallelNSAFunction`` (native sparse attention's selection branch) when it imports."""
+    try:
+        from fla.ops.nsa.parallel import ParallelNSAFunction
+    except Exception:  # noqa: BLE001  (absent, or a version that does not import with this torch/triton)
+        return None
+    return ParallelNSAFunction
+
+
+def _fla_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("fla-core")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown version"
+
+
+def _given_blocks_reference(q, k_kv, v_kv, selected, group, block_size, scale, grad_out):
+    """The causal definition over the selection mask ``selected`` ``[B, HQ, Nqb, Nkb]`` in float32,
+    key/value heads shared by ``group`` query heads, over query chunks; with ``grad_out``, (out, dq,
+    dk, dv) with dk and dv of the shared heads, each chunk differentiated on its own (no Nq x Nk
+    graph is kept)."""
+    batch, heads, num_queries, _ = q.shape
+    chunk = max(
+        block_size, CHUNK_SCORE_ELEMENTS // (batch * heads * k_kv.shape[2]) // block_size * block_size
+    )
+
+    def run():
+        qf, kf, vf = (t.detach().float().requires_grad_(grad_out is not None) for t in (q, k_kv, v_kv))
+        outs, grads = [], [torch.zeros_like(t) for t in (qf, kf, vf)]
+        for start in range(0, num_queries, chunk):
+            with torch.set_grad_enabled(grad_out is not None):
+                k_all, v_all = kf.repeat_interleave(group, 1), vf.repeat_interleave(group, 1)
+                out = _causal_chunk(qf, k_all, v_all, selected, start, chunk, block_size, scale)
+                if grad_out is not None:
+                    g = grad_out[:, :, start : start + chunk].float()
+                    for total, part in zip(grads, torch.autograd.grad(out, (qf, kf, vf), g), strict=True):
+                        total += part
+            outs.append(out.detach())
+        out = torch.cat(outs, dim=2).to(q.dtype)
+        return out if grad_out is None else (out, *(t.to(q.dtype) for t in grads))
+
+    return run
+
+
+def _given_blocks_cases(device: torch.device) -> list[BenchCase]:
+    """Causal attention over given blocks, grouped-query: the attention kernels alone (selection done
+    before timing), ours against fla-core's native-sparse-attention selection branch
+    (``ParallelNSAFunction``) where it imports, on the same selected blocks: each key/value head's
+    selection (made by the group's first query head) is shared by its ``HQ / H = 16`` query heads, as
+    that kernel requires. Ours has no grouped-query form: it reads K and V expanded to every query
+    head (expanded before timing; its dk, dv are summed over the group when checked)."""
+    from fastvision.triton_kernels.block_topk_attention import (
+        block_attention_forward,
+        block_topk_attention_backward,
+    )
+
+    batch, heads, kv_heads, length, head_dim = GIVEN_BLOCKS_SHAPE
+    selected_blocks, block_size = GIVEN_BLOCKS_SELECTED, GIVEN_BLOCKS_SIZE
+    group, scale = heads // kv_heads, head_dim**-0.5
+    generator = torch.Generator(device="cpu").manual_seed(5)
+    dtype = torch.bfloat16
+    q, _, _, grad_out = attention_inputs((batch, heads, length, head_dim), generator, device, dtype)
+    _, k_kv, v_kv, _ = attention_inputs((batch, kv_heads, length, head_dim), generator, device, dtype)
+    k, v = k_kv.repeat_interleave(group, 1).contiguous(), v_kv.repeat_interleave(group, 1).contiguous()
+    # The definition's causal selection per key/value head; where fewer than S blocks are eligible,
+    # the remaining picks are later blocks, which the causal mask hides from every query of the block.
+    kv_mask = block_selection_mask(
+        q[:, ::group].float(), k_kv.float(), selected_blocks, block_size, scale, True
+    )
+    kv_indices = kv_mask.to(torch.int8).topk(selected_blocks, dim=-1).indices.to(torch.int32)
+    indices = kv_indices.repeat_interleave(group, 1).contiguous()
+    num_blocks = -(-length // block_size)
+    selected = torch.zeros((batch, heads, num_blocks, num_blocks), dtype=torch.bool, device=device)
+    selected.scatter_(-1, indices.long(), True)
+    # FLOPs as the op counts its causal work (each query block's eligible selected blocks, the
+    # diagonal one whole): shapes only.
+    flops = OPS["block_topk_attention"].cost_of(q, k, v, selected_blocks, block_size, causal=True).flops
+    element = q.element_size()
+    moved = 2 * q.numel() * element + 2 * k_kv.numel() * element + indices.numel() * 4
+    nsa = _fla_nsa()
+    fla_inputs = [t.transpose(1, 2).contiguous() for t in (q, k_kv, v_kv)]  # [B, N, heads, D]
+    token_indices = kv_indices.permute(0, 2, 1, 3).repeat_interleave(block_size, 1)[:, :length].long()
+    token_indices = token_indices.contiguous()  # [B, N, kv heads, S]
+    notes = {
+        "reference": "float32 causal definition over the given blocks, over query chunks",
+        "triton": "block_attention_forward (+ block_topk_attention_backward) over the given blocks, "
+        "K and V expanded to the 32 query heads",
+    }
+    if nsa is not None:
+        notes["fla"] = (
+            f"fla-core {_fla_version()} ParallelNSAFunction over the same blocks (16 query heads per "
+            "key/value head, [B, N, H, D] layout; layout changes made before timing)"
+        )
+
+    def build(backward: bool) -> BenchCase:
+        g = grad_out if backward else None
+        impls = {"reference": _given_blocks_reference(q, k_kv, v_kv, selected, group, block_size, scale, g)}
+        adapt = {}
+        if backward:
+            leaves = [t.detach().requires_grad_(True) for t in fla_inputs]
+            fla_grad = grad_out.transpose(1, 2).contiguous()
+
+            def ours():
+                out, lse = block_attention_forward(q, k, v, indices, block_size, scale, causal=True)
+                grads = block_topk_attention_backward(
+                    grad_out, q, k, v, out, lse, indices, block_size, scale, True
+                )
+                return out, *grads
+
+            def fla():
+                out = nsa.apply(*leaves, token_indices, selected_blocks, block_size, scale, None)
+                return out, *torch.autograd.grad(out, leaves, fla_grad)
+
+            def per_kv_head(t):
+                return t.view(batch, kv_heads, group, length, head_dim).sum(2)
+
+            adapt["triton"] = lambda o: (o[0], o[1], per_kv_head(o[2]), per_kv_head(o[3]))
+            adapt["fla"] = lambda o: tuple(t.transpose(1, 2) for t in o)
+        else:
+
+            def ours():
+                return block_attention_forward(q, k, v, indices, block_size, scale, causal=True)[0]
+
+            def fla():
+                with torch.no_grad():
+                    return nsa.apply(*fla_inputs, token_indices, selected_blocks, block_size, scale, None)
+
+            adapt["fla"] = lambda o: o.transpose(1, 2)
+        impls["triton"] = ours
+        if nsa is not None:
+            impls["fla"] = fla
+        shape = f"B{batch} HQ{heads} HKV{kv_heads} N{length} D{head_dim}"
+        return BenchCase(
+            op="block_topk_attention",
+            label=f"{mode(backward)}-causal given blocks bf16 {shape} blocks{selected_blocks}x{block_size}",
+            impls=impls,
+            flops=3 * flops if backward else flops,
+            bytes_moved=3 * moved if backward else moved,
+            peer="fla" if nsa is not None else None,
+            dtype=dtype,
+            tolerance=TOLERANCE[dtype],
+            notes=dict(notes),
+            adapt=adapt,
+        )
+
+    return [build(False), build(True)]
+
+
 def cases(device: torch.device, quick: bool) -> list[BenchCase]:
     if quick or device.type != "cuda":
         sizes, dtype = [((1, 2), 128, 16)], torch.float32
@@ -275,4 +435,6 @@ def cases(device: torch.device, quick: bool) -> list[BenchCase]:
                 result.append(add_memory_notes(case, device))
             if causal:
                 result.append(add_memory_notes(_causal_dense_case(q, k, v, g, device), device))
+    if device.type == "cuda" and not quick:
+        result.extend(add_memory_notes(case, device) for case in _given_blocks_cases(device))
     return result
