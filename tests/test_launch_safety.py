@@ -117,6 +117,7 @@ EXACT_POINTERS = {
     "cand_ptr": "*i64",  # topk_attention: the selection's candidate scratch (packed int64 keys)
     "delta_ptr": "*fp32",  # topk_attention: rowsum(dO * O) per query
     "grad_weight_ptr": "*fp32",
+    "scores_ptr": "*fp32",  # topk_attention: the selection's scores
     "partial_ptr": "*fp32",  # sparse_conv2d: per-chunk weight-gradient partials
     "tile_offsets_ptr": "*i32",
     "tile_counts_ptr": "*i32",

@@ -697,13 +697,21 @@ def launch_configs() -> Iterator[KernelLaunch]:
                                 label=f"{which} {name} D={head_dim} bs={block_size}{variant}",
                                 tags={**tags, "block_size": block_size, "dense": dense, "causal": causal},
                             )  # fmt: skip
-    # The selection runs on float32 block means whatever the input dtype.
-    pointers = {"q_ptr": "*fp32", "k_ptr": "*fp32", "idx_ptr": "*i32", "cand_ptr": "*i64"}
+    # The selection runs on float32 block means whatever the input dtype; it stores no scores.
+    pointers = {
+        "q_ptr": "*fp32",
+        "k_ptr": "*fp32",
+        "idx_ptr": "*i32",
+        "cand_ptr": "*i64",
+        "scores_ptr": "*fp32",
+    }
     for head_dim in SUPPORTED_HEAD_DIMS:
         topk = 32
         while topk <= 256:
             tile = selection_tile(topk, head_dim, torch.float32)
-            constexprs = _selection_constexprs(tile, head_dim, torch.float32, interpret=False)
+            constexprs = _selection_constexprs(
+                tile, head_dim, torch.float32, interpret=False, store_scores=False
+            )
             yield KernelLaunch(
                 _select_topk_kernel, kernel_signature(_select_topk_kernel, constexprs, pointers, _SCALARS),
                 constexprs, tile.num_warps, tile.num_stages,

@@ -66,9 +66,15 @@ Three kernels, each with a one-axis grid of ``B * H * ceil(Nq / BLOCK_M)`` progr
    257. Before (32-64 rows, appends one per row per step): 12.7-19 without candidates plus
    13.4-16.9 per append step, with about 2-4 steps per block at N = 16K (the largest of 64 rows'
    Poisson counts), so about 40-70 per appended block.
-2. ``_sparse_forward_kernel`` gathers the selected K and V rows of each query and runs an online
-   (flash-style) softmax over them on CUDA cores (each query has its own keys, so there is no
-   shared matmul), writing the output and the log-sum-exp.
+2. ``_sparse_forward_kernel`` runs an online (flash-style) softmax over each query's selected keys
+   and sums their gathered V rows on CUDA cores (each query has its own keys, so there is no shared
+   matmul), writing the output and the log-sum-exp. The scores are the selection's own: its
+   epilogue stores each selected key's scaled score beside its index (a float32 temporary of the
+   indices' size), so the forward gathers only V and computes no ``q . k`` (the forward is fused
+   into the selection's result). The keys come best first, so slot 0 holds each row's largest
+   score and the softmax takes one pass, one slot at a time: a thread owns a slice of D of its
+   queries' accumulators, with no reduction across lanes. Dense mode (``topk >= Nk``) has no
+   selection and gathers K too. Base 2: one multiply and one MUFU.EX2 per score, the lse natural.
 3. The backward, without atomics (the same inputs give bit-identical gradients on every run):
    ``_sparse_backward_dq_kernel`` gathers the selected rows again per query, recomputes the
    probabilities from the saved log-sum-exp and ``delta = rowsum(dO * O)``, and accumulates dq in
@@ -93,8 +99,10 @@ Costs per (batch, head), element size ``e``, ``Nq`` queries, ``Nk`` keys, ``k = 
   (the candidates' stores reach the scratch); ``O(BLOCK_N log^2 BLOCK_N)`` per query for each merge
   (a few per query after the first blocks). Scratch: ``8 BLOCK_N`` bytes per query row, at most
   ``8 * _SCRATCH_ENTRIES`` bytes (128 MiB) per call.
-- forward: ``4 Nq k D`` FLOPs (the attention proper), gathers ``2 Nq k D e`` bytes of K/V rows
-  (from L2 where neighbouring queries share keys), writes ``Nq D e + 4 Nq`` bytes.
+- forward: ``2 Nq k D`` FLOPs (the weighted sum of V; the scores come from the selection), reads
+  ``4 Nq k`` bytes of scores and gathers ``Nq k D e`` bytes of V rows (from L2 where neighbouring
+  queries share keys), writes ``Nq D e + 4 Nq`` bytes; dense mode scores every key: ``4 Nq Nk D``
+  FLOPs and ``2 Nq Nk D e`` bytes of K/V rows.
 - backward: ``8 Nq k D`` FLOPs in each of the dq and dk/dv passes (scores and probabilities are
   recomputed in both), gathers ``2 Nq k D e`` bytes per pass (K/V rows, then Q/dO rows), writes
   dq, dk, dv once each; the map costs a stable sort of the ``Nq k`` saved indices as int32 keys
@@ -170,13 +178,20 @@ def _pack_keys(scores, key_index):
 
 
 @triton.jit
+def _unpack_scores(packed):
+    """The float32 scores of packed keys: the inverse of the packing's order-preserving map (it is
+    its own inverse). An empty slot (the smallest key) reads as NaN."""
+    ordered = (packed >> 32).to(tl.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _kth_score(best, cols, topk):
     """Float32 score of slot ``topk - 1`` of each row of ``best`` (sorted descending); ``-inf`` while
-    the slot is empty. The inverse of the packing's order-preserving map (it is its own inverse)."""
+    the slot is empty."""
     kth = tl.max(tl.where(cols[None, :] == topk - 1, best, -9223372036854775807), axis=1)
-    ordered = (kth >> 32).to(tl.int32)
-    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
-    return tl.where(kth == -9223372036854775807, float("-inf"), bits.to(tl.float32, bitcast=True))
+    return tl.where(kth == -9223372036854775807, float("-inf"), _unpack_scores(kth))
 
 
 @triton.jit
@@ -194,13 +209,13 @@ def _merge_into(best, packed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOG_
 
 @triton.jit
 def _select_topk_kernel(
-    q_ptr, k_ptr, idx_ptr, cand_ptr,
+    q_ptr, k_ptr, idx_ptr, scores_ptr, cand_ptr,
     num_queries, num_keys, topk, heads, bh_start, scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, NATIVE_SORT: tl.constexpr, LOG_N: tl.constexpr,
-    DOT_CHUNK: tl.constexpr, EXTRACT: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, EXTRACT: tl.constexpr, STORE_SCORES: tl.constexpr,
 ):  # fmt: skip
     # Scores are tl.dot over head-dim slices of DOT_CHUNK (float32 IEEE products run on CUDA cores,
     # and a whole [D, BLOCK_N] float32 operand per step would not fit in registers); the slices
@@ -291,9 +306,11 @@ def _select_topk_kernel(
     # A slot left empty (only where NaN scores were never admitted) gets key 0, so every index
     # stays in range; NaN inputs give NaN-dependent output, not an out-of-bounds read.
     selected = tl.where(best == -9223372036854775807, 0, (4294967295 - (best & 4294967295)).to(tl.int32))
-    idx_base = idx_ptr + pid_bh.to(tl.int64) * num_queries * topk
-    tl.store(idx_base + rows.to(tl.int64)[:, None] * topk + cols[None, :], selected,
-             mask=row_ok[:, None] & (cols < topk)[None, :])  # fmt: skip
+    out_offsets = pid_bh.to(tl.int64) * num_queries * topk + rows.to(tl.int64)[:, None] * topk + cols[None, :]
+    out_mask = row_ok[:, None] & (cols < topk)[None, :]
+    tl.store(idx_ptr + out_offsets, selected, mask=out_mask)
+    if STORE_SCORES:  # the forward's softmax reads them instead of recomputing q . k (NaN: empty slot)
+        tl.store(scores_ptr + out_offsets, _unpack_scores(best), mask=out_mask)
 
 
 @triton.jit
@@ -325,13 +342,18 @@ def _selected_keys(idx_base, rows, row_ok, slots, num_selected, DENSE: tl.conste
 
 @triton.jit
 def _sparse_forward_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, idx_ptr, scores_ptr, out_ptr, lse_ptr,
     num_queries, num_selected, heads, scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    DENSE: tl.constexpr, GIVEN_SCORES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    """Softmax over each query's selected keys and the weighted sum of their values. ``GIVEN_SCORES``:
+    the selection's scores (``scores_ptr``, ``[B, H, Nq, S]``, already scaled) are read instead of
+    gathering K and recomputing ``q . k``; only V is gathered. Base 2 throughout (one multiply and
+    one MUFU.EX2 per score); the stored lse is natural."""
     query_blocks = tl.cdiv(num_queries, BLOCK_M)
     pid_bh = tl.program_id(0) // query_blocks
     pid_m = tl.program_id(0) % query_blocks
@@ -341,34 +363,53 @@ def _sparse_forward_kernel(
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < num_queries
 
-    q_base = q_ptr + batch * stride_qb + head * stride_qh
     k_base = k_ptr + batch * stride_kb + head * stride_kh
     v_base = v_ptr + batch * stride_vb + head * stride_vh
-    idx_base = idx_ptr + pid_bh.to(tl.int64) * num_queries * num_selected
-    q = tl.load(q_base + rows.to(tl.int64)[:, None] * stride_qn + dims[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
+    selection = pid_bh.to(tl.int64) * num_queries * num_selected
+    idx_base = idx_ptr + selection
+    if not GIVEN_SCORES:
+        q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + rows.to(tl.int64)[:, None] * stride_qn
+                    + dims[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
+    log2_scale = scale * 1.4426950408889634
 
-    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # base 2
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start in range(0, num_selected, BLOCK_K):
-        slots = start + tl.arange(0, BLOCK_K)
-        key, valid = _selected_keys(idx_base, rows, row_ok, slots, num_selected, DENSE)
-        k_rows = _gather_rows(k_base, stride_kn, stride_kd, key, dims, valid)
-        scores = tl.sum(q[:, None, :] * k_rows, axis=2) * scale
-        scores = tl.where(valid, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows past the end see no key
-        rescale = tl.exp(row_max - shift)
-        probs = tl.exp(scores - shift[:, None])
-        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
-        v_rows = _gather_rows(v_base, stride_vn, stride_vd, key, dims, valid)
-        acc = acc * rescale[:, None] + tl.sum(probs[:, :, None] * v_rows, axis=1)
-        row_max = new_max
+    if GIVEN_SCORES:
+        # The selection stores each query's keys best first, so slot 0 holds the row's largest score:
+        # one pass, one slot at a time, each query's value row scaled by its probability and added
+        # in registers (no reduction across lanes: a thread owns a slice of D of its queries' rows).
+        score_rows = scores_ptr + selection + rows.to(tl.int64) * num_selected
+        idx_rows = idx_base + rows.to(tl.int64) * num_selected
+        row_max = tl.load(score_rows, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+        for slot in range(0, num_selected):
+            key = tl.load(idx_rows + slot, mask=row_ok, other=0)
+            score = tl.load(score_rows + slot, mask=row_ok, other=float("-inf"))
+            prob = tl.math.exp2(score * 1.4426950408889634 - shift)
+            row_sum += prob
+            v_row = tl.load(v_base + key.to(tl.int64)[:, None] * stride_vn + dims[None, :] * stride_vd,
+                            mask=row_ok[:, None], other=0.0)  # fmt: skip
+            acc += prob[:, None] * v_row.to(tl.float32)
+    else:
+        for start in range(0, num_selected, BLOCK_K):
+            slots = start + tl.arange(0, BLOCK_K)
+            key, valid = _selected_keys(idx_base, rows, row_ok, slots, num_selected, DENSE)
+            k_rows = _gather_rows(k_base, stride_kn, stride_kd, key, dims, valid)
+            scores = tl.sum(q[:, None, :] * k_rows, axis=2) * log2_scale
+            scores = tl.where(valid, scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows past the end see no key
+            rescale = tl.math.exp2(row_max - shift)
+            probs = tl.math.exp2(scores - shift[:, None])
+            row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+            v_rows = _gather_rows(v_base, stride_vn, stride_vd, key, dims, valid)
+            acc = acc * rescale[:, None] + tl.sum(probs[:, :, None] * v_rows, axis=1)
+            row_max = new_max
 
     row_sum = tl.where(row_ok, row_sum, 1.0)
     out = acc / row_sum[:, None]
-    lse = row_max + tl.log(row_sum)
+    lse = (row_max + tl.math.log2(row_sum)) * 0.6931471805599453  # natural log
     out_offsets = pid_bh.to(tl.int64) * num_queries * HEAD_DIM + rows.to(tl.int64)[:, None] * HEAD_DIM
     tl.store(out_ptr + out_offsets + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(lse_ptr + pid_bh.to(tl.int64) * num_queries + rows, lse, mask=row_ok)
@@ -500,7 +541,10 @@ _ONE_SLOT = SpillAllowance(
 # the loop's SASS instruction counts by it (instructions per score, a prediction).
 SASS_LOOP_WORK = {
     "_select_topk_kernel": lambda constexprs: constexprs["BLOCK_M"] * constexprs["BLOCK_N"],
-    "_sparse_forward_kernel": lambda constexprs: constexprs["BLOCK_M"] * constexprs["BLOCK_K"],
+    # Over the selection's scores the main loop takes one slot of BLOCK_M queries per iteration.
+    "_sparse_forward_kernel": lambda constexprs: (
+        constexprs["BLOCK_M"] * (1 if constexprs.get("GIVEN_SCORES") else constexprs["BLOCK_K"])
+    ),
 }
 
 
@@ -511,7 +555,7 @@ def _contiguous_launch(constexprs: dict) -> dict[str, int]:
     (itself a multiple of 16). Sizes (``num_queries``, ``topk``, ...) are left general."""
     head_dim, rows, heads = constexprs["HEAD_DIM"], 1000, 8  # any N, H: only divisibility matters
     strides = {"b": heads * rows * head_dim, "h": rows * head_dim, "n": head_dim, "d": 1}
-    values = {"q_ptr": 16, "k_ptr": 16, "idx_ptr": 16, "cand_ptr": 16}
+    values = {"q_ptr": 16, "k_ptr": 16, "idx_ptr": 16, "scores_ptr": 16, "cand_ptr": 16}
     values.update({f"stride_{t}{axis}": stride for t in "qk" for axis, stride in strides.items()})
     return values
 
@@ -587,6 +631,15 @@ def sparse_tile(head_dim: int, backward: bool = False, interpret: bool = False) 
     return Tile(max(1, min(64, budget // (block_k * head_dim))), block_k, 4)
 
 
+def given_scores_tile(head_dim: int, interpret: bool = False) -> Tile:
+    """Tile of the forward over the selection's scores: ``BLOCK_M`` queries whose ``[BLOCK_M, D]``
+    float32 accumulator takes 16 registers per thread on 4 warps (2048 values); one slot per step
+    (``BLOCK_N`` is unused)."""
+    if interpret:
+        return Tile(64, 1, 4)
+    return Tile(max(1, min(128, 2048 // head_dim)), 1, 4)
+
+
 def topk_attention_grid(batch: int, heads: int, num_queries: int, block_m: int) -> tuple[int]:
     """The one-axis grid of every top-k kernel: ``B * H * ceil(Nq / BLOCK_M)`` programs on axis 0."""
     programs = batch * heads * triton.cdiv(num_queries, block_m)
@@ -613,9 +666,15 @@ def select_topk_grid(
 
 
 def topk_attention_forward_grid(
-    batch: int, heads: int, num_queries: int, head_dim: int, interpret: bool = False
+    batch: int,
+    heads: int,
+    num_queries: int,
+    head_dim: int,
+    interpret: bool = False,
+    given_scores: bool = False,
 ) -> tuple[int]:
-    return topk_attention_grid(batch, heads, num_queries, sparse_tile(head_dim, False, interpret).block_m)
+    tile = given_scores_tile(head_dim, interpret) if given_scores else sparse_tile(head_dim, False, interpret)
+    return topk_attention_grid(batch, heads, num_queries, tile.block_m)
 
 
 def topk_attention_backward_grid(
@@ -641,29 +700,35 @@ def _pack_keys_torch(scores: torch.Tensor) -> torch.Tensor:
     return (ordered << 32) + (_LOW_WORD - index)
 
 
-def _select_topk_torch(q: torch.Tensor, k: torch.Tensor, topk: int, scale: float) -> torch.Tensor:
-    """The selection for topk > TRITON_MAX_TOPK: torch over query chunks, bounded temporary memory."""
+def _select_topk_torch(
+    q: torch.Tensor, k: torch.Tensor, topk: int, scale: float, scores: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The selection for topk > TRITON_MAX_TOPK: torch over query chunks, bounded temporary memory
+    (``scores``, when given, receives the selected keys' scaled scores)."""
     batch, heads, num_queries, _ = q.shape
     num_keys = k.shape[2]
     indices = torch.empty((batch, heads, num_queries, topk), dtype=torch.int32, device=q.device)
     keys_t = k.float().transpose(-2, -1)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * num_keys))
     for start in range(0, num_queries, chunk):
-        scores = (q[:, :, start : start + chunk].float() @ keys_t) * scale
-        best = _pack_keys_torch(scores).topk(topk, dim=-1).values
-        indices[:, :, start : start + chunk] = (_LOW_WORD - (best & _LOW_WORD)).to(torch.int32)
+        chunk_scores = (q[:, :, start : start + chunk].float() @ keys_t) * scale
+        best = _pack_keys_torch(chunk_scores).topk(topk, dim=-1)
+        indices[:, :, start : start + chunk] = (_LOW_WORD - (best.values & _LOW_WORD)).to(torch.int32)
+        if scores is not None:
+            scores[:, :, start : start + chunk] = chunk_scores.gather(-1, best.indices)
     return indices
 
 
 def _selection_constexprs(
-    tile: Tile, head_dim: int, dtype: torch.dtype, interpret: bool, native_sort: bool | None = None
-) -> dict:
+    tile: Tile, head_dim: int, dtype: torch.dtype, interpret: bool, native_sort: bool | None = None,
+    store_scores: bool = True,
+) -> dict:  # fmt: skip
     return {
         "HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "UPCAST": interpret,
         "IEEE_FP32": dtype == torch.float32,
         "NATIVE_SORT": not interpret if native_sort is None else native_sort,
         "LOG_N": tile.block_n.bit_length() - 1, "DOT_CHUNK": min(head_dim, tile.dot_chunk),
-        "EXTRACT": min(tile.extract, tile.block_n),
+        "EXTRACT": min(tile.extract, tile.block_n), "STORE_SCORES": store_scores,
     }  # fmt: skip
 
 
@@ -674,17 +739,20 @@ def select_topk(
     scale: float,
     native_sort: bool | None = None,
     extract: int | None = None,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, H, Nq, topk]`` int32 indices of each query's best keys, best first (needs topk < Nk).
 
-    ``native_sort`` picks tl.sort (default on GPU) or the sorting network (default when interpreting).
-    ``extract`` overrides the tile's ``EXTRACT`` (tests: 0 merges every block that has a candidate
-    whole, ``BLOCK_N`` always goes through the candidate buffer); the result does not depend on it.
+    ``scores``: a ``[B, H, Nq, topk]`` float32 tensor that receives the selected keys' scaled scores
+    (NaN in a slot no key filled). ``native_sort`` picks tl.sort (default on GPU) or the sorting
+    network (default when interpreting). ``extract`` overrides the tile's ``EXTRACT`` (tests: 0 merges
+    every block that has a candidate whole, ``BLOCK_N`` always goes through the candidate buffer); the
+    result does not depend on it.
     """
     batch, heads, num_queries, head_dim = q.shape
     num_keys = k.shape[2]
     if topk > TRITON_MAX_TOPK:
-        return _select_topk_torch(q, k, topk, scale)
+        return _select_topk_torch(q, k, topk, scale, scores)
     indices = torch.empty((batch, heads, num_queries, topk), dtype=torch.int32, device=q.device)
     if indices.numel() == 0:
         return indices
@@ -694,18 +762,20 @@ def select_topk(
         if isinstance(extract, bool) or not isinstance(extract, int) or extract < 0:
             raise ValueError(f"extract must be a non-negative int, got {extract!r}")
         tile = dataclasses.replace(tile, extract=extract)
-    constexprs = _selection_constexprs(tile, head_dim, q.dtype, interpret, native_sort)
+    constexprs = _selection_constexprs(tile, head_dim, q.dtype, interpret, native_sort, scores is not None)
     # The candidate buffers (BLOCK_N int64 per query row) are scratch of at most _SCRATCH_ENTRIES
     # entries: (batch, head) pairs go in launches of as many as fit, one after another on the stream.
     query_blocks = triton.cdiv(num_queries, tile.block_m)
     per_head = query_blocks * tile.block_m * tile.block_n
     heads_per_launch = max(1, min(batch * heads, _SCRATCH_ENTRIES // per_head))
     scratch = torch.empty(heads_per_launch * per_head, dtype=torch.int64, device=q.device)
+    no_scores = torch.empty(0, dtype=torch.float32, device=q.device)  # unread (STORE_SCORES off)
     select_topk_grid(batch, heads, num_queries, head_dim, topk, q.dtype, interpret)  # checks the limit
     for bh_start in range(0, batch * heads, heads_per_launch):
         programs = min(heads_per_launch, batch * heads - bh_start) * query_blocks
         _select_topk_kernel[(programs,)](
-            q, k, indices, scratch, num_queries, num_keys, topk, heads, bh_start, scale,
+            q, k, indices, no_scores if scores is None else scores, scratch, num_queries, num_keys, topk,
+            heads, bh_start, scale,
             *_strides(q), *_strides(k), **constexprs, num_warps=tile.num_warps, num_stages=tile.num_stages,
         )  # fmt: skip
     return indices
@@ -722,16 +792,22 @@ def topk_attention_forward(
     lse = torch.empty((batch, heads, num_queries), dtype=torch.float32, device=q.device)
     if dense:
         indices = torch.empty((batch, heads, num_queries, 0), dtype=torch.int32, device=q.device)
+        scores = lse  # unread (dense mode scores every key itself)
     else:
-        indices = select_topk(q, k, topk, scale)
+        # The selection's scores feed the forward's softmax: it gathers only V (a temporary of the
+        # indices' size, not kept for the backward).
+        scores = torch.empty((batch, heads, num_queries, topk), dtype=torch.float32, device=q.device)
+        indices = select_topk(q, k, topk, scale, scores=scores)
     if out.numel() == 0:
         return out, lse, indices
     interpret = _interpret(q)
-    tile = sparse_tile(head_dim, False, interpret)
-    _sparse_forward_kernel[topk_attention_forward_grid(batch, heads, num_queries, head_dim, interpret)](
-        q, k, v, indices, out, lse, num_queries, num_keys if dense else topk, heads, scale,
+    tile = sparse_tile(head_dim, False, interpret) if dense else given_scores_tile(head_dim, interpret)
+    grid = topk_attention_forward_grid(batch, heads, num_queries, head_dim, interpret, given_scores=not dense)
+    _sparse_forward_kernel[grid](
+        q, k, v, indices, scores, out, lse, num_queries, num_keys if dense else topk, heads, scale,
         *_strides(q), *_strides(k), *_strides(v),
-        DENSE=dense, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_K=tile.block_n, num_warps=tile.num_warps,
+        DENSE=dense, GIVEN_SCORES=not dense, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_K=tile.block_n,
+        num_warps=tile.num_warps,
     )  # fmt: skip
     return out, lse, indices
 
@@ -837,6 +913,7 @@ def launch_configs() -> Iterator[KernelLaunch]:
             "q_ptr": data, "k_ptr": data, "v_ptr": data, "out_ptr": data, "grad_out_ptr": data,
             "dq_ptr": data, "dk_ptr": data, "dv_ptr": data, "idx_ptr": "*i32", "lse_ptr": "*fp32",
             "delta_ptr": "*fp32", "offsets_ptr": "*i32", "qlist_ptr": "*i32", "cand_ptr": "*i64",
+            "scores_ptr": "*fp32",
         }  # fmt: skip
         for head_dim in SUPPORTED_HEAD_DIMS:
             tags = {"dtype": name, "head_dim": head_dim}
@@ -855,8 +932,10 @@ def launch_configs() -> Iterator[KernelLaunch]:
                 (_sparse_backward_dq_kernel, True),
                 (_sparse_backward_dkdv_kernel, True),
             ):
-                tile = sparse_tile(head_dim, backward)
                 for dense in (False, True):
+                    tile = sparse_tile(head_dim, backward)
+                    if kernel is _sparse_forward_kernel and not dense:
+                        tile = given_scores_tile(head_dim)
                     if kernel is _sparse_backward_dkdv_kernel:
                         blocks = {"BLOCK_N": tile.block_m, "BLOCK_Q": tile.block_n}
                         label = "backward dk/dv"
@@ -864,6 +943,13 @@ def launch_configs() -> Iterator[KernelLaunch]:
                         blocks = {"BLOCK_M": tile.block_m, "BLOCK_K": tile.block_n}
                         label = "backward dq" if backward else "forward"
                     constexprs = {"DENSE": dense, "HEAD_DIM": head_dim, **blocks}
+                    if kernel is _sparse_forward_kernel:  # the sparse forward reads the selection's scores
+                        constexprs = {
+                            "DENSE": dense,
+                            "GIVEN_SCORES": not dense,
+                            "HEAD_DIM": head_dim,
+                            **blocks,
+                        }
                     yield KernelLaunch(
                         kernel, kernel_signature(kernel, constexprs, pointers, _SCALARS), constexprs,
                         tile.num_warps, tile.num_stages,
