@@ -489,11 +489,13 @@ HOT_LOOP: dict[str, dict[str, Any]] = {
     "_block_attention_dq_kernel": _ATTENTION_TARGET,
     "_block_attention_dkdv_kernel": _ATTENTION_TARGET,
     "_select_topk_kernel": {"tensor_cores": "wgmma", "async_copy": True},
-    # The token forward's scores come from the selection's tensor-core dot; what remains is each
-    # query's own weighted sum of gathered V rows (no operand shared across queries): 128-bit rows.
+    # Token mode's gather kernels: the forward's scores come from the selection's tensor-core dot;
+    # what remains, forward and backward, is per-query (dq) or per-key (dk/dv) work on gathered rows
+    # with no operand shared across them (issue 26 §3: a gather backward at memory speed), so the
+    # target is 128-bit row loads and exp2, not tensor cores.
     "_sparse_forward_kernel": {"exp2": True, "vector_io": "HEAD_DIM"},
-    "_sparse_backward_dq_kernel": {"tensor_cores": "mma", "exp2": True},
-    "_sparse_backward_dkdv_kernel": {"tensor_cores": "mma", "exp2": True},
+    "_sparse_backward_dq_kernel": {"exp2": True, "vector_io": "HEAD_DIM"},
+    "_sparse_backward_dkdv_kernel": {"exp2": True, "vector_io": "HEAD_DIM"},
     "implicit_gemm_kernel": {"tensor_cores": "wgmma", "async_copy": True},
     "weight_grad_kernel": {"tensor_cores": "mma", "async_copy": True},
     "selective_scan_forward_kernel": {"exp2": True},
@@ -514,10 +516,6 @@ KNOWN_DEFICITS: dict[tuple[str, str], str] = {
     # mode's selection over block means runs the same kernel.
     ("_select_topk_kernel", "tensor_cores"): _TOKEN,
     ("_select_topk_kernel", "async_copy"): f"{_TOKEN}; {_BLOCK}",
-    ("_sparse_backward_dq_kernel", "tensor_cores"): _TOKEN,
-    ("_sparse_backward_dq_kernel", "exp2"): _TOKEN,
-    ("_sparse_backward_dkdv_kernel", "tensor_cores"): _TOKEN,
-    ("_sparse_backward_dkdv_kernel", "exp2"): _TOKEN,
     ("_block_attention_forward_kernel", "tensor_cores"): _BLOCK,
     ("_block_attention_forward_kernel", "exp2"): _BLOCK,
     ("_block_attention_dq_kernel", "tensor_cores"): _BLOCK,

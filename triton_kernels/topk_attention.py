@@ -76,13 +76,14 @@ Three kernels, each with a one-axis grid of ``B * H * ceil(Nq / BLOCK_M)`` progr
    queries' accumulators, with no reduction across lanes. Dense mode (``topk >= Nk``) has no
    selection and gathers K too. Base 2: one multiply and one MUFU.EX2 per score, the lse natural.
 3. The backward, without atomics (the same inputs give bit-identical gradients on every run):
-   ``_sparse_backward_dq_kernel`` gathers the selected rows again per query, recomputes the
-   probabilities from the saved log-sum-exp and ``delta = rowsum(dO * O)``, and accumulates dq in
-   registers; ``_sparse_backward_dkdv_kernel`` is key-major: ``selection_map`` transposes the saved
-   indices by an int32 counting sort (counts per key, offsets by a prefix sum, queries in
-   increasing order per key from a stable sort of 32-bit keys), and each program owns ``BLOCK_N``
-   keys, gathers the queries that selected each
-   of them ``BLOCK_Q`` at a time, and accumulates dk and dv in registers, written once.
+   ``_sparse_backward_dq_kernel`` gathers the selected rows again per query, one key of each of
+   its ``BLOCK_M`` queries per step, recomputes the probabilities from the saved log-sum-exp and
+   ``delta = rowsum(dO * O)`` (base 2), and accumulates dq in registers;
+   ``_sparse_backward_dkdv_kernel`` is key-major: ``selection_map`` transposes the saved indices by
+   an int32 counting sort (counts per key, offsets by a prefix sum, queries in increasing order per
+   key from a stable sort of 32-bit keys), and each program owns ``BLOCK_N`` keys, gathers one of
+   the queries that selected each of them per step, and accumulates dk and dv in registers, written
+   once. Both reduce over D only (no reduction across selected keys in a step).
 
 Why saved indices instead of recomputing the selection in backward: membership is decided at the
 k-th score exactly, and a score recomputed by a differently shaped kernel may round differently
@@ -423,8 +424,11 @@ def _sparse_backward_dq_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gn, stride_gd,
-    DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
+    """Query-major dq: ``BLOCK_M`` queries per program, one selected key of each per step (its K and V
+    rows gathered, ``[BLOCK_M, D]``); the two dot products per score reduce over D only, and dq
+    accumulates in registers. Base 2: ``p = exp2(q . k * scale log2(e) - lse log2(e))``."""
     query_blocks = tl.cdiv(num_queries, BLOCK_M)
     pid_bh = tl.program_id(0) // query_blocks
     pid_m = tl.program_id(0) % query_blocks
@@ -437,25 +441,26 @@ def _sparse_backward_dq_kernel(
 
     k_base = k_ptr + batch * stride_kb + head * stride_kh
     v_base = v_ptr + batch * stride_vb + head * stride_vh
-    idx_base = idx_ptr + pid_bh.to(tl.int64) * num_queries * num_selected
+    idx_rows = idx_ptr + pid_bh.to(tl.int64) * num_queries * num_selected + rows64 * num_selected
     row_base = pid_bh.to(tl.int64) * num_queries
     q = _load_rows(q_ptr + batch * stride_qb + head * stride_qh, stride_qn, stride_qd, rows, dims, row_ok)
     g_base = grad_out_ptr + batch * stride_gb + head * stride_gh
     grad_out = _load_rows(g_base, stride_gn, stride_gd, rows, dims, row_ok)
-    lse = tl.load(lse_ptr + row_base + rows, mask=row_ok, other=0.0)
+    lse2 = tl.load(lse_ptr + row_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + row_base + rows, mask=row_ok, other=0.0)  # sum_j p_j dp_j
+    log2_scale = scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start in range(0, num_selected, BLOCK_K):
-        slots = start + tl.arange(0, BLOCK_K)
-        key, valid = _selected_keys(idx_base, rows, row_ok, slots, num_selected, DENSE)
-        k_rows = _gather_rows(k_base, stride_kn, stride_kd, key, dims, valid)
-        v_rows = _gather_rows(v_base, stride_vn, stride_vd, key, dims, valid)
-        scores = tl.sum(q[:, None, :] * k_rows, axis=2) * scale
-        probs = tl.where(valid, tl.exp(scores - lse[:, None]), 0.0)
-        grad_probs = tl.sum(grad_out[:, None, :] * v_rows, axis=2)
-        grad_scores = probs * (grad_probs - delta[:, None])
-        dq += tl.sum(grad_scores[:, :, None] * k_rows, axis=1)
+    for slot in range(0, num_selected):
+        if DENSE:
+            key = slot + tl.zeros_like(rows)
+        else:
+            key = tl.load(idx_rows + slot, mask=row_ok, other=0)
+        k_row = _load_rows(k_base, stride_kn, stride_kd, key, dims, row_ok)
+        v_row = _load_rows(v_base, stride_vn, stride_vd, key, dims, row_ok)
+        probs = tl.where(row_ok, tl.math.exp2(tl.sum(q * k_row, axis=1) * log2_scale - lse2), 0.0)
+        grad_scores = probs * (tl.sum(grad_out * v_row, axis=1) - delta)
+        dq += grad_scores[:, None] * k_row
 
     out_offsets = row_base * HEAD_DIM + rows64[:, None] * HEAD_DIM + dims[None, :]
     tl.store(dq_ptr + out_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -469,10 +474,12 @@ def _sparse_backward_dkdv_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gn, stride_gd,
-    DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+    DENSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    # Key-major: BLOCK_N keys per program, each with the queries that selected it (in increasing
-    # query order, from the selection map), BLOCK_Q of them per step. Each key row is written once.
+    """Key-major dk, dv: ``BLOCK_N`` keys per program, each with the queries that selected it (in
+    increasing query order, from the selection map), one query of each per step (its Q and dO rows
+    gathered, ``[BLOCK_N, D]``); reductions over D only, dk and dv in registers, each key row written
+    once."""
     key_blocks = tl.cdiv(num_keys, BLOCK_N)
     pid_bh = tl.program_id(0) // key_blocks
     pid_n = tl.program_id(0) % key_blocks
@@ -495,26 +502,24 @@ def _sparse_backward_dkdv_kernel(
         entry = pid_bh.to(tl.int64) * num_keys + keys64
         start = tl.load(offsets_ptr + entry, mask=key_ok, other=0)
         count = tl.load(offsets_ptr + entry + 1, mask=key_ok, other=0) - start
+    log2_scale = scale * 1.4426950408889634
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    for step in range(0, tl.max(count, axis=0), BLOCK_Q):
-        slots = step + tl.arange(0, BLOCK_Q)
-        valid = slots[None, :] < count[:, None]
+    for step in range(0, tl.max(count, axis=0)):
+        valid = step < count
         if DENSE:
-            query = slots[None, :] + tl.zeros_like(keys)[:, None]
+            query = step + tl.zeros_like(keys)
         else:
-            query = tl.load(qlist_ptr + (start[:, None] + slots[None, :]).to(tl.int64), mask=valid, other=0)
-        q_rows = _gather_rows(q_base, stride_qn, stride_qd, query, dims, valid)
-        g_rows = _gather_rows(g_base, stride_gn, stride_gd, query, dims, valid)
-        lse = tl.load(lse_ptr + row_base + query, mask=valid, other=0.0)
+            query = tl.load(qlist_ptr + (start + step).to(tl.int64), mask=valid, other=0)
+        q_row = _load_rows(q_base, stride_qn, stride_qd, query, dims, valid)
+        g_row = _load_rows(g_base, stride_gn, stride_gd, query, dims, valid)
+        lse2 = tl.load(lse_ptr + row_base + query, mask=valid, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + row_base + query, mask=valid, other=0.0)
-        scores = tl.sum(k[:, None, :] * q_rows, axis=2) * scale
-        probs = tl.where(valid, tl.exp(scores - lse), 0.0)
-        grad_probs = tl.sum(v[:, None, :] * g_rows, axis=2)
-        grad_scores = probs * (grad_probs - delta)
-        dv += tl.sum(probs[:, :, None] * g_rows, axis=1)
-        dk += tl.sum(grad_scores[:, :, None] * q_rows, axis=1)
+        probs = tl.where(valid, tl.math.exp2(tl.sum(k * q_row, axis=1) * log2_scale - lse2), 0.0)
+        grad_scores = probs * (tl.sum(v * g_row, axis=1) - delta)
+        dv += probs[:, None] * g_row
+        dk += grad_scores[:, None] * q_row
 
     out_offsets = pid_bh.to(tl.int64) * num_keys * HEAD_DIM + keys64[:, None] * HEAD_DIM + dims[None, :]
     tl.store(dk_ptr + out_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok[:, None])
@@ -529,14 +534,8 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # sm_90 (227 KB of shared memory per block, 255 registers per thread), checked by compiling
-# launch_configs(): the selection and forward kernels spill nothing; the backward kernels at
-# D = 128 (and dk/dv at float32 D = 64) keep one 8-byte value in local memory.
-_ONE_SLOT = SpillAllowance(
-    8,
-    "one 8-byte stack slot at D = 128 (float32 dk/dv: D = 64): at most 4 LDL/STL in the whole kernel "
-    "(SASS counts in the budget table), against about 1,300-1,500 instructions; the gathered rows stay "
-    "in registers",
-)
+# launch_configs() under triton 3.6 and 3.8: nothing spills but the dense-mode forward at 16-bit
+# D = 32 (allowance below).
 # Scores per program per iteration of the selection's key-block loop: bench/kernel_budget.py divides
 # the loop's SASS instruction counts by it (instructions per score, a prediction).
 SASS_LOOP_WORK = {
@@ -568,11 +567,9 @@ SPILL_ALLOWANCE: dict[str, SpillAllowance] = {
         "2 x 16 x 256 int64 on 256 threads (compiled as a launch on contiguous tensors, no configuration "
         "spills today; LDL/STL counts in the table); every other tile class spills nothing",
     ),
-    "_sparse_backward_dq_kernel": _ONE_SLOT,
-    "_sparse_backward_dkdv_kernel": _ONE_SLOT,
     # Found by compiling every configuration (the representative subset does not hold these tiles).
     "_sparse_forward_kernel": SpillAllowance(
-        16, "16-bit D = 32 tiles only, at 128 registers: 8 B (16 with the dense mode), 4 to 6 LDL/STL"
+        16, "dense mode (topk >= Nk), 16-bit D = 32 tiles only, at 128 registers: 8 B, 4 to 6 LDL/STL"
     ),
 }
 
@@ -622,13 +619,16 @@ def selection_tile(topk: int, head_dim: int, dtype: torch.dtype, interpret: bool
 
 
 def sparse_tile(head_dim: int, backward: bool = False, interpret: bool = False) -> Tile:
-    """Tile of the gather kernels: ``BLOCK_M`` queries x ``BLOCK_K`` selected keys x ``D`` values per step,
-    about ``budget`` values per ``[M, K, D]`` tile so that each thread holds a few dozen of each."""
+    """Tile of the gather kernels. Forward over keys it scores itself (dense mode): ``BLOCK_M``
+    queries x ``BLOCK_K`` keys x ``D`` values per step, about 4096 values per ``[M, K, D]`` tile.
+    Backward (dq query-major, dk/dv key-major): ``block_m`` rows of one gathered ``[rows, D]`` tile per
+    step, 2048 values (16 float32 registers per thread and row tile on 4 warps; ``block_n`` unused)."""
+    if backward:
+        return Tile(64 if interpret else max(1, min(128, 2048 // head_dim)), 1, 4)
     block_k = 16
     if interpret:  # the interpreter amortizes its per-program cost on big tiles
         return Tile(max(1, min(64, 65536 // (block_k * head_dim))), block_k, 4)
-    budget = 2048 if backward else 4096
-    return Tile(max(1, min(64, budget // (block_k * head_dim))), block_k, 4)
+    return Tile(max(1, min(64, 4096 // (block_k * head_dim))), block_k, 4)
 
 
 def given_scores_tile(head_dim: int, interpret: bool = False) -> Tile:
@@ -877,7 +877,7 @@ def topk_attention_backward(
     indices = indices.contiguous()
     _sparse_backward_dq_kernel[topk_attention_backward_grid(batch, heads, num_queries, head_dim, interpret)](
         q, k, v, grad_out, lse, delta, indices, dq, num_queries, num_selected, heads, scale, *strides,
-        DENSE=dense, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_K=tile.block_n, num_warps=tile.num_warps,
+        DENSE=dense, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, num_warps=tile.num_warps,
     )  # fmt: skip
     if dense:
         offsets = rows = torch.zeros(1, dtype=torch.int32, device=q.device)
@@ -885,7 +885,7 @@ def topk_attention_backward(
         offsets, rows = selection_map(indices, num_keys)
     _sparse_backward_dkdv_kernel[topk_attention_dkdv_grid(batch, heads, num_keys, head_dim, interpret)](
         q, k, v, grad_out, lse, delta, offsets, rows, dk, dv, num_queries, num_keys, heads, scale, *strides,
-        DENSE=dense, HEAD_DIM=head_dim, BLOCK_N=tile.block_m, BLOCK_Q=tile.block_n, num_warps=tile.num_warps,
+        DENSE=dense, HEAD_DIM=head_dim, BLOCK_N=tile.block_m, num_warps=tile.num_warps,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -937,11 +937,14 @@ def launch_configs() -> Iterator[KernelLaunch]:
                     if kernel is _sparse_forward_kernel and not dense:
                         tile = given_scores_tile(head_dim)
                     if kernel is _sparse_backward_dkdv_kernel:
-                        blocks = {"BLOCK_N": tile.block_m, "BLOCK_Q": tile.block_n}
+                        blocks = {"BLOCK_N": tile.block_m}
                         label = "backward dk/dv"
+                    elif kernel is _sparse_backward_dq_kernel:
+                        blocks = {"BLOCK_M": tile.block_m}
+                        label = "backward dq"
                     else:
                         blocks = {"BLOCK_M": tile.block_m, "BLOCK_K": tile.block_n}
-                        label = "backward dq" if backward else "forward"
+                        label = "forward"
                     constexprs = {"DENSE": dense, "HEAD_DIM": head_dim, **blocks}
                     if kernel is _sparse_forward_kernel:  # the sparse forward reads the selection's scores
                         constexprs = {
