@@ -51,6 +51,7 @@ from fastvision.benchmark.attention_common import (
     op_fn,
 )
 from fastvision.benchmark.case import BenchCase, backend_impl
+from fastvision.benchmark.timing import distribution_version
 from fastvision.ops import OPS
 from fastvision.ops.block_topk_attention import (
     block_selection_mask,
@@ -269,15 +270,6 @@ def _fla_nsa():
     return ParallelNSAFunction
 
 
-def _fla_version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("fla-core")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown version"
-
-
 def _given_blocks_reference(q, k_kv, v_kv, selected, group, block_size, scale, grad_out):
     """The causal definition over the selection mask ``selected`` ``[B, HQ, Nqb, Nkb]`` in float32,
     key/value heads shared by ``group`` query heads, over query chunks; with ``grad_out``, (out, dq,
@@ -352,8 +344,8 @@ def _given_blocks_cases(device: torch.device) -> list[BenchCase]:
     }
     if nsa is not None:
         notes["fla"] = (
-            f"fla-core {_fla_version()} ParallelNSAFunction over the same blocks (16 query heads per "
-            "key/value head, [B, N, H, D] layout; layout changes made before timing)"
+            f"fla-core {distribution_version('fla-core')} ParallelNSAFunction over the same blocks "
+            "(16 query heads per key/value head, [B, N, H, D] layout; layout changes made before timing)"
         )
 
     def build(backward: bool) -> BenchCase:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastvision.benchmark.case import BenchCase, backend_impl
+from fastvision.benchmark.timing import distribution_version
 from fastvision.ops import OPS
 from fastvision.ops.geglu import geglu, geglu_backward_reference, geglu_reference
 
@@ -23,15 +24,6 @@ def _liger_gelu_mul():
     except ImportError:
         return None
     return LigerGELUMulFunction
-
-
-def _liger_version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("liger-kernel")
-    except importlib.metadata.PackageNotFoundError:
-        return "(version unknown)"
 
 
 def _backward_ops(backend: str):
@@ -51,8 +43,8 @@ def _forward_case(x: torch.Tensor, approximate: str, device: torch.device) -> Be
         gate, value = x[..., HIDDEN:].contiguous(), x[..., :HIDDEN].contiguous()
         impls["liger"] = lambda: liger.apply(gate, value)
         notes["liger"] = (
-            f"liger-kernel {_liger_version()}: LigerGELUMulFunction(gate, value), separate contiguous "
-            "gate and value tensors"
+            f"liger-kernel {distribution_version('liger-kernel')}: LigerGELUMulFunction(gate, value), "
+            "separate contiguous gate and value tensors"
         )
     return BenchCase(
         op="geglu",
@@ -95,8 +87,8 @@ def _backward_case(x: torch.Tensor, approximate: str, device: torch.device) -> B
         # the check, outside the timing.
         adapt["liger"] = lambda grads: torch.cat([grads[1], grads[0]], dim=-1)
         notes["liger"] = (
-            f"liger-kernel {_liger_version()}: backward of LigerGELUMulFunction as it returns it "
-            "(d_gate, d_value); the cat to one gradient is done for the check only, not timed"
+            f"liger-kernel {distribution_version('liger-kernel')}: backward of LigerGELUMulFunction as it "
+            "returns it (d_gate, d_value); the cat to one gradient is done for the check only, not timed"
         )
     return BenchCase(
         op="geglu",

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvision.benchmark.case import BenchCase, backend_impl
+from fastvision.benchmark.timing import distribution_version
 from fastvision.ops import OPS
 from fastvision.ops.sparse_conv2d import dense_weight, sparse_conv2d, sparse_conv2d_reference, sparse_weight
 from fastvision.sparse import SparseTensor
@@ -172,15 +173,6 @@ def _spconv_triton():
     return spconv
 
 
-def _spconv_version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("spconv-triton")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown version"
-
-
 def _spconv_layer(spconv, x: SparseTensor, weight: torch.Tensor):
     """A spconv-triton ``SubMConv2d`` holding ``weight`` (its KRSC layout: ``[Cout, kh, kw, Cin]``) and
     the input as its ``SparseConvTensor``, whose index-pair cache is filled by one warm-up call."""
@@ -237,7 +229,8 @@ def _layer_cases(
         "only when checked)",
     }
     if peer is not None:
-        notes["spconv"] = f"spconv-triton {_spconv_version()} SubMConv2d, index pairs built before timing"
+        version = distribution_version("spconv-triton")
+        notes["spconv"] = f"spconv-triton {version} SubMConv2d, index pairs built before timing"
     tolerance = (1e-4, 1e-4) if dtype == torch.float32 else (3e-2, 3e-2)
     backends = [b for b in ("triton", "cpu") if b in OPS["sparse_conv2d"].runnable(device)]
 

@@ -220,6 +220,16 @@ def load_average() -> float | None:
         return None
 
 
+def distribution_version(distribution: str) -> str:
+    """The installed version of a peer package (its pip name), for the note of its benchmark row."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
 def module_version(module_name: str) -> str | None:
     """``__version__`` of an optional module; ``None`` when absent, a note when it fails to import."""
     if importlib.util.find_spec(module_name) is None:
