@@ -112,22 +112,40 @@ def test_all_zero_channel_has_finite_gradients(backend):
     assert_close(grads[0], expected, torch.float32)
 
 
-@pytest.mark.skipif(
-    fastvision._backend.why_unusable("triton", DEVICE) is not None, reason="triton cannot run here"
-)
-def test_triton_ops_check_their_inputs():
-    x, gamma, beta = _random((2, 3, 4, 5), 18), _random((5,), 19), _random((5,), 20)
-    no_mask = torch.empty(0, dtype=torch.bool, device=DEVICE)
+_CPU_KERNEL = pytest.mark.skipif(OPS["grn"].built("cpu") is not None, reason="no C++ grn kernel built")
+_KERNEL_OPS = [
+    pytest.param(
+        "grn_triton",
+        marks=pytest.mark.skipif(
+            fastvision._backend.why_unusable("triton", DEVICE) is not None, reason="triton cannot run here"
+        ),
+        id="triton",
+    ),
+    pytest.param("grn", marks=_CPU_KERNEL, id="cpu"),
+]
+
+
+@pytest.mark.parametrize("prefix", _KERNEL_OPS)
+def test_kernel_ops_check_their_inputs(prefix):
+    device = DEVICE if prefix == "grn_triton" else torch.device("cpu")
+    forward = getattr(torch.ops.fastvision, f"{prefix}_forward")
+    backward = getattr(torch.ops.fastvision, f"{prefix}_backward")
+    x, gamma, beta = (
+        _random(shape, seed).to(device) for shape, seed in [((2, 3, 4, 5), 18), (5, 19), (5, 20)]
+    )
+    no_mask = torch.empty(0, dtype=torch.bool, device=device)
     with pytest.raises(ValueError, match="gamma must have shape"):
-        torch.ops.fastvision.grn_triton_forward(x, gamma[:3], beta, no_mask, 1e-6)
+        forward(x, gamma[:3], beta, no_mask, 1e-6)
     with pytest.raises(ValueError, match="mask must have shape"):
-        torch.ops.fastvision.grn_triton_forward(x, gamma, beta, torch.ones(2, 3, dtype=torch.bool), 1e-6)
+        forward(x, gamma, beta, torch.ones(2, 3, dtype=torch.bool, device=device), 1e-6)
     with pytest.raises(ValueError, match="eps must be a positive"):
-        torch.ops.fastvision.grn_triton_forward(x, gamma, beta, no_mask, -1.0)
+        forward(x, gamma, beta, no_mask, -1.0)
     with pytest.raises(ValueError, match=r"beta must have shape \[5\]"):  # the public op reshapes it
-        torch.ops.fastvision.grn_triton_forward(x, gamma, beta.view(1, 1, 1, 5), no_mask, 1e-6)
+        forward(x, gamma, beta.view(1, 1, 1, 5), no_mask, 1e-6)
+    with pytest.raises(TypeError, match="mask must be"):
+        forward(x, gamma, beta, torch.ones(2, 3, 4, device=device), 1e-6)
     with pytest.raises(ValueError, match="grad_out must be"):
-        torch.ops.fastvision.grn_triton_backward(x[:1], x, gamma, beta, no_mask, 1e-6)
+        backward(x[:1], x, gamma, beta, no_mask, 1e-6)
 
 
 # --- the Triton kernels' two paths: one pass per sample, and the deterministic two-pass fallback ------
@@ -242,3 +260,93 @@ def test_one_pass_choice():
     per_sample = ONE_PASS_L2_BYTES // 528  # 4 programs on each of 132 SMs
     assert one_pass(10_000, per_sample // 16, 2, 4, backward=True)
     assert not one_pass(10_000, per_sample // 16 + 1, 2, 4, backward=True)
+
+
+# --- the C++ CPU kernel: blocks of 64 sites, partial sums added in block order ----------------------
+
+
+def _cpu_inputs(shape, seed, strided="", dtype=torch.float32):
+    batch, height, width, channels = shape
+    generator = torch.Generator().manual_seed(seed)
+    if strided == "channels":
+        x = torch.randn(batch, height, width, 2 * channels, generator=generator)[..., ::2]
+    elif strided == "sites":
+        x = torch.randn(batch, height, width + 3, channels, generator=generator)[:, :, 1 : width + 1]
+    elif strided == "nchw":
+        x = torch.randn(batch, channels, height, width, generator=generator).permute(0, 2, 3, 1)
+    else:
+        x = torch.randn(shape, generator=generator)
+    gamma, beta, grad_out = (torch.randn(n, generator=generator) for n in ((channels,), (channels,), shape))
+    mask = torch.rand(shape[:3], generator=generator) < 0.4
+    return x.to(dtype), gamma.to(dtype), beta.to(dtype), mask, grad_out.to(dtype)
+
+
+@_CPU_KERNEL
+@pytest.mark.parametrize(
+    "shape, masked, strided",
+    [
+        ((3, 5, 7, 1), False, ""),  # C = 1, 35 sites: one block
+        ((2, 3, 3, 2), True, ""),  # C = 2
+        ((2, 9, 11, 24), True, ""),  # 99 sites: two blocks, the second partial
+        ((2, 7, 5, 96), True, "sites"),  # stride_h != W * stride_w
+        ((3, 4, 9, 131), False, "channels"),  # channel stride 2, C not a multiple of the vector width
+        ((2, 13, 11, 17), True, "nchw"),  # an NCHW tensor viewed channels-last
+        ((1, 1, 1, 5), True, ""),  # one site
+    ],
+)
+def test_cpu_kernel_matches_the_reference(shape, masked, strided):
+    """The kernel ops themselves, forward and backward, against float64 on odd sizes and strides."""
+    x, gamma, beta, mask, grad_out = _cpu_inputs(shape, sum(shape) + 7 * masked, strided)
+    mask = mask if masked else None
+    kernel_mask = mask if masked else torch.empty(0, dtype=torch.bool)
+    out = torch.ops.fastvision.grn_forward(x, gamma, beta, kernel_mask, 1e-6)
+    grads = torch.ops.fastvision.grn_backward(grad_out, x, gamma, beta, kernel_mask, 1e-6)
+    expected, *expected_grads = _reference_grads(x, gamma, beta, mask, grad_out)
+    assert out.is_contiguous() and out.dtype == x.dtype
+    assert_close(out, expected, torch.float32)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert_close(got, want, torch.float32)
+
+
+@_CPU_KERNEL
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_kernel_in_half_precision(dtype):
+    x, gamma, beta, mask, grad_out = _cpu_inputs((2, 9, 8, 40), 61, dtype=dtype)
+    out = torch.ops.fastvision.grn_forward(x, gamma, beta, mask, 1e-6)
+    dx, dgamma, dbeta = torch.ops.fastvision.grn_backward(grad_out, x, gamma, beta, mask, 1e-6)
+    expected, *grads = _reference_grads(x, gamma, beta, mask, grad_out)
+    assert out.dtype == dx.dtype == dtype and dgamma.dtype == dbeta.dtype == torch.float32
+    assert_close(out, expected, dtype)
+    assert_close(dx, grads[0], dtype)
+    for got, want in zip((dgamma, dbeta), grads[1:], strict=True):
+        assert_close(got, want, dtype, scale=4.0)  # sums over 144 sites of 16-bit products
+
+
+@_CPU_KERNEL
+def test_cpu_kernel_is_bit_identical_for_any_thread_count():
+    """Per-block partials added in block order: 1 and 2 threads, and two runs, give the same bits."""
+    x, gamma, beta, mask, grad_out = _cpu_inputs((3, 17, 19, 24), 71)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2, 2):
+            torch.set_num_threads(count)
+            out = torch.ops.fastvision.grn_forward(x, gamma, beta, mask, 1e-6)
+            runs.append((out, *torch.ops.fastvision.grn_backward(grad_out, x, gamma, beta, mask, 1e-6)))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for first, other in zip(runs[0], run, strict=True):
+            assert torch.equal(first, other)
+
+
+@_CPU_KERNEL
+def test_cpu_kernel_on_empty_inputs():
+    for shape in ((0, 3, 3, 4), (2, 0, 3, 4), (2, 3, 3, 0)):
+        x = torch.randn(shape)
+        gamma, beta = torch.randn(shape[3]), torch.randn(shape[3])
+        no_mask = torch.empty(0, dtype=torch.bool)
+        assert torch.ops.fastvision.grn_forward(x, gamma, beta, no_mask, 1e-6).shape == shape
+        grad_out = torch.randn(shape)
+        dx, dgamma, dbeta = torch.ops.fastvision.grn_backward(grad_out, x, gamma, beta, no_mask, 1e-6)
+        assert dx.shape == shape and not dgamma.any() and not dbeta.any()

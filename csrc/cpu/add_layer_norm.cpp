@@ -31,28 +31,10 @@ using cpu::AccChunk;
 using cpu::AccVec;
 using cpu::kChunk;
 using cpu::kParts;
+using cpu::load_acc;
 using cpu::load_chunk;
+using cpu::store_acc;
 using cpu::store_chunk;
-
-// Loads and stores of the op-math buffers (weight, bias, per-thread rows) in chunk-sized pieces.
-template <typename scalar_t>
-C10_ALWAYS_INLINE AccChunk<scalar_t> load_acc(const at::opmath_type<scalar_t>* src, int64_t count) {
-  constexpr int64_t width = AccVec<scalar_t>::size();
-  AccChunk<scalar_t> v;
-  for (int p = 0; p < kParts<scalar_t>; ++p) {
-    v[p] = AccVec<scalar_t>::loadu(src + p * width, std::clamp<int64_t>(count - p * width, 0, width));
-  }
-  return v;
-}
-
-template <typename scalar_t>
-C10_ALWAYS_INLINE void store_acc(const AccChunk<scalar_t>& v, at::opmath_type<scalar_t>* dst, int64_t count) {
-  constexpr int64_t width = AccVec<scalar_t>::size();
-  for (int p = 0; p < kParts<scalar_t>; ++p) {
-    const int64_t n = std::clamp<int64_t>(count - p * width, 0, width);
-    if (n > 0) v[p].store(dst + p * width, n);
-  }
-}
 
 // Horizontal sum, once per row. (Through a store: GCC 12 flags ATen's shuffle-based vec_reduce_all
 // with a false -Wmaybe-uninitialized.)

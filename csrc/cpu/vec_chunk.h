@@ -7,6 +7,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/macros/Macros.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <type_traits>
@@ -42,6 +43,27 @@ C10_ALWAYS_INLINE void store_chunk(const AccChunk<scalar_t>& v, scalar_t* dst, i
     v[0].store(dst, count);
   } else {
     at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(dst, count);
+  }
+}
+
+// A chunk of an op-math buffer (float for half/bfloat16: two vectors), loaded or stored in pieces; lanes
+// past `count` load as zero and are not stored.
+template <typename scalar_t>
+C10_ALWAYS_INLINE AccChunk<scalar_t> load_acc(const at::opmath_type<scalar_t>* src, int64_t count) {
+  constexpr int64_t width = AccVec<scalar_t>::size();
+  AccChunk<scalar_t> v;
+  for (int p = 0; p < kParts<scalar_t>; ++p) {
+    v[p] = AccVec<scalar_t>::loadu(src + p * width, std::clamp<int64_t>(count - p * width, 0, width));
+  }
+  return v;
+}
+
+template <typename scalar_t>
+C10_ALWAYS_INLINE void store_acc(const AccChunk<scalar_t>& v, at::opmath_type<scalar_t>* dst, int64_t count) {
+  constexpr int64_t width = AccVec<scalar_t>::size();
+  for (int p = 0; p < kParts<scalar_t>; ++p) {
+    const int64_t n = std::clamp<int64_t>(count - p * width, 0, width);
+    if (n > 0) v[p].store(dst + p * width, n);
   }
 }
 

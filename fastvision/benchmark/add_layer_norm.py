@@ -114,8 +114,10 @@ def _forward_backward_case(x, residual, weight, bias, device: torch.device) -> B
 
 
 def cases(device: torch.device, quick: bool) -> list[BenchCase]:
-    if quick or device.type != "cuda":
+    if quick:
         shapes, dtypes = [(256, 1000)], [torch.float32]
+    elif device.type != "cuda":
+        shapes, dtypes = [(256, 1000), (1024, 1000)], [torch.float32]  # and 4x: the CPU order's range
     else:
         # Transformer widths (ViT-B 768, 1024, 4096) and rows of 8192 at 2^27 elements.
         shapes = [(16384, 768), (8192, 1024), (8192, 4096), (16384, 8192)]

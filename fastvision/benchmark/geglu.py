@@ -104,8 +104,10 @@ def _backward_case(x: torch.Tensor, approximate: str, device: torch.device) -> B
 
 
 def cases(device: torch.device, quick: bool) -> list[BenchCase]:
-    if quick or device.type != "cuda":
+    if quick:
         sizes, dtypes = [(256, 2 * 256)], [torch.float32]
+    elif device.type != "cuda":
+        sizes, dtypes = [(256, 2 * 256), (1024, 2 * 256)], [torch.float32]  # and 4x: the CPU order's range
     else:
         sizes = [(rows, 2 * HIDDEN) for rows in (1 << 12, 1 << 14, 1 << 16)]  # 2^24 .. 2^28 outputs
         dtypes = [torch.bfloat16, torch.float32]

@@ -81,7 +81,8 @@ def cases(device: torch.device, quick: bool) -> list[BenchCase]:
     elif device.type == "cuda":
         shapes, dtypes = [(256, 56, 56, 96), (256, 14, 14, 384)], [torch.bfloat16, torch.float32]
     else:
-        shapes, dtypes = [(32, 28, 28, 64)], [torch.float32]
+        # and 4x: the CPU order's range
+        shapes, dtypes = [(32, 28, 28, 64), (128, 28, 28, 64)], [torch.float32]
     result = []
     for dtype in dtypes:
         for shape in shapes:

@@ -78,7 +78,7 @@ def cases(device: torch.device, quick: bool) -> list[BenchCase]:
     elif device.type == "cuda":
         shapes = [(256, channels, 64) for channels in (2, 16, 64)]
     else:
-        shapes = [(64, 16, 64)]
+        shapes = [(64, 16, 64), (256, 16, 64)]  # and 4x: the CPU order's range
     result = []
     for batch, channels, size in shapes:
         for dtype in (torch.float32,) if device.type != "cuda" else (torch.float32, torch.bfloat16):

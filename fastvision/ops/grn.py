@@ -9,7 +9,9 @@ Backward, with ``g`` the output gradient and ``S[b, c] = sum over (h, w) of g * 
 ``D = mean over c of Gx``, and ``dx = g * (gamma * Nx + 1) + dGx * x * keep / Gx`` (0 where
 ``Gx = 0``); ``dgamma = sum g * x * Nx``, ``dbeta = sum g``.
 
-Backends: ``reference`` (below) and ``triton`` (triton_kernels/grn.py: one program per sample that
+Backends: ``reference`` (below), ``cpu`` (csrc/cpu/grn.cpp: threads over blocks of 64 sites, per-block
+partial sums added in block order, then an apply pass; bit-identical for any thread count) and
+``triton`` (triton_kernels/grn.py: one program per sample that
 reduces and then applies from L2 where the sample fits, else per-chunk partial sums summed in a fixed
 order and an apply pass; forward and backward, no float atomics, bit-identical run to run; the
 backward recomputes ``Gx`` rather than keeping it). Math in float32. The kernel ops take an empty
@@ -193,10 +195,11 @@ GRN = define_op(
         check=_check,
         device=lambda x, *_: x.device,
         kernels={
+            "cpu": KernelBackend("grn_forward", "grn_backward", AUTOGRAD, native=True, call=_run_kernel),
             "triton": KernelBackend("grn_triton_forward", "grn_triton_backward", AUTOGRAD, call=_run_kernel),
         },
         gpu_order=("triton",),
-        cpu_order=(),
+        cpu_order=("cpu",),
         triton_module="fastvision.triton_kernels.grn",
         benchmark_module="fastvision.benchmark.grn",
     )
