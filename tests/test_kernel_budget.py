@@ -63,7 +63,7 @@ def test_every_kernel_configuration_fits_sm90(budget):
         assert row["verdict"] in ("ok", "deficit"), row
         assert row["verdict"] == "ok" or row["deficits"], row
     for row in report["triton"]:
-        assert row["hot_loop"] is not None and row["hot_scope"] in ("loop", "kernel"), row
+        assert row["hot_loop"] is not None and row["hot_scope"] in ("loop", "async-copy loop", "kernel"), row
     # Every kernel of the full plan is represented.
     kernels = {(r["module"], r["kernel"], r["dtype"]) for r in report["triton"]}
     plan = _plan()
@@ -253,6 +253,35 @@ def test_hot_loop_classes_are_counted_in_the_outermost_loop():
     assert whole["LDG128"] == 1 and whole["LDG"] == 1 and whole["LDL/STL"] == 1
 
 
+NESTED_SASS = """
+		Function : k
+        /*0000*/                   MOV R1, R2 ;
+        /*0010*/                   HGMMA.64x64x16.F32 R24, gdesc[UR8], R24 ;
+        /*0020*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64] ;
+        /*0030*/               @P1 BRA 0x10 ;
+        /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0050*/                   SHFL.BFLY PT, R9, R10, 0x1, 0x1f ;
+        /*0060*/               @P2 BRA 0x50 ;
+        /*0070*/               @P3 BRA 0x0 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90 ;
+"""
+
+
+def test_async_copy_loop_is_the_pipelined_loop_inside_the_outer_one():
+    """A key loop (HGMMA, LDGSTS) and a merge loop (barrier, shuffle) inside an outer loop: the
+    outermost loop holds both; the async-copy loop is the key loop alone, with no loop nested in it."""
+    kb = _module()
+    code = kb.parse_sass_code(NESTED_SASS)["k"]
+    outer = kb.loop_profile(code)
+    assert (outer["head"], outer["tail"], outer["inner_step"]) == (0, 7, 3)
+    inner = kb.async_copy_loop(code)
+    assert (inner["head"], inner["tail"], inner["static"], inner["inner_step"]) == (1, 3, 3, 0)
+    counts = kb.instruction_classes(code[inner["head"] : inner["tail"] + 1])
+    assert counts["HGMMA"] == counts["LDGSTS"] == 1 and counts["BAR"] == counts["SHFL"] == 0
+    assert kb.async_copy_loop(kb.parse_sass_code(NESTED_SASS.replace("LDGSTS", "LDG"))["k"]) is None
+
+
 def test_declared_hot_loop_misses_fail_unless_recorded(monkeypatch):
     kb = _module()
     counts = dict.fromkeys(kb.HOT_LOOP_CLASSES, 0)
@@ -284,6 +313,12 @@ def test_declared_hot_loop_misses_fail_unless_recorded(monkeypatch):
     assert io_row(2).verdict == "ok" and io_row(4, "bf16").verdict == "ok"  # 8 bytes: cannot vectorize
     assert "128-bit global loads (BLOCK_N=4)" in io_row(4).problems[0]
     assert io_row(64, LDG128=2).verdict == "ok"
+    # "flat": no loop nested in the hot loop.
+    monkeypatch.setitem(kb.HOT_LOOP, "k", {"flat": True})
+    nested = row()
+    nested.loop_inner_step = 40
+    assert "expected no nested loop" in kb._judge(nested, 128).problems[0]
+    assert kb._judge(row(), 128).verdict == "ok"
 
 
 def test_every_kernel_compiles_as_a_contiguous_aligned_launch():

@@ -175,6 +175,9 @@ def test_launch_configs_hold_the_launchers_tiles():
                     and launch.tags["dtype"] == name
                     and launch.constexprs["HEAD_DIM"] == head_dim
                     and launch.constexprs["BLOCK_N"] == tile.block_n
+                    and launch.constexprs["BLOCK_K"] == tile.block_k
+                    and launch.constexprs["SEGMENT"] == tile.segment
+                    and launch.constexprs["MERGE_ROWS"] == tile.merge_rows
                     and launch.constexprs["BLOCK_M"] == tile.block_m
                     and launch.num_warps == tile.num_warps
                     and launch.num_stages == tile.num_stages

@@ -378,11 +378,11 @@ def test_huge_topk_is_dense_attention(backend, topk):
 # --- the selection's threshold, candidate buffer and merges (Triton) ------------------------------
 
 
-def _check_selection(q, k, topk, scale=0.25, extract=None, score_dtype=torch.float64):
+def _check_selection(q, k, topk, scale=0.25, segment=None, score_dtype=torch.float64):
     """The Triton selection equals the definition on ``score_dtype`` scores (as sets, ties included)."""
     from fastvision.triton_kernels.topk_attention import select_topk
 
-    indices = select_topk(q, k, topk, scale, extract=extract)
+    indices = select_topk(q, k, topk, scale, segment=segment)
     assert indices.dtype == torch.int32 and indices.shape == (*q.shape[:3], topk)
     scores = q.to(score_dtype) @ k.to(score_dtype).transpose(-2, -1)
     mask = _selection_mask(scores * scale, topk)
@@ -396,61 +396,61 @@ def _small_integers(shape, seed, low=-2, high=3, dtype=torch.float32):
     return torch.randint(low, high, shape, generator=generator).to(device=DEVICE, dtype=dtype)
 
 
-# extract=0: every block with a candidate is merged whole; extract=64 (as wide as the interpreter's
-# 64-key blocks for topk <= 64): candidates go through the buffer, which fills and is merged many
-# times; None: the launcher's tile.
-EXTRACTS = [
-    pytest.param(0, id="merge-blocks"),
-    pytest.param(64, id="buffer-only"),
+# segment=1: the buffers are checked (and merged when a row holds more than the best-keys width)
+# after every key block; segment=8: 8 blocks append before each check, so the buffers take many
+# candidates between merges; None: the launcher's tile.
+SEGMENTS = [
+    pytest.param(1, id="check-every-block"),
+    pytest.param(8, id="long-segments"),
     pytest.param(None, id="tile"),
 ]
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
-@pytest.mark.parametrize("extract", EXTRACTS)
+@pytest.mark.parametrize("segment", SEGMENTS)
 @pytest.mark.parametrize("topk", [1, 5, 33])
-def test_selection_keys_in_increasing_score_order(topk, extract):
+def test_selection_keys_in_increasing_score_order(topk, segment):
     """Scores rise with the key index: every block improves every query, so every block brings
     candidates (the buffer fills and is merged again and again); the last keys are the answer."""
     num_keys = 150  # not a multiple of the 32- or 64-key blocks
     q = _small_integers((1, 2, 7, 16), seed=100, low=1, high=4)
     k = torch.zeros((1, 2, num_keys, 16), device=DEVICE)
     k[..., 0] = torch.arange(num_keys, device=DEVICE) / 8  # exact scores q0 * j / 8 * 0.25
-    _check_selection(q, k, topk, extract=extract)
+    _check_selection(q, k, topk, segment=segment)
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
-@pytest.mark.parametrize("extract", EXTRACTS)
+@pytest.mark.parametrize("segment", SEGMENTS)
 @pytest.mark.parametrize(("num_queries", "num_keys", "topk"), [(9, 700, 6), (1, 333, 100), (20, 257, 64)])
-def test_selection_random_scores(num_queries, num_keys, topk, extract):
+def test_selection_random_scores(num_queries, num_keys, topk, segment):
     """Continuous scores in random key order: a few candidates per block after the first ones."""
     q = _random((1, 2, num_queries, 16), torch.float32, seed=num_keys)
     k = _random((1, 2, num_keys, 16), torch.float32, seed=num_keys + 1)
-    _check_selection(q, k, topk, extract=extract)
+    _check_selection(q, k, topk, segment=segment)
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
-@pytest.mark.parametrize("extract", EXTRACTS)
+@pytest.mark.parametrize("segment", SEGMENTS)
 @pytest.mark.parametrize("topk", [1, 7, 40])
-def test_selection_ties_at_the_threshold(topk, extract):
+def test_selection_ties_at_the_threshold(topk, segment):
     """Scores from {-1, 0, 1} entries: hundreds of keys share the k-th score; the lower index wins."""
     q = _small_integers((1, 2, 11, 16), seed=101, low=-1, high=2)
     k = _small_integers((1, 2, 301, 16), seed=102, low=-1, high=2)
     k[:, :, 200:] = k[:, :, :101]  # exact duplicates of early keys, later
-    _check_selection(q, k, topk, extract=extract)
+    _check_selection(q, k, topk, segment=segment)
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
-@pytest.mark.parametrize("extract", EXTRACTS)
-def test_selection_signed_zero_scores(extract):
+@pytest.mark.parametrize("segment", SEGMENTS)
+def test_selection_signed_zero_scores(segment):
     """-0.0 and +0.0 are one score: zero keys (and zero queries) tie, taken by the lower index."""
     q = _small_integers((1, 1, 6, 16), seed=103, low=-1, high=2)
     q[:, :, 0] = -0.0  # a query whose every score is a zero
     k = _small_integers((1, 1, 90, 16), seed=104, low=-1, high=2)
     k[:, :, ::3] = -0.0  # a third of the keys score exactly zero
     k[:, :, 1::3] = 0.0
-    _check_selection(q, k, 20, scale=1.0, extract=extract)
-    _check_selection(q, k, 20, scale=1.0, extract=extract)  # the same answer again
+    _check_selection(q, k, 20, scale=1.0, segment=segment)
+    _check_selection(q, k, 20, scale=1.0, segment=segment)  # the same answer again
 
 
 def _infinite_scores(num_keys: int, finite: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -464,14 +464,14 @@ def _infinite_scores(num_keys: int, finite: list[int]) -> tuple[torch.Tensor, to
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")
-@pytest.mark.parametrize("extract", EXTRACTS)
+@pytest.mark.parametrize("segment", SEGMENTS)
 @pytest.mark.parametrize("finite", [[], [10, 20], list(range(0, 97, 3))], ids=["none", "two", "many"])
-def test_selection_minus_infinite_scores(finite, extract):
+def test_selection_minus_infinite_scores(finite, segment):
     """Scores of -inf still fill a row that has fewer than topk finite scores, lowest index first
     (float32 overflow gives them; the definition is taken on float32 scores too)."""
     q, k = _infinite_scores(97, finite)
     for topk in (1, 4, 40):
-        _check_selection(q, k, topk, extract=extract, score_dtype=torch.float32)
+        _check_selection(q, k, topk, segment=segment, score_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -503,8 +503,8 @@ def test_selection_nan_scores_keep_indices_in_range():
     k[0, 0, 5:60, 0] = float("nan")  # most keys NaN for every query
     indices = select_topk(q, k, 8, 0.25)
     assert ((indices >= 0) & (indices < 90)).all()
-    with pytest.raises(ValueError, match="extract must be a non-negative int"):
-        select_topk(q, k, 8, 0.25, extract=-1)
+    with pytest.raises(ValueError, match="segment must be a positive int"):
+        select_topk(q, k, 8, 0.25, segment=0)
 
 
 @pytest.mark.skipif(not TRITON_USABLE, reason="triton cannot run on this device")

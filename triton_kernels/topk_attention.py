@@ -4,15 +4,19 @@ Three kernels, each with a one-axis grid of ``B * H * ceil(Nq / BLOCK_M)`` progr
 2**31 - 1; axes 1 and 2 only 65,535), query blocks of one (batch, head) adjacent so they share keys in L2:
 
 1. ``_select_topk_kernel`` finds the ``topk`` keys of each query in one flash-style pass over key
-   blocks of ``BLOCK_N`` keys: the score tile ``scale * Q K^T`` comes from ``tl.dot`` (float32
+   blocks of ``BLOCK_K`` keys: the score tile ``scale * Q K^T`` comes from ``tl.dot`` (float32
    accumulation). Each score is packed with its key index into one int64 (order-preserving float
    bits in the high word, ``2**32 - 1 - index`` in the low word), so one integer order sorts by
    score and breaks ties towards the lower key index, and the index travels with its score. Per
    query the kernel keeps ``best``, the ``BLOCK_N >= topk`` best keys merged so far (sorted
-   descending, in registers), the float32 score of its ``topk``-th entry (the *threshold*,
-   ``-inf`` until it holds ``topk`` keys), and a candidate buffer of ``BLOCK_N`` keys in global
-   scratch (one per query row of the program, at most ``_SCRATCH_ENTRIES`` entries per launch:
-   (batch, head) pairs beyond that go in further launches) with a fill count in registers.
+   descending), the float32 score of its ``topk``-th entry (the *threshold*, ``-inf`` until it holds
+   ``topk`` keys) and a candidate buffer with a fill count. ``best`` and the buffers live in the
+   program's global scratch (L1/L2), so the key loop holds nothing in registers but its score tile:
+   the tile can be 128 query rows (two warpgroups: the dot on wgmma) for every topk.
+
+   The keys are walked in *segments* of ``SEGMENT`` blocks. Within a segment, the key loop is the
+   hot loop: no barrier and no nested loop in it, so Triton pipelines its K tile loads (async
+   copies, two stages).
 
    - *Row filter*: a row whose block maximum is below its threshold has no candidate in the block;
      when no row of the tile has one, the block costs its dot, the scale and a row max (no
@@ -21,51 +25,41 @@ Three kernels, each with a one-axis grid of ``B * H * ceil(Nq / BLOCK_M)`` progr
    - *Filter*: a key whose score is below the threshold can never be selected (the threshold only
      rises). One float comparison per score, ``score >= threshold``, gives the block's candidates
      and a row sum their count per query. ``>=`` rather than ``>``: an equal score loses its tie in
-     the merge anyway (every key of a block has a higher index than every key already merged), and
-     a row holding fewer than ``topk`` keys has threshold ``-inf``, which a ``-inf`` score (float32
+     the merge anyway (every later key has a higher index than every key already merged), and a
+     row holding fewer than ``topk`` keys has threshold ``-inf``, which a ``-inf`` score (float32
      overflow) must pass. NaN scores pass no threshold; a slot they leave empty is filled with key
      0, so indices always stay in range.
-   - *Append*, loop-free: when the fullest row has at most ``EXTRACT`` candidates (8 for a 32-wide
-     buffer, 12 for wider ones), each candidate is stored to slot ``fill + rank`` of its row's buffer,
+   - *Append*, loop-free: each candidate is stored to slot ``fill + rank`` of its row's buffer,
      ``rank`` its position among the row's candidates (a prefix sum along the row), as
-     ``key << 32 | float32 bits`` (packed for the merge only when merged). No loop nests in the key
-     loop; each append costs one prefix sum and one masked store per score whatever the count.
-   - *Merge*: when some row holds more than ``BLOCK_N - EXTRACT`` (so the next block's always fit)
-     the buffer is merged into ``best`` and emptied (and the threshold raised); a block with more
-     than ``EXTRACT`` candidates in some row (the first blocks, where everything beats the
-     threshold) is merged whole instead. Keys are merged packed into one int64 each
-     (order-preserving float bits in the high word, ``2**32 - 1 - index`` in the low word), so one
-     integer order sorts by score and breaks ties towards the lower key index. A merge sorts the
-     incoming keys ascending (tl.sort on a GPU, a sorting network when interpreting), takes the
-     elementwise max with ``best`` (sorted descending): by the bitonic-merge property that is a
+     ``key << 32 | float32 bits``. A buffer holds ``SEGMENT * BLOCK_K + BLOCK_N`` candidates: a
+     segment can append at most ``SEGMENT * BLOCK_K`` per row.
+   - *Merge*, between segments: when some row holds more than ``BLOCK_N`` candidates (so the next
+     segment might not fit), and after the last segment, every row's buffer is merged into its
+     ``best`` in chunks of ``BLOCK_N`` (``MERGE_ROWS`` rows at a time: two ``[MERGE_ROWS, BLOCK_N]``
+     int64 tiles in registers), the thresholds are raised and the buffers emptied. A merge sorts
+     the incoming keys ascending (tl.sort on a GPU, a sorting network when interpreting) and takes
+     the elementwise max with ``best`` (sorted descending): by the bitonic-merge property that is a
      bitonic sequence holding the ``BLOCK_N`` best of both, so the last bitonic stage alone
-     (``log2 BLOCK_N`` compare-exchange steps) sorts it. Block barriers before and after the
-     buffer's load make every thread's appends visible to the threads that read them (the
-     program's threads share the buffer). The loop runs one block past the last key, which merges
-     what the buffers still hold.
+     (``log2 BLOCK_N`` compare-exchange steps) sorts it. Block barriers before and after a merge
+     make every thread's appends visible to the threads that merge them, and the merged keys to
+     every thread.
 
-   Tiles (``selection_tile``): 16-bit inputs run the score dot on wgmma, with 128 query rows (two
-   warpgroups) for topk <= 32 and 64 rows on 8 warps for topk <= 64; wider buffers keep 32 / 16
-   rows on mma.sync (64 rows would spill: two ``[64, 128]`` int64 tiles are live in a merge).
-   Float32 uses IEEE products on CUDA cores. The block barriers keep Triton from pipelining the K
-   loads (no async copies; without them the loop compiles with LDGSTS but the buffer would race).
+   The threshold is raised at merges only, so within a segment it lags: the first segments take
+   every key (``-inf``), after which a row is merged when it has gathered ``BLOCK_N`` candidates,
+   and each merge lowers the rate at which later keys pass. With keys in random order a query's
+   top-k changes about ``topk * ln(Nk / topk)`` times in all, mostly early. The first ``topk``
+   indices of ``best`` are stored as int32. Above ``TRITON_MAX_TOPK`` the best keys per row would
+   make the merges too large; the selection then runs in torch over query chunks (temporary memory
+   bounded by ``_CHUNK_ELEMENTS`` scores) with the same packed keys, so the tie rule is the same.
 
-   With keys in random order a query's top-k changes about ``topk * ln(Nk / topk)`` times in all,
-   mostly early; after the first blocks the buffer is merged once every several blocks. With 64-128
-   queries per tile, though, some query of the tile almost always has a candidate at N <= 32K:
-   nearly every block takes the append path, and the row filter's skip pays off only far into long
-   sequences. The first ``topk`` indices of ``best`` are stored as int32. Above ``TRITON_MAX_TOPK``
-   the register buffers would be too large; the selection then runs in torch over query chunks
-   (temporary memory bounded by ``_CHUNK_ELEMENTS`` scores) with the same packed keys, so the tie
-   rule is the same.
-
-   Predicted cost (SASS thread-instructions per score, static counts of the sm_90 code compiled as
-   a launch on contiguous tensors, ``bench/results/kernel_budget.md``; not measured on a GPU),
-   bf16, D = 64: a block that the row filter skips 6.6 (topk <= 32) / 7.7 (topk <= 64), a block
-   appended 37.5 / 38.2 (the shortest pass through the append's store), a whole-block merge 190 /
-   257. Before (32-64 rows, appends one per row per step): 12.7-19 without candidates plus
-   13.4-16.9 per append step, with about 2-4 steps per block at N = 16K (the largest of 64 rows'
-   Poisson counts), so about 40-70 per appended block.
+   Tiles (``selection_tile``): 16-bit inputs 128 query rows on 8 warps, the score dot on wgmma;
+   float32 64 rows with IEEE products on CUDA cores over head-dim slices of 16; 64-key blocks, 4
+   blocks per segment. Predicted cost (SASS thread-instructions per score, static counts of the
+   sm_90 code compiled as a launch on contiguous tensors, ``bench/results/kernel_budget.md``; not
+   measured on a GPU), bf16, D = 64, every topk class: a block the row filter skips about 6.3, a
+   block that appends about 27 (the key loop alone; merges come between segments). Before the
+   segments (best keys in registers): 6.6 / 37.5 at topk <= 32 and 64-128 query rows, but 32-row
+   mma.sync tiles and synchronous K loads at topk >= 128.
 2. ``_sparse_forward_kernel`` runs an online (flash-style) softmax over each query's selected keys
    and sums their gathered V rows on CUDA cores (each query has its own keys, so there is no shared
    matmul), writing the output and the log-sum-exp. The scores are the selection's own: its
@@ -97,8 +91,8 @@ Costs per (batch, head), element size ``e``, ``Nq`` queries, ``Nk`` keys, ``k = 
 - selection: ``2 Nq Nk D`` FLOPs of ``tl.dot``, reads Q once and K ``ceil(Nq / BLOCK_M)`` times
   (from L2 mostly), writes ``4 Nq k`` bytes of indices; a row max per block, and where the row
   filter lets a block through one comparison, a prefix sum and a masked 8-byte store per score
-  (the candidates' stores reach the scratch); ``O(BLOCK_N log^2 BLOCK_N)`` per query for each merge
-  (a few per query after the first blocks). Scratch: ``8 BLOCK_N`` bytes per query row, at most
+  (the candidates' stores reach the scratch); ``O(BLOCK_N log^2 BLOCK_N)`` per query for each merged
+  chunk of a buffer. Scratch: ``8 (SEGMENT BLOCK_K + 2 BLOCK_N + 1)`` bytes per query row, at most
   ``8 * _SCRATCH_ENTRIES`` bytes (128 MiB) per call.
 - forward: ``2 Nq k D`` FLOPs (the weighted sum of V; the scores come from the selection), reads
   ``4 Nq k`` bytes of scores and gathers ``Nq k D e`` bytes of V rows (from L2 where neighbouring
@@ -188,14 +182,6 @@ def _unpack_scores(packed):
 
 
 @triton.jit
-def _kth_score(best, cols, topk):
-    """Float32 score of slot ``topk - 1`` of each row of ``best`` (sorted descending); ``-inf`` while
-    the slot is empty."""
-    kth = tl.max(tl.where(cols[None, :] == topk - 1, best, -9223372036854775807), axis=1)
-    return tl.where(kth == -9223372036854775807, float("-inf"), _unpack_scores(kth))
-
-
-@triton.jit
 def _merge_into(best, packed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOG_N: tl.constexpr,
                 NATIVE_SORT: tl.constexpr):  # fmt: skip
     """The ``BLOCK_N`` best of ``best`` (sorted descending) and ``packed`` (any order), sorted
@@ -209,26 +195,54 @@ def _merge_into(best, packed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOG_
 
 
 @triton.jit
+def _merge_buffers(cand_base, best_base, fill_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAPACITY: tl.constexpr, MERGE_ROWS: tl.constexpr, LOG_N: tl.constexpr,
+                   NATIVE_SORT: tl.constexpr):  # fmt: skip
+    """Merge every row's held candidates into its ``best`` keys (both in the program's scratch), in
+    groups of ``MERGE_ROWS`` rows and chunks of ``BLOCK_N`` candidates: a ``[MERGE_ROWS, BLOCK_N]``
+    pair of int64 tiles is all a merge holds in registers."""
+    cols = tl.arange(0, BLOCK_N)
+    for first_row in range(0, BLOCK_M, MERGE_ROWS):
+        group = first_row + tl.arange(0, MERGE_ROWS)
+        group_fill = tl.load(fill_base + group).to(tl.int32)
+        best_offsets = best_base + group[:, None] * BLOCK_N + cols[None, :]
+        best = tl.load(best_offsets)
+        for chunk in range(0, tl.max(group_fill, axis=0), BLOCK_N):
+            slots = chunk + cols
+            held_ok = slots[None, :] < group_fill[:, None]
+            held = tl.load(cand_base + group[:, None] * CAPACITY + slots[None, :], mask=held_ok, other=0)
+            held_scores = (held & 4294967295).to(tl.int32).to(tl.float32, bitcast=True)
+            incoming = tl.where(held_ok, _pack_keys(held_scores, (held >> 32).to(tl.int32)),
+                                -9223372036854775807)  # fmt: skip
+            best = _merge_into(best, incoming, MERGE_ROWS, BLOCK_N, LOG_N, NATIVE_SORT)
+        tl.store(best_offsets, best)
+
+
+@triton.jit
 def _select_topk_kernel(
     q_ptr, k_ptr, idx_ptr, scores_ptr, cand_ptr,
     num_queries, num_keys, topk, heads, bh_start, scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SEGMENT: tl.constexpr, MERGE_ROWS: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, NATIVE_SORT: tl.constexpr, LOG_N: tl.constexpr,
-    DOT_CHUNK: tl.constexpr, EXTRACT: tl.constexpr, STORE_SCORES: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, STORE_SCORES: tl.constexpr,
 ):  # fmt: skip
     # Scores are tl.dot over head-dim slices of DOT_CHUNK (float32 IEEE products run on CUDA cores,
-    # and a whole [D, BLOCK_N] float32 operand per step would not fit in registers); the slices
+    # and a whole [D, BLOCK_K] float32 operand per step would not fit in registers); the slices
     # accumulate in order, as one dot over D does.
+    CAPACITY: tl.constexpr = SEGMENT * BLOCK_K + BLOCK_N  # candidates a row's buffer holds
     query_blocks = tl.cdiv(num_queries, BLOCK_M)
     program = tl.program_id(0)
     pid_bh = bh_start + program // query_blocks
     pid_m = program % query_blocks
     batch = (pid_bh // heads).to(tl.int64)
     head = (pid_bh % heads).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    local = tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + local
     dims = tl.arange(0, DOT_CHUNK)
+    key_cols = tl.arange(0, BLOCK_K)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < num_queries
 
@@ -239,79 +253,83 @@ def _select_topk_kernel(
         q = tl.load(q_base + q_offsets, mask=row_ok[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-    # This program's candidate buffer: BLOCK_N packed keys per row, in global scratch (L1/L2).
-    cand_base = cand_ptr + program.to(tl.int64) * (BLOCK_M * BLOCK_N)
-    row_offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
+    # This program's scratch (L1/L2): per row a candidate buffer of CAPACITY raw keys, the BLOCK_N
+    # best packed keys (sorted descending) and the buffer's fill, read by the merges only.
+    cand_base = cand_ptr + program.to(tl.int64) * (BLOCK_M * (CAPACITY + BLOCK_N + 1))
+    best_base = cand_base + BLOCK_M * CAPACITY
+    fill_base = best_base + BLOCK_M * BLOCK_N
+    for first_row in range(0, BLOCK_M, MERGE_ROWS):
+        group = first_row + tl.arange(0, MERGE_ROWS)
+        empty = tl.full([MERGE_ROWS, BLOCK_N], -9223372036854775807, tl.int64)
+        tl.store(best_base + group[:, None] * BLOCK_N + cols[None, :], empty)
 
-    best = tl.full([BLOCK_M, BLOCK_N], -9223372036854775807, tl.int64)  # sorted descending
     fill = tl.zeros([BLOCK_M], tl.int32)  # candidates held per row (slots 0 .. fill - 1)
     threshold = tl.full([BLOCK_M], float("-inf"), tl.float32)  # score of the topk-th of best
-    # One pass more than the key blocks: the last one has no key and merges what the buffer holds.
-    for start in range(0, num_keys + BLOCK_N, BLOCK_N):
-        keys = start + cols
-        key_ok = keys < num_keys
-        k_offsets = keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd
-        scores = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for d0 in tl.static_range(0, HEAD_DIM, DOT_CHUNK):
-            if DOT_CHUNK != HEAD_DIM:
-                q = tl.load(q_base + q_offsets + d0 * stride_qd, mask=row_ok[:, None], other=0.0)
+    num_blocks = tl.cdiv(num_keys, BLOCK_K)
+    for first_block in range(0, num_blocks, SEGMENT):
+        # The hot loop: SEGMENT key blocks, their K tiles pipelined; no barrier and no nested loop.
+        for block in range(first_block, tl.minimum(first_block + SEGMENT, num_blocks)):
+            keys = block * BLOCK_K + key_cols
+            key_ok = keys < num_keys
+            k_offsets = keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd
+            scores = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+            for d0 in tl.static_range(0, HEAD_DIM, DOT_CHUNK):
+                if DOT_CHUNK != HEAD_DIM:
+                    q = tl.load(q_base + q_offsets + d0 * stride_qd, mask=row_ok[:, None], other=0.0)
+                    if UPCAST:
+                        q = q.to(tl.float32)
+                # Keys past the end load as NaN, so their scores are NaN and pass no threshold.
+                k_tile = tl.load(
+                    k_base + k_offsets + d0 * stride_kd, mask=key_ok[None, :], other=float("nan")
+                )
                 if UPCAST:
-                    q = q.to(tl.float32)
-            # Keys past the end load as NaN, so their scores are NaN and pass no threshold.
-            k_tile = tl.load(k_base + k_offsets + d0 * stride_kd, mask=key_ok[None, :], other=float("nan"))
-            if UPCAST:
-                k_tile = k_tile.to(tl.float32)
-            if IEEE_FP32:
-                scores = tl.dot(q, k_tile, scores, input_precision="ieee")
-            else:
-                scores = tl.dot(q, k_tile, scores)
-        scores = scores * scale
-        last = start >= num_keys
-        # Row filter: a row whose block maximum is below its threshold has no candidate in the block;
-        # when no row of the tile has one, the block costs its dot and a row max only (the max skips
-        # NaN scores, as the comparison does).
-        if (tl.max((tl.max(scores, axis=1) >= threshold).to(tl.int32), axis=0) > 0) | last:
-            # A key below the topk-th score can never be selected (the topk-th only rises). ``>=``,
-            # not ``>``: a key equal to it loses the tie in the merge (its index is higher), and while
-            # a row holds fewer than topk keys its threshold is -inf, which a -inf score must pass.
-            above = scores >= threshold[:, None]  # keys past the end score NaN: never candidates
-            count = tl.sum(above.to(tl.int32), axis=1)
-            whole = tl.max(count, axis=0) > EXTRACT  # many candidates (the first blocks): merge the block
-            if not whole:
-                # Loop-free append: each candidate goes to slot fill + (its rank among the row's
-                # candidates), a prefix sum along the row, as (key << 32 | float32 bits), packed
-                # only when merged. The buffer holds BLOCK_N per row; a row past BLOCK_N - EXTRACT
-                # is merged, so that the next block's (at most EXTRACT) always fit.
+                    k_tile = k_tile.to(tl.float32)
+                if IEEE_FP32:
+                    scores = tl.dot(q, k_tile, scores, input_precision="ieee")
+                else:
+                    scores = tl.dot(q, k_tile, scores)
+            scores = scores * scale
+            # Row filter: a row whose block maximum is below its threshold has no candidate in the
+            # block; when no row of the tile has one, the block costs its dot and a row max only (the
+            # max skips NaN scores, as the comparison does).
+            if tl.max((tl.max(scores, axis=1) >= threshold).to(tl.int32), axis=0) > 0:
+                # A key below the topk-th score can never be selected (the topk-th only rises). ``>=``,
+                # not ``>``: a key equal to it loses the tie in the merge (its index is higher), and
+                # while a row holds fewer than topk keys its threshold is -inf, which a -inf score
+                # must pass. Each candidate goes to slot fill + (its rank among the row's candidates),
+                # a prefix sum along the row, as (key << 32 | float32 bits), packed when merged.
+                above = scores >= threshold[:, None]
                 slot = fill[:, None] + tl.cumsum(above.to(tl.int32), axis=1) - 1
                 bits = scores.to(tl.int32, bitcast=True).to(tl.int64) & 4294967295
                 raw = (keys.to(tl.int64)[None, :] << 32) | bits
-                tl.store(cand_base + row_offsets + slot, raw, mask=above)
-                fill += count
-            flush = (not whole) & ((tl.max(fill, axis=0) > BLOCK_N - EXTRACT) | last)
-            if whole | flush:
-                tl.debug_barrier()  # the appends of every thread of the program are visible
-                held_ok = (cols[None, :] < fill[:, None]) & flush
-                held = tl.load(cand_base + row_offsets + cols[None, :], mask=held_ok, other=0)
-                tl.debug_barrier()  # every slot is read before later appends overwrite it
-                # The merge's input: the block itself (whole) or the buffer, packed as _pack_keys does.
-                held_scores = (held & 4294967295).to(tl.int32).to(tl.float32, bitcast=True)
-                in_scores = tl.where(whole, scores, held_scores)
-                in_keys = tl.where(whole, keys[None, :] + tl.zeros_like(held_ok).to(tl.int32),
-                                   (held >> 32).to(tl.int32))  # fmt: skip
-                incoming = tl.where(tl.where(whole, above, held_ok), _pack_keys(in_scores, in_keys),
-                                    -9223372036854775807)  # fmt: skip
-                best = _merge_into(best, incoming, BLOCK_M, BLOCK_N, LOG_N, NATIVE_SORT)
-                threshold = _kth_score(best, cols, topk)
-                fill = tl.where(flush, 0, fill)
+                tl.store(cand_base + local[:, None] * CAPACITY + slot, raw, mask=above)
+                fill += tl.sum(above.to(tl.int32), axis=1)
+        # A row holding more than BLOCK_N might overflow in the next segment (SEGMENT * BLOCK_K more):
+        # merge the buffers then, and after the last segment. The barriers make every thread's
+        # appends visible to the merge, and the merged keys to every thread before appends resume.
+        if (tl.max(fill, axis=0) > BLOCK_N) | (first_block + SEGMENT >= num_blocks):
+            tl.store(fill_base + local, fill.to(tl.int64))
+            tl.debug_barrier()
+            _merge_buffers(cand_base, best_base, fill_base, BLOCK_M, BLOCK_N, CAPACITY, MERGE_ROWS, LOG_N,
+                           NATIVE_SORT)  # fmt: skip
+            tl.debug_barrier()
+            kth = tl.load(best_base + local * BLOCK_N + (topk - 1))
+            threshold = tl.where(kth == -9223372036854775807, float("-inf"), _unpack_scores(kth))
+            fill = tl.zeros([BLOCK_M], tl.int32)
 
     # A slot left empty (only where NaN scores were never admitted) gets key 0, so every index
     # stays in range; NaN inputs give NaN-dependent output, not an out-of-bounds read.
-    selected = tl.where(best == -9223372036854775807, 0, (4294967295 - (best & 4294967295)).to(tl.int32))
-    out_offsets = pid_bh.to(tl.int64) * num_queries * topk + rows.to(tl.int64)[:, None] * topk + cols[None, :]
-    out_mask = row_ok[:, None] & (cols < topk)[None, :]
-    tl.store(idx_ptr + out_offsets, selected, mask=out_mask)
-    if STORE_SCORES:  # the forward's softmax reads them instead of recomputing q . k (NaN: empty slot)
-        tl.store(scores_ptr + out_offsets, _unpack_scores(best), mask=out_mask)
+    for first_row in range(0, BLOCK_M, MERGE_ROWS):
+        group = first_row + tl.arange(0, MERGE_ROWS)
+        best = tl.load(best_base + group[:, None] * BLOCK_N + cols[None, :])
+        selected = tl.where(best == -9223372036854775807, 0, (4294967295 - (best & 4294967295)).to(tl.int32))
+        group_rows = pid_m * BLOCK_M + group
+        out_offsets = (pid_bh.to(tl.int64) * num_queries * topk + group_rows.to(tl.int64)[:, None] * topk
+                       + cols[None, :])  # fmt: skip
+        out_mask = (group_rows < num_queries)[:, None] & (cols < topk)[None, :]
+        tl.store(idx_ptr + out_offsets, selected, mask=out_mask)
+        if STORE_SCORES:  # the forward's softmax reads them instead of recomputing q . k (NaN: empty slot)
+            tl.store(scores_ptr + out_offsets, _unpack_scores(best), mask=out_mask)
 
 
 @triton.jit
@@ -539,7 +557,7 @@ _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Scores per program per iteration of the selection's key-block loop: bench/kernel_budget.py divides
 # the loop's SASS instruction counts by it (instructions per score, a prediction).
 SASS_LOOP_WORK = {
-    "_select_topk_kernel": lambda constexprs: constexprs["BLOCK_M"] * constexprs["BLOCK_N"],
+    "_select_topk_kernel": lambda constexprs: constexprs["BLOCK_M"] * constexprs["BLOCK_K"],
     # Over the selection's scores the main loop takes one slot of BLOCK_M queries per iteration.
     "_sparse_forward_kernel": lambda constexprs: (
         constexprs["BLOCK_M"] * (1 if constexprs.get("GIVEN_SCORES") else constexprs["BLOCK_K"])
@@ -577,45 +595,38 @@ SPILL_ALLOWANCE: dict[str, SpillAllowance] = {
 @dataclass(frozen=True)
 class Tile:
     block_m: int  # queries per program
-    block_n: int  # selection: keys per block and buffer width; gather kernels: selected keys per step
+    block_n: int  # selection: width of the best-keys buffer; gather kernels: selected keys per step
     num_warps: int
     num_stages: int = 3
     dot_chunk: int = 1 << 30  # selection: head-dim slice of each tl.dot (capped at D)
-    extract: int = 8  # selection: a block with more candidates in some row is merged whole
+    block_k: int = 32  # selection: keys per block (the score dot's N)
+    segment: int = 8  # selection: key blocks between merge checks (the pipelined loop's trip count)
+    merge_rows: int = 128  # selection: rows merged at once
 
 
 def selection_tile(topk: int, head_dim: int, dtype: torch.dtype, interpret: bool = False) -> Tile:
-    """Tile of the selection kernel. BLOCK_N (a power of two >= topk) is also the width of the
-    ``best`` buffer (registers) and of each row's candidate buffer (scratch). A block whose fullest
-    row has more than ``extract`` candidates is merged whole; fewer are appended to the buffers.
+    """Tile of the selection kernel. ``block_n`` (a power of two >= topk) is the width of each row's
+    best keys, ``block_k`` the keys per block of the score dot, ``segment`` the blocks of one
+    pipelined run between merge checks, ``merge_rows`` the rows a merge holds at once (about 4096
+    int64 keys: two such tiles live in a merge).
 
-    16-bit inputs: the score dot runs on wgmma, which needs 64 query rows per warpgroup: 128 rows
-    (two warpgroups) for a 32-wide buffer, 64 rows on 8 warps for a 64-wide one; wider buffers would
-    spill at 64 rows (two ``[64, 128]`` int64 tiles live in a merge), so they keep 32 (128) and 16
-    (256) rows on mma.sync. Float32 scores use IEEE products on CUDA cores, whose tl.dot holds its
-    operands in registers: a whole ``[D, BLOCK_N]`` key tile (128 KB at D = 128, BLOCK_N = 256)
-    spills, so the dot runs over head-dim slices of 16 (16-bit inputs with a 256-wide buffer: 32).
-    Two stages at most: a third prefetched key tile passes sm_90's 227 KB of shared memory at
-    D = 128, BLOCK_N = 256. Registers, spills and instructions per score of each class:
-    bench/results/kernel_budget.md.
+    The best keys wait in scratch between merges, so the hot loop holds only the score tile: 16-bit
+    inputs take 128 query rows (two warpgroups) and 32-key blocks for every topk, the score dot on
+    wgmma. Float32 scores use IEEE products on CUDA cores, whose tl.dot holds its operands in
+    registers: 64 rows, 32-key blocks, head-dim slices of 16. Two stages (the K tile's next block
+    loads while the current one is scored). 256 keys per segment. Registers, spills and
+    instructions per score of each class: bench/results/kernel_budget.md.
     """
     block_n = max(32, triton.next_power_of_2(topk))
-    if interpret:  # the interpreter's cost grows with the tile; 16 is tl.dot's smallest M on GPU
-        return Tile(16, block_n, 4)
+    if interpret:  # small tiles: many segments and merges in a test's few hundred keys
+        return Tile(16, block_n, 4, block_k=16, segment=2, merge_rows=8)
     if dtype == torch.float32:
-        block_m = 64 if block_n <= 32 else 32 if block_n <= 64 else 16
-        num_warps = 8 if block_m * block_n >= 2048 else 4
-        dot_chunk = 16
-    else:  # tensor cores; the 256-wide buffer leaves room for a 32-deep slice of K only
-        block_m = {32: 128, 64: 64, 128: 32}.get(block_n, 16)
-        num_warps = 8
-        dot_chunk = 32 if block_n >= 256 else head_dim
-    # Appending costs one prefix sum and one scattered store per block whatever the count, a merge
-    # about log2^2 BLOCK_N passes over the tile: a block is merged whole only where some row has more
-    # than 8 (12 for buffers wider than 32) candidates, which is also the room kept free in each row's
-    # buffer. Estimates, to be tuned on a GPU (any value gives the same, exact result).
-    extract = 8 if block_n <= 32 else 12
-    return Tile(block_m, block_n, num_warps, num_stages=2, dot_chunk=dot_chunk, extract=extract)
+        block_m, dot_chunk = 64, 16
+    else:
+        block_m, dot_chunk = 128, head_dim
+    merge_rows = min(block_m, max(1, 4096 // block_n))
+    return Tile(block_m, block_n, 8, num_stages=2, dot_chunk=dot_chunk, block_k=64, segment=4,
+                merge_rows=merge_rows)  # fmt: skip
 
 
 def sparse_tile(head_dim: int, backward: bool = False, interpret: bool = False) -> Tile:
@@ -649,6 +660,12 @@ def topk_attention_grid(batch: int, heads: int, num_queries: int, block_m: int) 
             f"{MAX_PROGRAMS}"
         )
     return (programs,)
+
+
+def selection_scratch_entries(tile: Tile) -> int:
+    """int64 scratch entries of one selection program: per row a buffer of ``segment * block_k +
+    block_n`` candidates, ``block_n`` best keys and the buffer's fill."""
+    return tile.block_m * (tile.segment * tile.block_k + 2 * tile.block_n + 1)
 
 
 def select_topk_grid(
@@ -724,11 +741,12 @@ def _selection_constexprs(
     store_scores: bool = True,
 ) -> dict:  # fmt: skip
     return {
-        "HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "UPCAST": interpret,
+        "HEAD_DIM": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
+        "SEGMENT": tile.segment, "MERGE_ROWS": tile.merge_rows, "UPCAST": interpret,
         "IEEE_FP32": dtype == torch.float32,
         "NATIVE_SORT": not interpret if native_sort is None else native_sort,
         "LOG_N": tile.block_n.bit_length() - 1, "DOT_CHUNK": min(head_dim, tile.dot_chunk),
-        "EXTRACT": min(tile.extract, tile.block_n), "STORE_SCORES": store_scores,
+        "STORE_SCORES": store_scores,
     }  # fmt: skip
 
 
@@ -738,15 +756,15 @@ def select_topk(
     topk: int,
     scale: float,
     native_sort: bool | None = None,
-    extract: int | None = None,
+    segment: int | None = None,
     scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, H, Nq, topk]`` int32 indices of each query's best keys, best first (needs topk < Nk).
 
     ``scores``: a ``[B, H, Nq, topk]`` float32 tensor that receives the selected keys' scaled scores
     (NaN in a slot no key filled). ``native_sort`` picks tl.sort (default on GPU) or the sorting
-    network (default when interpreting). ``extract`` overrides the tile's ``EXTRACT`` (tests: 0 merges
-    every block that has a candidate whole, ``BLOCK_N`` always goes through the candidate buffer); the
+    network (default when interpreting). ``segment`` overrides the tile's key blocks between merge
+    checks (tests: 1 checks after every block, many blocks fill the buffers between merges); the
     result does not depend on it.
     """
     batch, heads, num_queries, head_dim = q.shape
@@ -758,15 +776,16 @@ def select_topk(
         return indices
     interpret = _interpret(q)
     tile = selection_tile(topk, head_dim, q.dtype, interpret)
-    if extract is not None:
-        if isinstance(extract, bool) or not isinstance(extract, int) or extract < 0:
-            raise ValueError(f"extract must be a non-negative int, got {extract!r}")
-        tile = dataclasses.replace(tile, extract=extract)
+    if segment is not None:
+        if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
+            raise ValueError(f"segment must be a positive int, got {segment!r}")
+        tile = dataclasses.replace(tile, segment=segment)
     constexprs = _selection_constexprs(tile, head_dim, q.dtype, interpret, native_sort, scores is not None)
-    # The candidate buffers (BLOCK_N int64 per query row) are scratch of at most _SCRATCH_ENTRIES
-    # entries: (batch, head) pairs go in launches of as many as fit, one after another on the stream.
+    # Each program's scratch (candidate buffers, best keys and fills of its rows) is part of at most
+    # _SCRATCH_ENTRIES entries: (batch, head) pairs go in launches of as many as fit, one after
+    # another on the stream.
     query_blocks = triton.cdiv(num_queries, tile.block_m)
-    per_head = query_blocks * tile.block_m * tile.block_n
+    per_head = query_blocks * selection_scratch_entries(tile)
     heads_per_launch = max(1, min(batch * heads, _SCRATCH_ENTRIES // per_head))
     scratch = torch.empty(heads_per_launch * per_head, dtype=torch.int64, device=q.device)
     no_scores = torch.empty(0, dtype=torch.float32, device=q.device)  # unread (STORE_SCORES off)
